@@ -1,0 +1,19 @@
+// silu_and_mul (SwiGLU): out[r, j] = silu(x[r, j]) * x[r, d + j] for x of shape [rows, 2d].
+//
+// One block of 256 threads per row (grid = rows); each thread strides the row by blockDim.x, so a
+// warp reads 32 consecutive gate elements and 32 consecutive up elements (two coalesced streams)
+// and writes 32 consecutive outputs. Pure bandwidth: no shared memory, no reduction.
+#include "common.cuh"
+
+#define ACTIVATION_THREADS 256
+
+template <typename T>
+__global__ void __launch_bounds__(ACTIVATION_THREADS)
+silu_and_mul(const T* __restrict__ x, T* __restrict__ out, int rows, int d) {
+    const int row = blockIdx.x;
+    if (row >= rows) return;
+    const T* gate = x + (long long)row * 2 * d;
+    const T* up = gate + d;
+    out += (long long)row * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) out[j] = from_float<T>(silu(to_float(gate[j])) * to_float(up[j]));
+}

@@ -1,0 +1,222 @@
+"""The GPU backends: a real device through CuPy (`cuda`, `rocm`) and the host emulator of the
+same kernel files (`cuda-sim`, `rocm-sim`). They differ only in where memory lives and in the
+executor's final launch; the launch glue (launch.py) and the kernel files are shared.
+"""
+from functools import partial
+
+import ml_dtypes
+import numpy as np
+
+from hal.arrays import DLPACK_CPU, from_host, kind_of, to_host
+from hal.dtypes import name_of, to_numpy
+from hal.errors import KernelCompileError, KernelLaunchError
+from hal.registry import Backend
+
+from .launch import KERNELS, instantiations
+
+BF16_NAN_BITS = 0x7FC0
+
+
+class SimExecutor:
+    """Runs kernel files in the host emulator; arrays are NumPy."""
+
+    def __init__(self, vendor, arch, mode="release"):
+        self.vendor, self.arch, self.mode = vendor, arch, mode
+        self._modules = {}
+
+    def _module(self, family):
+        module = self._modules.get(family)
+        if module is None:
+            from hal.backends.sim.executor import SimModule
+
+            module = self._modules[family] = SimModule(self.vendor.source(family), self.vendor.name,
+                                                       instantiations(self.vendor, family, self.arch), mode=self.mode)
+        return module
+
+    def launch(self, family, name, grid, block, shared_bytes, args):
+        self._module(family).launch(name, grid, block, shared_bytes, args)
+
+    @staticmethod
+    def dtype_name(x):
+        return name_of(x.dtype)
+
+    @staticmethod
+    def as_type(x, dtype):
+        return x if name_of(x.dtype) == dtype else x.astype(to_numpy(dtype))
+
+
+class DeviceExecutor:
+    """Compiles kernel files with CuPy (NVRTC or hipRTC; CuPy caches the binaries on disk, keyed by
+    source, options and architecture) and launches them on the current device."""
+
+    def __init__(self, vendor, backend):
+        self.vendor, self.backend = vendor, backend
+        self._modules = {}
+
+    @property
+    def arch(self):
+        return self.backend.arch()
+
+    def _module(self, family):
+        import cupy
+
+        key = (family, cupy.cuda.Device().id)
+        module = self._modules.get(key)
+        if module is None:
+            source = self.vendor.source(family)
+            options = ("-std=c++17", f"-I{self.vendor.kernel_dir}")
+            module = cupy.RawModule(code=source.read_text(), options=options, name_expressions=instantiations(self.vendor, family, self.arch))
+            try:
+                module.compile()
+            except Exception as exc:  # cupy.cuda.compiler.CompileException carries the log
+                raise KernelCompileError(f"{source.name} for {self.arch} failed to compile", str(exc)) from None
+            self._modules[key] = module
+        return module
+
+    @staticmethod
+    def dtype_name(x):
+        return "bfloat16" if x.dtype == np.uint16 else name_of(x.dtype)  # see DeviceBackend
+
+    def as_type(self, x, dtype):
+        import cupy
+
+        source = self.dtype_name(x)
+        if source == dtype:
+            return x
+        wide = (x.astype(cupy.uint32) << 16).view(cupy.float32) if source == "bfloat16" else x.astype(cupy.float32)
+        if dtype != "bfloat16":
+            return wide.astype(to_numpy(dtype))
+        bits = wide.view(cupy.uint32)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest even, as __float2bfloat16_rn
+        return cupy.where(cupy.isnan(wide), BF16_NAN_BITS, rounded).astype(cupy.uint16)
+
+    def launch(self, family, name, grid, block, shared_bytes, args):
+        function = self._module(family).get_function(name)
+        try:
+            function(grid, block, args, shared_mem=shared_bytes)
+        except Exception as exc:
+            raise KernelLaunchError(f"{name} (grid {grid}, block {block}) failed to launch on {self.arch}: {exc}") from None
+
+
+class SimBackend(Backend):
+    """`cuda-sim` / `rocm-sim`: the vendor's kernel files on the host emulator, on NumPy arrays."""
+
+    priority = 1  # selectable by name; never preferred over cpu for host arrays
+    device_type = DLPACK_CPU
+
+    def __init__(self, vendor, arch=None, name=None):
+        self.vendor = vendor
+        self.name = name or f"{vendor.name}-sim"
+        self.arch = arch or vendor.sim_arch
+        self.executor = SimExecutor(vendor, self.arch)
+
+    def probe(self):
+        from hal.backends.sim.executor import toolchain
+
+        return toolchain()
+
+    def info(self):
+        return {"device": f"host emulator, {'warp' if self.vendor.warp == 32 else 'wave'} {self.vendor.warp}", "arch": self.arch}
+
+
+class DeviceBackend(Backend):
+    """`cuda` / `rocm`: CuPy arrays on the device; torch.cuda tensors come in through DLPack without copies.
+
+    CuPy has no bfloat16 dtype, so bfloat16 lives on the device as uint16 bit patterns."""
+
+    priority = 100
+
+    def __init__(self, vendor):
+        self.vendor = vendor
+        self.name = vendor.name
+        self.device_type = vendor.dlpack_device
+        self.executor = DeviceExecutor(vendor, self)
+        self._arch = None
+
+    def probe(self):
+        try:
+            import cupy
+        except ImportError:
+            wheel = "cupy-cuda12x" if self.vendor.name == "cuda" else "cupy-rocm-6-0 (CuPy's ROCm build)"
+            return False, f"CuPy is not installed (pip install {wheel})"
+        except Exception as exc:
+            return False, f"CuPy failed to import: {exc}"
+        if bool(cupy.cuda.runtime.is_hip) != (self.vendor.name == "rocm"):
+            return False, f"the installed CuPy is built for {'ROCm' if cupy.cuda.runtime.is_hip else 'CUDA'}"
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:
+            return False, f"no {self.vendor.name.upper()} driver or device: {exc}"
+        return (True, "") if count else (False, "no device found")
+
+    def _properties(self):
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+
+    def arch(self):
+        if self._arch is None:
+            props = self._properties()
+            if self.vendor.name == "cuda":
+                self._arch = f"sm_{props['major']}{props['minor']}"
+            else:
+                self._arch = props["gcnArchName"].decode().split(":")[0]
+        return self._arch
+
+    def info(self):
+        return {"device": self._properties()["name"].decode(), "arch": self.arch()}
+
+    def to_native(self, x, contiguous):
+        import cupy
+
+        if kind_of(x) == "torch" and str(x.dtype) == "torch.bfloat16":
+            import torch
+
+            x = x.view(torch.uint16)
+        elif isinstance(x, np.ndarray) or x.__dlpack_device__()[0] == DLPACK_CPU:
+            host = to_host(x)
+            x = host.view(np.uint16) if host.dtype == ml_dtypes.bfloat16 else host
+        x = cupy.asarray(x) if isinstance(x, np.ndarray) else cupy.from_dlpack(x)
+        return cupy.ascontiguousarray(x) if contiguous else x
+
+    def from_native(self, y, like):
+        kind = kind_of(like)
+        bf16 = "bfloat16" in str(like.dtype) and y.dtype == np.uint16
+        if kind == "torch":
+            import torch
+
+            t = torch.from_dlpack(y)
+            return t.view(torch.bfloat16) if bf16 else t
+        if kind == "cupy":
+            return y
+        host = y.get()
+        return from_host(host.view(ml_dtypes.bfloat16) if bf16 else host, like)
+
+    def empty(self, shape, dtype):
+        import cupy
+
+        return cupy.empty(shape, np.uint16 if dtype == "bfloat16" else to_numpy(dtype))
+
+    def poisoned(self, shape, dtype):
+        import cupy
+
+        if dtype == "bfloat16":
+            return cupy.full(shape, BF16_NAN_BITS, np.uint16)
+        return cupy.full(shape, np.nan, to_numpy(dtype))
+
+
+def register(registry, backend):
+    """Add a GPU backend and its kernels, in the preference order of launch.KERNELS."""
+    registry.add_backend(backend)
+    ex, vendor = backend.executor, backend.vendor
+    for entry in KERNELS:
+        options = {}
+        if entry.needs_matrix_units:
+            options = dict(supports=lambda a, ex=ex: vendor.has_matrix_units(ex.arch),
+                           requires=f"matrix units ({vendor.matrix_instruction}): {', '.join(a for a in vendor.compile_archs if vendor.has_matrix_units(a))}")
+        registry.add_kernel(entry.op, backend.name, partial(entry.glue, ex), dtypes=entry.dtypes, source=str(vendor.source(entry.family)), **options)
+
+
+def register_vendor(registry, vendor):
+    register(registry, DeviceBackend(vendor))
+    register(registry, SimBackend(vendor))

@@ -1,0 +1,47 @@
+"""What differs between the two GPU vendors, as data: file suffix, type names, warp size, the
+matrix-instruction variant of gemm and the architectures that have it."""
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+BACKENDS_DIR = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Vendor:
+    name: str  # "cuda" or "rocm": the device backend; the emulated one is f"{name}-sim"
+    suffix: str
+    types: dict  # hal dtype name -> C++ type name
+    warp: int
+    matrix_kernel: str  # gemm variant on matrix units
+    matrix_instruction: str
+    matrix_block: int  # threads per block of that variant
+    sim_arch: str  # the architecture the emulator presents (one with matrix units)
+    compile_archs: tuple  # the CI architecture matrix
+    dlpack_device: int
+
+    @property
+    def kernel_dir(self):
+        return BACKENDS_DIR / self.name
+
+    def source(self, family):
+        return self.kernel_dir / f"{family}{self.suffix}"
+
+    def has_matrix_units(self, arch):
+        if self.name == "cuda":
+            match = re.fullmatch(r"sm_(\d+)a?", arch)
+            return bool(match) and int(match.group(1)) >= 80
+        return arch in ("gfx90a", "gfx940", "gfx941", "gfx942")
+
+
+CUDA = Vendor(
+    name="cuda", suffix=".cu", types={"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}, warp=32,
+    matrix_kernel="gemm_mma", matrix_instruction="mma.sync.m16n8k16", matrix_block=128, sim_arch="sm_80",
+    compile_archs=("sm_80", "sm_89", "sm_90a", "sm_100a"), dlpack_device=2,
+)
+ROCM = Vendor(
+    name="rocm", suffix=".hip", types={"float32": "float", "float16": "__half", "bfloat16": "hip_bfloat16"}, warp=64,
+    matrix_kernel="gemm_mfma", matrix_instruction="v_mfma_f32_32x32x8", matrix_block=256, sim_arch="gfx90a",
+    compile_archs=("gfx90a", "gfx940", "gfx1030"), dlpack_device=10,
+)
+VENDORS = {v.name: v for v in (CUDA, ROCM)}

@@ -1,0 +1,62 @@
+"""Every op on the CPU backend against the same computation in PyTorch CPU, in one run.
+
+    python benchmarks/bench_cpu.py [--quick] [--json FILE]
+
+Prints per op, dtype and shape: median ms for hal and torch, the ratio (torch time / hal time,
+so > 1 means hal is faster), achieved GB/s or TFLOP/s and the fraction of this machine's
+roofline, measured in the same run (a STREAM-style parallel copy, an fp32 BLAS GEMM).
+"""
+import argparse
+import json
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+import hal
+from hal.bench import bench_op, roofline
+from hal.ops.linear import _bench as gemm_args
+
+SHAPES = {
+    # name: (op, builder(rng, dtype) or None for the op's own benchmark shape, dtypes)
+    "rms_norm 4096x4096": (hal.ops.rms_norm, None, ("float32", "bfloat16")),
+    "layer_norm 4096x4096": (hal.ops.layer_norm, None, ("float32", "bfloat16")),
+    "softmax 4096x4096": (hal.ops.softmax, None, ("float32", "bfloat16")),
+    "silu_and_mul 4096x(2x5632)": (hal.ops.silu_and_mul, None, ("float32", "bfloat16")),
+    "rope 4096 tok, 32/8 heads, d128": (hal.ops.rope, None, ("float32", "bfloat16")),
+    "gemm 2048^3": (hal.ops.gemm, None, ("float32", "bfloat16")),
+    "gemm 4096^3": (hal.ops.gemm, lambda rng, dt: gemm_args(rng, dt, 4096, 4096, 4096), ("float32",)),
+    "gemm 2048^3 +gelu_tanh": (hal.ops.gemm, lambda rng, dt: gemm_args(rng, dt, activation="gelu_tanh"), ("float32",)),
+    "gemm MLP up 1024x4096x14336 +silu": (hal.ops.gemm, lambda rng, dt: gemm_args(rng, dt, 1024, 4096, 14336, activation="silu"), ("float32", "bfloat16")),
+    "gemm MLP down 1024x14336x4096": (hal.ops.gemm, lambda rng, dt: gemm_args(rng, dt, 1024, 14336, 4096), ("float32",)),
+}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the first dtype of each row")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    peak = roofline()
+    rows = []
+    for label, (op, build, dtypes) in SHAPES.items():
+        for dtype in dtypes[:1] if args.quick else dtypes:
+            op_args = build(rng, dtype) if build else op.bench(rng, dtype)
+            rows.append({"shape": label, **bench_op(op, dtype, "cpu", vs_torch=True, args=op_args)})
+    table = Table(title=f"hal cpu vs torch {__import__('torch').__version__} (this machine: {peak['bandwidth_gbs']:.1f} GB/s copy, "
+                        f"{peak['gemm_tflops']:.3f} TFLOP/s fp32 BLAS)")
+    for col in ("op / shape", "dtype", "hal ms", "torch ms", "torch/hal", "hal throughput", "% roofline"):
+        table.add_column(col, justify="left" if col == "op / shape" else "right")
+    for r in rows:
+        ratio = r["speedup_vs_torch"]
+        table.add_row(r["shape"], r["dtype"], f"{r['ms']:.3f}", f"{r['torch_ms']:.3f}",
+                      f"[{'green' if ratio >= 1 else 'red'}]{ratio:.2f}x[/]", r["throughput"], f"{r['roofline_pct']:.0f}%")
+    Console().print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"roofline": peak, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

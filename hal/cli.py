@@ -1,0 +1,217 @@
+"""The `hal` command: backends, ops, check, bench, demo."""
+import argparse
+import json
+import sys
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+
+
+def _print_json(data):
+    print(json.dumps(data, indent=2, default=str))
+
+
+def cmd_backends(args):
+    import hal
+
+    rows = hal.list_backends()
+    if args.json:
+        return _print_json(rows)
+    table = Table(title="hal backends")
+    for col in ("backend", "available", "device", "arch", "priority", "kernels", "plugin", "why not"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], "[green]yes[/]" if r["available"] else "[red]no[/]", r["device"], r["arch"],
+                      str(r["priority"] if r["priority"] is not None else ""), str(r["kernels"]), r["plugin"], r["reason"])
+    console.print(table)
+
+
+def op_matrix(per_dtype):
+    """{op: {backend: status}} (or {op/dtype: ...}); status native, fallback (to cpu) or missing."""
+    import hal
+    from hal.dispatch import FALLBACK_BACKEND
+
+    reg = hal.registry()
+    names = sorted(reg.backends, key=lambda b: -reg.backends[b].backend.priority)
+    matrix = {}
+    for op_name, op in hal.ops.ALL.items():
+        dtypes = sorted({d for t in op.tensors[:1] for d in t.dtypes})
+        for key, wanted in ([(f"{op_name} {d}", [d]) for d in dtypes] if per_dtype else [(op_name, dtypes)]):
+            row = matrix[key] = {}
+            for b in names:
+                have = {d for k in reg.kernels.get((op_name, b), []) for d in k.dtypes}
+                cpu = {d for k in reg.kernels.get((op_name, FALLBACK_BACKEND), []) for d in k.dtypes}
+                native = [d for d in wanted if d in have]
+                if len(native) == len(wanted):
+                    row[b] = "native"
+                elif native:
+                    row[b] = "native: " + ", ".join(native)
+                elif all(d in cpu for d in wanted):
+                    row[b] = f"fallback -> {FALLBACK_BACKEND}"
+                else:
+                    row[b] = "missing"
+    return names, matrix
+
+
+def cmd_ops(args):
+    names, matrix = op_matrix(args.dtypes)
+    if args.json:
+        return _print_json(matrix)
+    table = Table(title="hal ops: native kernels per backend")
+    table.add_column("op")
+    for b in names:
+        table.add_column(b)
+    colors = {"native": "green", "missing": "red"}
+    for key, row in matrix.items():
+        table.add_row(key, *[f"[{colors.get(row[b], 'yellow')}]{row[b]}[/]" for b in names])
+    console.print(table)
+
+
+def cmd_check(args):
+    from hal import conformance
+    from hal.errors import BackendUnavailable
+
+    seed = conformance.new_seed() if args.seed is None else args.seed
+    try:
+        cases = conformance.cases(args.backend, args.op or None, seed)
+    except BackendUnavailable as exc:
+        console.print(f"[red]{exc}[/]")
+        return 2
+    import hal
+
+    available, reason = hal.registry().entry(args.backend).status
+    if not available:
+        console.print(f"[red]backend {args.backend} is unavailable: {reason}[/]")
+        return 2
+    results = []
+    with Progress(TextColumn("[bold]hal check {task.fields[backend]}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True),
+                  disable=args.json) as progress:
+        task = progress.add_task("", total=len(cases), backend=args.backend)
+        for case in cases:
+            progress.update(task, description=f"{case.op.name} {case.dtype}")
+            results.append(conformance.run(case))
+            progress.advance(task)
+    summary = {}
+    for r in results:
+        s = summary.setdefault((r.case.op.name, r.case.dtype), {"pass": 0, "fail": 0, "unsupported": 0, "worst": 0.0})
+        s[r.status] += 1
+        s["worst"] = max(s["worst"], r.worst)
+    failed = [r for r in results if r.status == "fail"]
+    if args.json:
+        _print_json({
+            "backend": args.backend, "seed": seed,
+            "summary": [{"op": op, "dtype": dt, **s} for (op, dt), s in summary.items()],
+            "failures": [{"case": r.case.id, "message": r.message} for r in failed],
+        })
+        return 1 if failed else 0
+    table = Table(title=f"hal check {args.backend} (seed {seed})")
+    for col in ("op", "dtype", "passed", "failed", "unsupported", "worst err/tol"):
+        table.add_column(col, justify="right" if col not in ("op", "dtype") else "left")
+    for (op, dt), s in summary.items():
+        table.add_row(op, dt, str(s["pass"]), f"[red]{s['fail']}[/]" if s["fail"] else "0", str(s["unsupported"]),
+                      "" if dt == "-" else f"{s['worst']:.3f}")
+    console.print(table)
+    for r in failed:
+        console.print(f"[red]FAIL[/] {r.case.id}: {r.message}")
+    passed = sum(r.status == "pass" for r in results)
+    console.print(f"{passed} passed, {len(failed)} failed, {len(results) - passed - len(failed)} unsupported "
+                  f"(seed {seed}; reproduce with --seed {seed})")
+    return 1 if failed else 0
+
+
+def cmd_bench(args):
+    import hal
+    from hal.bench import bench_op, roofline
+
+    op = hal.ops.ALL.get(args.op)
+    if op is None:
+        console.print(f"[red]unknown op {args.op!r}; ops: {', '.join(hal.ops.ALL)}[/]")
+        return 2
+    rows = [bench_op(op, dtype, args.backend, args.vs == "torch") for dtype in args.dtype]
+    peak = roofline()
+    if args.json:
+        return _print_json({"roofline": peak, "results": rows})
+    table = Table(title=f"hal bench {op.name}  (measured here: {peak['bandwidth_gbs']:.1f} GB/s copy, {peak['gemm_tflops']:.3f} TFLOP/s fp32 GEMM)")
+    cols = ["dtype", "backend", "median ms", "throughput", "% roofline"] + (["torch ms", "speedup vs torch"] if args.vs else [])
+    for col in cols:
+        table.add_column(col, justify="right")
+    for r in rows:
+        cells = [r["dtype"], r["backend"], f"{r['ms']:.3f}", r["throughput"], f"{r['roofline_pct']:.0f}%"]
+        if args.vs:
+            cells += [f"{r['torch_ms']:.3f}", f"{r['speedup_vs_torch']:.2f}x"]
+        table.add_row(*cells)
+    console.print(table)
+
+
+def cmd_demo(args):
+    from hal import demo
+
+    rows = demo.run(backend=args.backend, dtype=args.dtype, tokens=args.tokens, hidden=args.hidden, ffn=args.ffn, seed=args.seed)
+    if args.json:
+        _print_json(rows)
+    else:
+        table = Table(title=f"hal demo: transformer MLP block, {args.tokens} tokens, hidden {args.hidden}, ffn {args.ffn}, {args.dtype}")
+        for col in ("step", "op", "ran on", "ms", "max |err|", "err/tol", "check", "fallback"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["step"], r["op"], r["backend"], f"{r['ms']:.2f}", f"{r['max_abs_err']:.3g}", f"{r['err_over_tol']:.3f}",
+                          "[green]ok[/]" if r["ok"] else "[red]MISMATCH[/]", r["fallback"])
+        console.print(table)
+        for r in rows:
+            if not r["ok"]:
+                console.print(f"[red]{r['step']}: {r['message']}[/]")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def main(argv=None):
+    from hal.dtypes import FLOATS
+
+    parser = argparse.ArgumentParser(prog="hal", description="hal: one op API, hand-written kernels per backend, a conformance suite.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("backends", help="every known backend, its availability and the reason when unavailable")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_backends)
+    p = sub.add_parser("ops", help="op x backend matrix: native / fallback / missing")
+    p.add_argument("--dtypes", action="store_true", help="one row per op and dtype")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_ops)
+    p = sub.add_parser("check", help="run the conformance suite against one backend")
+    p.add_argument("backend")
+    p.add_argument("--op", action="append", help="only this op (repeatable)")
+    p.add_argument("--seed", type=int, help="seed of the random inputs (default: fresh)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_check)
+    p = sub.add_parser("bench", help="time an op: median, throughput, % of the measured roofline, ratio vs torch")
+    p.add_argument("op")
+    p.add_argument("--vs", choices=["torch"], help="also time the same computation in PyTorch")
+    p.add_argument("--dtype", action="append", choices=FLOATS, help="repeatable; default float32 and bfloat16")
+    p.add_argument("--backend", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("demo", help="the main job: a transformer MLP block checked step by step against float64")
+    p.add_argument("--backend", default=None, help="default: the best available for host arrays")
+    p.add_argument("--dtype", default="bfloat16", choices=FLOATS)
+    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--ffn", type=int, default=5632)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_demo)
+    args = parser.parse_args(argv)
+    if args.command == "bench" and not args.dtype:
+        args.dtype = ["float32", "bfloat16"]
+    from hal.errors import HalError
+
+    try:
+        return args.fn(args) or 0
+    except HalError as exc:
+        console.print(f"[red]hal {args.command}: {exc}[/]")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""The conformance suite: every backend x op x dtype x sample against the float64 reference.
+
+Shipped inside the package so that vendors run it on their own backend, either with
+`hal check NAME` or with `pytest --pyargs hal.conformance --hal-backend NAME`. The tolerance
+policy is documented in docs/conformance.md; in short, for each output element
+
+    |out - ref| <= atol(out dtype) + rtol(out dtype) * |ref| + rtol(float32) * growth * magnitude
+
+where the middle term covers rounding the result to its dtype, and the last covers fp32
+compute whose error grows with the problem (growth, e.g. sqrt(K) for a length-K reduction)
+relative to the op's magnitude (|ref| unless the op says better, e.g. |a| @ |b| for gemm).
+Every run poisons the output buffers with NaN, uses fresh random inputs (the seed is reported),
+checks that inputs were left untouched, and runs under fallback policy "error" so that a
+fallback can never pass for the backend.
+"""
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..dispatch import backend as use_backend
+from ..dispatch import poisoned_outputs
+from ..dtypes import TOLERANCE, name_of
+from ..errors import BackendUnavailable, KernelNotFound
+from ..registry import registry
+
+
+@dataclass
+class Case:
+    backend: str
+    op: object
+    dtype: str
+    sample: object
+    kind: str  # "ordinary", "edge" or "error"
+
+    @property
+    def id(self):
+        return f"{self.backend}-{self.op.name}-{self.dtype}-{self.kind}-{self.sample.label}"
+
+
+@dataclass
+class Result:
+    case: Case
+    status: str  # "pass", "fail" or "unsupported"
+    message: str = ""
+    worst: float = 0.0  # largest error / tolerance over all outputs
+    seconds: float = 0.0
+    details: dict = field(default_factory=dict)
+
+    @property
+    def ok(self):
+        return self.status != "fail"
+
+
+def new_seed():
+    return int(time.time_ns() % (2**31))
+
+
+def cases(backend, ops=None, seed=None):
+    """All cases of one backend: for each op it has kernels for, each declared dtype and sample."""
+    from ..ops import ALL
+
+    reg = registry()
+    reg.entry(backend)  # unknown names raise BackendUnavailable here
+    rng = np.random.default_rng(new_seed() if seed is None else seed)
+    out = []
+    for op in ALL.values():
+        if ops and op.name not in ops:
+            continue
+        dtypes = sorted({d for k in reg.kernels.get((op.name, backend), []) for d in k.dtypes})
+        for dtype in dtypes:
+            out += [Case(backend, op, dtype, s, s.kind) for s in op.samples(rng, dtype)]
+        if dtypes:
+            out += [Case(backend, op, "-", s, "error") for s in op.error_samples(rng)]
+    return out
+
+
+def as_float64(a):
+    """The arguments with every floating-point array widened exactly to float64."""
+    return {k: v.astype(np.float64) if isinstance(v, np.ndarray) and name_of(v.dtype).startswith(("float", "bfloat")) else v
+            for k, v in a.items()}
+
+
+def _snapshot(a):
+    return {k: v.copy() for k, v in a.items() if isinstance(v, np.ndarray)}
+
+
+def compare(op, a, outs, refs, mags):
+    """(worst error/tolerance ratio, largest |error|, message on the worst element) over the outputs."""
+    growth = op.growth(a) if op.growth else 1.0
+    worst, largest, message = 0.0, 0.0, ""
+    for i, (out, ref, mag) in enumerate(zip(outs, refs, mags)):
+        dtype = name_of(out.dtype)
+        if tuple(out.shape) != tuple(ref.shape):
+            return math.inf, math.inf, f"output {i}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+        got = np.asarray(out).astype(np.float64)
+        expected_nan = np.isnan(ref)
+        unwritten = np.isnan(got) & ~expected_nan
+        if unwritten.any():
+            where = tuple(int(j) for j in np.argwhere(unwritten)[0])
+            return math.inf, math.inf, f"output {i}: {int(unwritten.sum())} of {got.size} elements NaN (unwritten or wrong), first at {where}"
+        if (expected_nan & ~np.isnan(got)).any():
+            return math.inf, math.inf, f"output {i}: NaN expected at {int((expected_nan & ~np.isnan(got)).sum())} elements"
+        rounded = ref.astype(out.dtype).astype(np.float64)  # a result that overflows its dtype is inf
+        same_inf = np.isinf(rounded) & (got == rounded)
+        rtol, atol = TOLERANCE[dtype]
+        tol = atol + rtol * np.abs(ref) + TOLERANCE["float32"][0] * growth * np.abs(mag)
+        with np.errstate(invalid="ignore"):
+            err = np.where(expected_nan | same_inf, 0.0, np.abs(got - ref))
+        if err.size == 0:
+            continue
+        largest = max(largest, float(err.max()))
+        ratio = err / tol
+        j = np.unravel_index(int(np.nanargmax(np.where(np.isnan(ratio), np.inf, ratio))), ratio.shape)
+        r = float(ratio[j]) if not np.isnan(ratio[j]) else math.inf
+        if r > worst:
+            worst = r
+            message = f"output {i} ({dtype}) at {tuple(int(x) for x in j)}: got {got[j]!r}, expected {ref[j]!r}, |err| {err[j]:.3g} > tol {tol[j]:.3g}" if r > 1 else ""
+    return worst, largest, message
+
+
+def run(case):
+    """Run one case on its backend and judge it."""
+    op, args = case.op, case.sample.args
+    start = time.perf_counter()
+    if case.kind == "error":
+        expected = case.sample.error
+        try:
+            with use_backend(case.backend, fallback="error"):
+                op(**args)
+        except expected as exc:
+            ok = case.sample.match.lower() in str(exc).lower()
+            return Result(case, "pass" if ok else "fail", "" if ok else f"{type(exc).__name__} without {case.sample.match!r}: {exc}")
+        except Exception as exc:  # the wrong error is a failure, not a crash of the suite
+            return Result(case, "fail", f"raised {type(exc).__name__} instead of {expected.__name__}: {exc}")
+        return Result(case, "fail", f"no error raised; expected {expected.__name__}")
+    before = _snapshot(args)
+    try:
+        with use_backend(case.backend, fallback="error"), poisoned_outputs():
+            outs = op(**args)
+    except (KernelNotFound, BackendUnavailable) as exc:
+        return Result(case, "unsupported", str(exc))
+    except Exception as exc:
+        return Result(case, "fail", f"raised {type(exc).__name__}: {exc}")
+    seconds = time.perf_counter() - start
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    for k, v in before.items():
+        if not np.array_equal(v, args[k], equal_nan=True):
+            return Result(case, "fail", f"the kernel modified its input '{k}'")
+    worst, _, message = judge(op, args, outs)
+    return Result(case, "pass" if worst <= 1.0 else "fail", message, worst, seconds)
+
+
+def judge(op, args, outs):
+    """(worst error/tolerance, largest |error|, message) of an op's outputs against its float64 reference on `args`."""
+    a64 = as_float64(op.validate(op.bind((), args)))  # normalized: dim >= 0, rotary_dim filled in, ...
+    refs = op.reference(a64)
+    mags = op.magnitude(a64, refs) if op.magnitude else [np.abs(r) for r in refs]
+    return compare(op, a64, outs, refs, mags)

@@ -1,0 +1,51 @@
+"""pytest options for the conformance suite: `pytest --pyargs hal.conformance --hal-backend NAME`."""
+import time
+
+import pytest
+
+_SEED = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("hal")
+    group.addoption("--hal-backend", action="append", default=[], help="backend to run the hal conformance suite on (repeatable; default: every available one)")
+    group.addoption("--hal-op", action="append", default=[], help="only these ops (repeatable)")
+    group.addoption("--hal-seed", type=int, default=None, help="seed of the random inputs (default: a fresh one, reported in the header)")
+
+
+def parametrize_cases(metafunc, default_backends=None):
+    """Parametrize a test's `case` argument with the conformance cases of the chosen backends."""
+    import hal
+    from hal import conformance
+
+    config = metafunc.config
+    names = config.getoption("hal_backend") or default_backends or [b["name"] for b in hal.backends() if b["available"]]
+    seed = config.stash[_SEED]
+    params = []
+    for name in names:
+        available, reason = hal.registry().entry(name).status
+        if not available:
+            params.append(pytest.param(None, id=f"{name}-unavailable", marks=pytest.mark.skip(reason=f"backend {name} unavailable: {reason}")))
+            continue
+        params += [pytest.param(c, id=c.id) for c in conformance.cases(name, config.getoption("hal_op") or None, seed)]
+    metafunc.parametrize("case", params)
+
+
+def pytest_configure(config):
+    seed = config.getoption("hal_seed")
+    config.stash[_SEED] = time.time_ns() % 2**31 if seed is None else seed
+
+
+def pytest_report_header(config):
+    seed = config.stash[_SEED]
+    return f"hal conformance inputs: fresh random, seed {seed} (reproduce with --hal-seed {seed})"
+
+
+def check_case(case):
+    """The body of a conformance test: run the case, skip when the kernel refuses it, else assert."""
+    from hal import conformance
+
+    result = conformance.run(case)
+    if result.status == "unsupported":
+        pytest.skip(result.message)
+    assert result.ok, f"{case.id}: {result.message}"

@@ -1,0 +1,219 @@
+"""Choosing the backend and kernel for a call, and the fallback policy.
+
+Backend choice, first match wins: the `backend=` keyword, `with hal.backend(...)`, `hal.use(...)`,
+the `HAL_BACKEND` environment variable, the device of the input arrays (their DLPack device
+type) and then the backends' priority. When the chosen backend cannot run the call (no kernel
+for the op and dtype, a kernel's `supports` refuses the arguments, the backend is unavailable),
+the policy decides: "warn" (default) runs it on `cpu`, warns once per (op, backend) and records
+the event for `hal.fallbacks()`; "error" (`hal.use(..., fallback="error")`, `HAL_FALLBACK=error`)
+raises. Resolved plans are cached per (op, backend asked for, device, dtype, policy).
+`HAL_BACKEND` and `HAL_FALLBACK` are read at the first call and again by every `hal.use()`.
+"""
+import contextvars
+import os
+import threading
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+
+from .arrays import device_type
+from .dtypes import name_of
+from .errors import BackendUnavailable, FallbackWarning, KernelNotFound, SchemaError
+from .registry import registry
+
+POLICIES = ("warn", "error")
+FALLBACK_BACKEND = "cpu"
+
+_context = contextvars.ContextVar("hal_backend", default=(None, None))
+_global = [None, None]  # hal.use(name, fallback=...)
+_env = []  # [HAL_BACKEND, HAL_FALLBACK], read lazily: os.environ lookups cost a microsecond per call
+_plans = {}
+_plans_version = [-1]
+_fallback_counts = Counter()
+_warned = set()
+_lock = threading.Lock()
+_poison = [False]
+
+
+class backend:
+    """`with hal.backend("cuda", fallback="error"):` runs the ops inside on that backend."""
+
+    def __init__(self, name, fallback=None):
+        _check_policy(fallback)
+        self.choice = (name, fallback)
+
+    def __enter__(self):
+        self._token = _context.set(self.choice)
+        return self
+
+    def __exit__(self, *exc):
+        _context.reset(self._token)
+
+
+def use(name=None, *, fallback=None):
+    """Set the process-wide backend (None: decide per call) and fallback policy."""
+    _check_policy(fallback)
+    _global[:] = [name, fallback]
+    _read_env()
+
+
+def _read_env():
+    policy = os.environ.get("HAL_FALLBACK") or None
+    _check_policy(policy)
+    _env[:] = [os.environ.get("HAL_BACKEND") or None, policy]
+
+
+def _check_policy(policy):
+    if policy is not None and policy not in POLICIES:
+        raise SchemaError("hal.use", "fallback", f"one of {POLICIES}", repr(policy))
+
+
+def fallbacks(clear=False):
+    """Ops that ran on another backend than the one asked for: how often and why."""
+    with _lock:
+        events = [
+            {"op": op, "requested": asked, "ran_on": ran, "reason": why, "count": n}
+            for (op, asked, ran, why), n in sorted(_fallback_counts.items())
+        ]
+        if clear:
+            _fallback_counts.clear()
+            _warned.clear()
+    return events
+
+
+@contextmanager
+def poisoned_outputs():
+    """Inside, every output buffer starts as NaN (the conformance suite checks all were written)."""
+    _poison[0] = True
+    try:
+        yield
+    finally:
+        _poison[0] = False
+
+
+class Plan:
+    """Where a call runs: the backend asked for, the candidate kernels, and the fallback target."""
+
+    __slots__ = ("requested", "backend", "kernels", "reason", "fallback", "policy")
+
+    def __init__(self, requested, backend, kernels, reason, fallback, policy):
+        self.requested, self.backend, self.kernels = requested, backend, kernels
+        self.reason, self.fallback, self.policy = reason, fallback, policy
+
+
+def _settings():
+    if not _env:
+        _read_env()
+    name, policy = _context.get()
+    return name or _global[0] or _env[0], policy or _global[1] or _env[1] or "warn"
+
+
+def _resolve(op, requested, device, dtype, policy):
+    reg = registry()
+    reason = None
+    kernels = []
+    if requested is None:
+        candidates = [e for e in reg.backends.values() if e.backend.device_type == device and e.status[0]]
+        if candidates:
+            requested = max(candidates, key=lambda e: e.backend.priority).backend.name
+        else:
+            requested = f"<device {device}>"
+            reason = f"no available backend runs arrays of DLPack device type {device}"
+    if reason is None:
+        entry = reg.entry(requested)
+        available, why = entry.status
+        if not available:
+            reason = f"backend {requested!r} is unavailable: {why}"
+        else:
+            registered = reg.kernels.get((op.name, requested), [])
+            kernels = [k for k in registered if dtype in k.dtypes]
+            if not kernels:
+                have = sorted({d for k in registered for d in k.dtypes})
+                reason = f"{requested} has no {op.name} kernel for {dtype}" + (f" (it has {', '.join(have)})" if have else "")
+    backend = reg.backends[requested].backend if kernels else None
+    fallback = None
+    if requested != FALLBACK_BACKEND:
+        fallback = next((k for k in reg.kernels.get((op.name, FALLBACK_BACKEND), []) if dtype in k.dtypes), None)
+    return Plan(requested, backend, kernels, reason, fallback, policy)
+
+
+def _plan(op, a, requested):
+    """The cached plan for a call: what was asked for (or implied by the arrays) and its kernels."""
+    name, policy = _settings()
+    requested = requested or name
+    first = a[op.primary]
+    reg = registry()
+    if _plans_version[0] != reg.version:
+        _plans.clear()
+        _plans_version[0] = reg.version
+    device = device_type(first)
+    key = (op.name, requested, device, name_of(first.dtype), policy)
+    plan = _plans.get(key)
+    if plan is None:
+        plan = _plans[key] = _resolve(op, requested, device, key[3], policy)
+    return plan
+
+
+def _fall_back(op, plan, dtype, reason):
+    if plan.policy == "error":
+        if reason.startswith("backend") and "unavailable" in reason:
+            raise BackendUnavailable(f"{op.name}: {reason} (fallback policy 'error')")
+        raise KernelNotFound(f"{op.name} on {plan.requested} in {dtype}: {reason} (fallback policy 'error')")
+    if plan.fallback is None:
+        raise KernelNotFound(f"{op.name} on {plan.requested} in {dtype}: {reason}; {FALLBACK_BACKEND} has no kernel for it either")
+    with _lock:
+        _fallback_counts[(op.name, plan.requested, FALLBACK_BACKEND, reason)] += 1
+        first = (op.name, plan.requested) not in _warned
+        _warned.add((op.name, plan.requested))
+    if first:
+        warnings.warn(f"hal: {op.name} ran on {FALLBACK_BACKEND} instead of {plan.requested}: {reason}", FallbackWarning, stacklevel=4)
+    return plan.fallback
+
+
+def _choose(op, a, requested):
+    """(plan, kernel) for validated arguments; kernel is None when the plan's backend cannot run them."""
+    plan = _plan(op, a, requested)
+    for kernel in plan.kernels:
+        if kernel.supports is None or kernel.supports(a):
+            return plan, kernel
+    return plan, None
+
+
+def _reason(plan):
+    return plan.reason or "; ".join(f"its kernel needs {k.requires or 'other arguments'}" for k in plan.kernels)
+
+
+def explain(op, a, requested=None):
+    """Where validated arguments would run: (backend asked for, backend that runs it, fallback reason or None)."""
+    plan, kernel = _choose(op, a, requested)
+    if kernel is not None:
+        return plan.requested, plan.requested, None
+    return plan.requested, FALLBACK_BACKEND if plan.fallback and plan.policy != "error" else None, _reason(plan)
+
+
+def select(op, a, requested=None):
+    """The kernel that runs validated arguments `a` and its backend, applying the fallback policy."""
+    plan, kernel = _choose(op, a, requested)
+    if kernel is not None:
+        return kernel, plan.backend
+    kernel = _fall_back(op, plan, name_of(a[op.primary].dtype), _reason(plan))
+    return kernel, registry().backends[FALLBACK_BACKEND].backend
+
+
+def dispatch(op, a, requested=None):
+    """Validate, pick a kernel, move arguments to its backend, run it, return results like the input."""
+    op.validate(a)
+    kernel, be = select(op, a, requested)
+    like = a[op.primary]
+    native = {}
+    for t in op.tensors:
+        x = a[t.name]
+        native[t.name] = None if x is None else be.to_native(x, kernel.contiguous)
+    for p in op.attrs:
+        native[p.name] = a[p.name]
+    make = be.poisoned if _poison[0] else be.empty
+    outs = tuple(make(shape, dtype) for shape, dtype in op.outputs(a))
+    kernel.fn(outs, **native)
+    if len(outs) == 1:
+        return be.from_native(outs[0], like)
+    return tuple(be.from_native(y, like) for y in outs)

@@ -1,0 +1,37 @@
+"""One error hierarchy for everything hal raises on purpose."""
+
+
+class HalError(Exception):
+    """Base of every error hal raises on purpose."""
+
+
+class BackendUnavailable(HalError):
+    """A backend cannot run here: missing package, no device, architecture too old, unknown name."""
+
+
+class KernelNotFound(HalError):
+    """The chosen backend has no kernel for this call and the fallback policy forbids falling back."""
+
+
+class SchemaError(HalError, ValueError):
+    """An argument does not fit the op's schema (rank, shape, dtype, device, value)."""
+
+    def __init__(self, op, arg, expected, got):
+        self.op, self.arg, self.expected, self.got = op, arg, expected, got
+        super().__init__(f"{op}: argument '{arg}': expected {expected}, got {got}")
+
+
+class KernelCompileError(HalError):
+    """A kernel source failed to compile; `log` holds the compiler output."""
+
+    def __init__(self, message, log=""):
+        self.log = log
+        super().__init__(f"{message}\n{log}" if log else message)
+
+
+class KernelLaunchError(HalError):
+    """A compiled kernel failed at launch or while running."""
+
+
+class FallbackWarning(UserWarning):
+    """An op ran on another backend than the one asked for (shown once per op and backend)."""

@@ -1,0 +1,217 @@
+"""Ops described as data, in the spirit of PyTorch's OpInfo.
+
+An `OpDef` holds everything hal knows about one op independently of any backend: its signature
+(tensor arguments with allowed dtypes and ranks, attributes with defaults and choices), the
+shape relations between arguments, output shape/dtype inference, a float64 NumPy reference, and
+sample generators (ordinary, edge and error samples) that the conformance suite runs on every
+backend. Calling an OpDef dispatches it (see `hal.dispatch`).
+"""
+import inspect
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .arrays import device_type, is_tensor
+from .dtypes import FLOATS, name_of
+from .errors import SchemaError
+
+
+class Bad(Exception):
+    """Raised by an op's `check`; turned into a SchemaError that names the op."""
+
+    def __init__(self, arg, expected, got):
+        super().__init__(arg, expected, got)
+        self.arg, self.expected, self.got = arg, expected, got
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A tensor argument. `rank` is an exact rank, `min_rank` a lower bound."""
+
+    name: str
+    dtypes: tuple = FLOATS
+    optional: bool = False
+    rank: int = None
+    min_rank: int = 1
+
+
+@dataclass(frozen=True)
+class Attr:
+    """A keyword-only attribute. `kind` converts and checks the value; `choices` limits it."""
+
+    name: str
+    default: object = None
+    kind: type = None
+    choices: tuple = None
+
+
+@dataclass
+class Sample:
+    """Arguments for one call (NumPy arrays and attributes) and a label for reports."""
+
+    args: dict
+    label: str
+    kind: str = "ordinary"  # or "edge"
+
+
+@dataclass
+class ErrorSample:
+    """Arguments that must raise `error` with `match` in its message."""
+
+    args: dict
+    label: str
+    error: type = SchemaError
+    match: str = ""
+
+
+def _shape(x):
+    return "[" + ", ".join(str(d) for d in x.shape) + "]"
+
+
+@dataclass(eq=False)
+class OpDef:
+    """One op: signature, checks, output inference, reference, samples.
+
+    params: Tensor/Attr entries in call order; the string "*" marks where keyword-only starts.
+    check(a): shape relations beyond rank and dtype; raises Bad(arg, expected, got).
+    outputs(a): [(shape, dtype_name)] of the results, `a` being the bound arguments.
+    reference(a): float64 NumPy results from float64 NumPy arguments.
+    samples(rng, dtype), error_samples(rng): generators of Sample / ErrorSample.
+    growth(a): how the rounding error of fp32 compute grows with the problem (for example sqrt(K)).
+    magnitude(a, refs): per-output scale the compute error is relative to (default |ref|).
+    bench(rng, dtype), cost(a) -> (flops, bytes), torch_peer(a) -> zero-arg callable: for `hal bench`.
+    """
+
+    name: str
+    params: list
+    check: object
+    outputs: object
+    reference: object
+    samples: object
+    error_samples: object
+    doc: str = ""
+    growth: object = None
+    magnitude: object = None
+    bench: object = None
+    cost: object = None
+    torch_peer: object = None
+    tensors: list = field(init=False)
+    attrs: list = field(init=False)
+
+    def __post_init__(self):
+        star = self.params.index("*") if "*" in self.params else len(self.params)
+        entries = [p for p in self.params if p != "*"]
+        self.tensors = [p for p in entries if isinstance(p, Tensor)]
+        self.attrs = [p for p in entries if isinstance(p, Attr)]
+        self.primary = self.tensors[0].name
+        self._positional = tuple(p.name for p in self.params[:star])
+        self._defaults = {p.name: (None if isinstance(p, Tensor) else p.default) for p in entries}
+        self.__name__ = self.__qualname__ = self.name
+        self.__doc__ = self.doc
+        self.__signature__ = inspect.Signature(
+            [
+                inspect.Parameter(
+                    p.name,
+                    inspect.Parameter.POSITIONAL_OR_KEYWORD if i < star else inspect.Parameter.KEYWORD_ONLY,
+                    default=inspect.Parameter.empty if isinstance(p, Tensor) and not p.optional else self._defaults[p.name],
+                )
+                for i, p in enumerate(q for q in self.params if q != "*")
+            ]
+            + [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None)]
+        )
+
+    def __repr__(self):
+        return f"<hal op {self.name}{self.__signature__}>"
+
+    def __call__(self, *args, backend=None, **kwargs):
+        from .dispatch import dispatch
+
+        return dispatch(self, self.bind(args, kwargs), backend)
+
+    def bind(self, args, kwargs):
+        """Arguments by name, with defaults filled in."""
+        if len(args) > len(self._positional):
+            raise SchemaError(self.name, "*args", f"at most {len(self._positional)} positional arguments", len(args))
+        bound = self._defaults.copy()
+        bound.update(zip(self._positional, args))
+        for key, value in kwargs.items():
+            if key not in bound:
+                raise SchemaError(self.name, key, f"one of {', '.join(bound)}", "an unknown keyword")
+            bound[key] = value
+        return bound
+
+    def validate(self, a):
+        """Check and normalize bound arguments in place; raise SchemaError before any kernel runs."""
+        first_device = None
+        for t in self.tensors:
+            x = a[t.name]
+            if x is None:
+                if not t.optional:
+                    raise SchemaError(self.name, t.name, "a tensor", "None")
+                continue
+            if not is_tensor(x):
+                raise SchemaError(self.name, t.name, "a NumPy array, torch tensor, CuPy array or DLPack producer", type(x).__name__)
+            dtype = name_of(x.dtype)
+            if dtype not in t.dtypes:
+                raise SchemaError(self.name, t.name, f"dtype in ({', '.join(t.dtypes)})", dtype)
+            ndim = len(x.shape)
+            if t.rank is not None and ndim != t.rank:
+                raise SchemaError(self.name, t.name, f"rank {t.rank}", f"rank {ndim} with shape {_shape(x)}")
+            if ndim < t.min_rank:
+                raise SchemaError(self.name, t.name, f"rank >= {t.min_rank}", f"rank {ndim}")
+            dev = device_type(x)
+            if first_device is None:
+                first_device = dev
+            elif dev != first_device:
+                raise SchemaError(self.name, t.name, f"the device of '{self.primary}' (DLPack type {first_device})", f"DLPack device type {dev}")
+        for p in self.attrs:
+            value = a[p.name]
+            if value is None:
+                continue
+            if p.kind is not None:
+                try:
+                    value = a[p.name] = p.kind(value)
+                except (TypeError, ValueError):
+                    raise SchemaError(self.name, p.name, p.kind.__name__, repr(value)) from None
+            if p.choices is not None and value not in p.choices:
+                raise SchemaError(self.name, p.name, f"one of {p.choices}", repr(value))
+        try:
+            self.check(a)
+        except Bad as bad:
+            raise SchemaError(self.name, bad.arg, bad.expected, bad.got) from None
+        return a
+
+
+def shape_of(x):
+    """Shape as a tuple, for error messages and checks."""
+    return tuple(x.shape)
+
+
+def random(rng, shape, dtype, scale=1.0):
+    """Fresh random values of a hal dtype as a NumPy array, never zeros."""
+    from .dtypes import to_numpy
+
+    return (rng.standard_normal(shape) * scale).astype(to_numpy(dtype))
+
+
+def strided(x, axis=-1):
+    """A non-contiguous view with the values of `x`: every other element of a twice larger array.
+
+    The elements in between hold NaN (or -1 for integers), so a kernel that reads them shows it."""
+    shape = list(x.shape)
+    shape[axis] *= 2
+    big = np.full(shape, -1 if x.dtype.kind in "iu" else np.nan, x.dtype)
+    index = [slice(None)] * x.ndim
+    index[axis] = slice(None, None, 2)
+    view = big[tuple(index)]
+    view[...] = x
+    return view
+
+
+def as_torch(a):
+    """Bound arguments with every NumPy array turned into a torch CPU tensor (for torch peers)."""
+    from .arrays import from_host
+    import torch
+
+    like = torch.empty(0)
+    return {k: from_host(np.ascontiguousarray(v), like) if isinstance(v, np.ndarray) else v for k, v in a.items()}

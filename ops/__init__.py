@@ -1,0 +1,11 @@
+"""hal.ops: every op, callable. `hal.ops.gemm(a, b, ...)` dispatches to a backend; the op's data
+(schema, reference, samples) is on the same object: `hal.ops.gemm.reference`, `.samples`, ...
+"""
+from .activations import silu_and_mul, softmax
+from .linear import gemm
+from .norms import layer_norm, rms_norm
+from .rotary import rope
+
+ALL = {op.name: op for op in (gemm, softmax, rms_norm, layer_norm, silu_and_mul, rope)}
+
+__all__ = list(ALL)

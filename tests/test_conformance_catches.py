@@ -1,0 +1,88 @@
+"""The conformance suite must fail wrong kernels, not only pass right ones."""
+import numpy as np
+import pytest
+
+import hal
+from hal import conformance
+from conftest import reference_kernel
+
+
+def statuses(backend, op):
+    return [conformance.run(c) for c in conformance.cases(backend, [op])]
+
+
+def test_reference_kernels_pass(make_backend):
+    name = make_backend("exact", {n: reference_kernel(op) for n, op in hal.ops.ALL.items()})
+    results = [conformance.run(c) for c in conformance.cases(name)]
+    assert results and all(r.status == "pass" for r in results), [r.message for r in results if r.status != "pass"][:3]
+
+
+def test_off_by_one_mean_fails(make_backend):
+    def rms_norm(outs, x, weight, residual, eps):
+        s = x.astype(np.float64) if residual is None else x.astype(np.float64) + residual
+        y = s / np.sqrt((s * s).sum(-1, keepdims=True) / (s.shape[-1] - 1 or 1) + eps) * weight.astype(np.float64)
+        outs[0][...] = y
+        if residual is not None:
+            outs[1][...] = s
+
+    name = make_backend("off-by-one", {"rms_norm": rms_norm}, dtypes=["float32"])
+    failed = [r for r in statuses(name, "rms_norm") if r.status == "fail"]
+    assert len(failed) >= 5
+    assert all("tol" in r.message for r in failed)
+
+
+def test_unwritten_elements_fail(make_backend):
+    exact = reference_kernel(hal.ops.softmax)
+
+    def softmax(outs, x, dim):
+        keep = outs[0].copy()
+        exact(outs, x=x, dim=dim)
+        if outs[0].size:
+            outs[0].flat[-1] = keep.flat[-1]  # forgets the last element: still the NaN poison
+
+    name = make_backend("lazy", {"softmax": softmax})
+    failed = [r for r in statuses(name, "softmax") if r.status == "fail"]
+    assert failed and all("NaN" in r.message for r in failed)
+
+
+def test_ignoring_an_epilogue_fails(make_backend):
+    exact = reference_kernel(hal.ops.gemm)
+
+    def gemm(outs, a, b, bias, c, **attrs):
+        exact(outs, a=a, b=b, bias=bias, c=None, **attrs)  # drops the residual
+
+    name = make_backend("no-residual", {"gemm": gemm})
+    failed = {r.case.sample.label for r in statuses(name, "gemm") if r.status == "fail"}
+    assert {"64x96x130 bias silu residual", "129x257x65 residual epilogue"} <= failed
+
+
+def test_input_mutation_fails(make_backend):
+    exact = reference_kernel(hal.ops.silu_and_mul)
+
+    def silu_and_mul(outs, x):
+        exact(outs, x=x)
+        if x.size:
+            x.flat[0] = 0  # scribbles on its input
+
+    name = make_backend("scribbler", {"silu_and_mul": silu_and_mul})
+    failed = [r for r in statuses(name, "silu_and_mul") if r.status == "fail"]
+    assert failed and all("modified its input" in r.message for r in failed)
+
+
+def test_a_refusing_kernel_is_unsupported_not_passed(make_backend):
+    name = make_backend("picky", {"softmax": reference_kernel(hal.ops.softmax)}, supports=lambda a: a["x"].shape[-1] % 8 == 0, requires="a last dim that is a multiple of 8")
+    results = statuses(name, "softmax")
+    unsupported = [r for r in results if r.status == "unsupported"]
+    assert unsupported and all("multiple of 8" in r.message for r in unsupported)
+    assert any(r.status == "pass" for r in results)
+
+
+def test_pytest_entry_point_runs_a_vendor_backend(tmp_path):
+    """`pytest --pyargs hal.conformance --hal-backend NAME` works from anywhere."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--pyargs", "hal.conformance", "--hal-backend", "cpu", "--hal-op", "silu_and_mul", "-q", "-p", "no:cacheprovider"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "failed" not in proc.stdout
