@@ -18,6 +18,8 @@ def cmd_backends(args):
     import hal
 
     rows = hal.list_backends()
+    if args.kernels:
+        return show_kernels(args.json)
     if args.json:
         return _print_json(rows)
     table = Table(title="hal backends")
@@ -27,6 +29,42 @@ def cmd_backends(args):
         table.add_row(r["name"], "[green]yes[/]" if r["available"] else "[red]no[/]", r["device"], r["arch"],
                       str(r["priority"] if r["priority"] is not None else ""), str(r["kernels"]), r["plugin"], r["reason"])
     console.print(table)
+
+
+def show_kernels(as_json):
+    """Registered kernels per backend, and the compile report of the GPU kernels per architecture."""
+    import hal
+    from hal.backends.gpu import matrix
+
+    reg = hal.registry()
+    registered = [{"backend": k.backend, "op": k.op, "dtypes": sorted(k.dtypes), "requires": k.requires, "source": k.source}
+                  for ks in reg.kernels.values() for k in ks]
+    report, path = matrix.load()
+    if as_json:
+        return _print_json({"registered": registered, "report_path": str(path) if path else None, "compile_report": report})
+    table = Table(title="registered kernels")
+    for col in ("backend", "op", "dtypes", "requires", "source"):
+        table.add_column(col)
+    for k in registered:
+        table.add_row(k["backend"], k["op"], ", ".join(k["dtypes"]), k["requires"], k["source"].rsplit("/", 1)[-1])
+    console.print(table)
+    if report is None:
+        console.print("no compile report yet: python -m hal.backends.gpu.matrix builds one")
+        return
+    for vendor, entry in report["toolchains"].items():
+        rows = [r for r in report["kernels"] if r["vendor"] == vendor]
+        if not rows:
+            console.print(f"{vendor}: no compile report ({entry.get('reason') or 'toolchain missing'})")
+            continue
+        cuda = vendor == "cuda"
+        cols = ("kernel", "arch", "registers", "spills", "shared_bytes", "occupancy_blocks_per_sm") if cuda else \
+               ("kernel", "arch", "vgprs", "sgprs", "agprs", "spills", "lds_bytes", "occupancy_waves_per_simd")
+        table = Table(title=f"{vendor} kernels per architecture ({path}, {report['generated']})")
+        for col in cols:
+            table.add_column(col.replace("_", " "))
+        for r in rows:
+            table.add_row(*[f"[red]{r[c]}[/]" if c == "spills" and r[c] else str(r.get(c, "")) for c in cols])
+        console.print(table)
 
 
 def op_matrix(per_dtype):
@@ -173,6 +211,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="hal", description="hal: one op API, hand-written kernels per backend, a conformance suite.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("backends", help="every known backend, its availability and the reason when unavailable")
+    p.add_argument("--kernels", action="store_true", help="registered kernels, and GPU kernels' resource use per architecture")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_backends)
     p = sub.add_parser("ops", help="op x backend matrix: native / fallback / missing")

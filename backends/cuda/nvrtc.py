@@ -9,7 +9,7 @@ site-packages/nvidia/cu13/include, or nvidia/cuda_runtime/include for the CUDA 1
     from hal.backends.cuda import nvrtc
     result = nvrtc.compile_file("gemm", "sm_90a")       # all instantiations of gemm.cu
     result.report   # [{"kernel": "gemm_mma<__half, float>", "arch": "sm_90a", "registers": ..., ...}]
-    nvrtc.compile_matrix()                                # every file x every arch
+    nvrtc.compile_matrix()                                # every file x every arch (hal.backends.gpu.matrix)
 """
 import importlib.util
 import os
@@ -18,19 +18,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hal.backends.gpu.launch import FAMILIES, block_threads, instantiations
+from hal.backends.gpu.vendor import CUDA
 from hal.errors import BackendUnavailable, KernelCompileError
 
-KERNEL_DIR = Path(__file__).resolve().parent
-ARCHS = ("sm_80", "sm_89", "sm_90a", "sm_100a")
-FAMILIES = ("gemm", "softmax", "norms", "activations", "rope")
-
-TYPES = ("float", "__half", "__nv_bfloat16")
-HALF_TYPES = ("__half", "__nv_bfloat16")
-POSITION_TYPES = ("int", "long long")
-ROW_KERNELS = {"softmax": ("softmax",), "norms": ("rms_norm", "layer_norm"), "activations": ("silu_and_mul",)}
-
-# Threads per block of each kernel, as launched (docs/gpu-kernels.md); used for the occupancy estimate.
-BLOCK_THREADS = {"gemm_simt": 256, "gemm_mma": 128, "softmax": 256, "rms_norm": 256, "layer_norm": 256, "silu_and_mul": 256, "rope": 128}
+KERNEL_DIR = CUDA.kernel_dir
+ARCHS = CUDA.compile_archs
 
 # Per-SM limits of each architecture, from NVIDIA's CUDA C++ Programming Guide (compute capability
 # table) and the occupancy calculator: max resident threads, blocks, 32-bit registers, shared memory
@@ -52,25 +45,9 @@ def arch_number(arch):
     return int(match.group(1))
 
 
-def has_mma(arch):
-    """mma.sync.m16n8k16 with f16/bf16 inputs and fp32 accumulation needs sm_80 or newer."""
-    return arch_number(arch) >= 80
-
-
 def name_expressions(family, arch):
-    """The template instantiations a kernel file is built with for one architecture: every dtype
-    (and output type for gemm, position type for rope); gemm_mma only for the 16-bit types and
-    only where mma.sync exists."""
-    if family == "gemm":
-        names = [f"gemm_simt<{t}, {o}>" for t in TYPES for o in TYPES]
-        if has_mma(arch):
-            names += [f"gemm_mma<{t}, {o}>" for t in HALF_TYPES for o in TYPES]
-        return names
-    if family == "rope":
-        return [f"rope<{t}, {p}>" for t in TYPES for p in POSITION_TYPES]
-    if family in ROW_KERNELS:
-        return [f"{kernel}<{t}>" for kernel in ROW_KERNELS[family] for t in TYPES]
-    raise ValueError(f"unknown kernel file {family!r}; known: {', '.join(FAMILIES)}")
+    """The template instantiations a kernel file is built with for one architecture."""
+    return instantiations(CUDA, family, arch)
 
 
 def all_name_expressions(archs=ARCHS):
@@ -266,7 +243,7 @@ def resource_report(log, lowered, arch):
         if info is None:
             raise KernelCompileError(f"ptxas reported nothing for {name} ({mangled}) on {arch}", log)
         rows.append({"kernel": name, "arch": arch, **info,
-                     "occupancy_blocks_per_sm": occupancy(arch, info["registers"], info["shared_bytes"], BLOCK_THREADS.get(kernel_of(name)))})
+                     "occupancy_blocks_per_sm": occupancy(arch, info["registers"], info["shared_bytes"], block_threads(CUDA, kernel_of(name)))})
     return rows
 
 
@@ -277,8 +254,9 @@ def _compile_job(job):
 
 
 def compile_matrix(families=FAMILIES, archs=ARCHS, jobs=None):
-    """Compile every file for every architecture; returns (report rows, {(family, arch): seconds},
-    {(family, arch): log}). `jobs` > 1 compiles in that many processes (NVRTC is CPU-bound)."""
+    """Compile every file for every architecture: one report row per kernel and architecture, with
+    the compile's seconds and compiler warnings. `jobs` > 1 compiles in that many processes (NVRTC
+    is CPU-bound)."""
     work = [(f, a) for f in families for a in archs]
     jobs = jobs if jobs is not None else min(len(work), os.cpu_count() or 1)
     if jobs > 1:
@@ -288,27 +266,12 @@ def compile_matrix(families=FAMILIES, archs=ARCHS, jobs=None):
             results = list(pool.map(_compile_job, work))
     else:
         results = [_compile_job(w) for w in work]
-    rows, seconds, logs = [], {}, {}
-    for w, (report, s, log) in zip(work, results):
-        rows += report
-        seconds[w], logs[w] = s, log
-    return rows, seconds, logs
+    rows = []
+    for (family, _), (report, seconds, log) in zip(work, results):
+        rows += [{"file": f"{family}.cu", **r, "warnings": warnings_in(log)} for r in report]
+    return rows
 
 
 def warnings_in(log):
     """The compiler's warning lines (NVRTC front end and ptxas)."""
     return [line for line in log.splitlines() if "warning" in line.lower()]
-
-
-if __name__ == "__main__":
-    import json
-    import sys
-
-    started = time.perf_counter()
-    rows, seconds, logs = compile_matrix()
-    for (family, arch), log in logs.items():
-        for w in warnings_in(log):
-            print(f"{family}.cu {arch}: {w}", file=sys.stderr)
-    json.dump(rows, sys.stdout, indent=1)
-    print(f"\n{len(rows)} kernels, {len(seconds)} compilations, {time.perf_counter() - started:.1f} s wall "
-          f"({sum(seconds.values()):.1f} s compile time)", file=sys.stderr)

@@ -65,6 +65,10 @@ class DeviceExecutor:
         if module is None:
             source = self.vendor.source(family)
             options = ("-std=c++17", f"-I{self.vendor.kernel_dir}")
+            if self.vendor.name == "cuda":  # cuda_fp16.h and friends from the pip wheels when no toolkit is installed
+                from hal.backends.cuda.nvrtc import include_dirs
+
+                options += tuple(f"-I{d}" for d in include_dirs())
             module = cupy.RawModule(code=source.read_text(), options=options, name_expressions=instantiations(self.vendor, family, self.arch))
             try:
                 module.compile()
@@ -104,11 +108,13 @@ class SimBackend(Backend):
     priority = 1  # selectable by name; never preferred over cpu for host arrays
     device_type = DLPACK_CPU
 
-    def __init__(self, vendor, arch=None, name=None):
+    def __init__(self, vendor, arch=None, name=None, mode="release"):
+        """`arch` is the architecture the emulator presents (variant choice follows it); `mode`
+        "tsan" or "asan" builds the kernels with ThreadSanitizer or AddressSanitizer."""
         self.vendor = vendor
         self.name = name or f"{vendor.name}-sim"
         self.arch = arch or vendor.sim_arch
-        self.executor = SimExecutor(vendor, self.arch)
+        self.executor = SimExecutor(vendor, self.arch, mode)
 
     def probe(self):
         from hal.backends.sim.executor import toolchain
@@ -205,11 +211,11 @@ class DeviceBackend(Backend):
         return cupy.full(shape, np.nan, to_numpy(dtype))
 
 
-def register(registry, backend):
-    """Add a GPU backend and its kernels, in the preference order of launch.KERNELS."""
+def register(registry, backend, kernels=None):
+    """Add a GPU backend and its kernels (default: all of launch.KERNELS, in their preference order)."""
     registry.add_backend(backend)
     ex, vendor = backend.executor, backend.vendor
-    for entry in KERNELS:
+    for entry in KERNELS if kernels is None else kernels:
         options = {}
         if entry.needs_matrix_units:
             options = dict(supports=lambda a, ex=ex: vendor.has_matrix_units(ex.arch),

@@ -16,6 +16,7 @@ from hal.dtypes import FLOATS
 ROW_BLOCK = 256  # one block per row: 8 warps / 4 waves, enough to hide latency on a 4096-wide row
 ROPE_BLOCK = 128  # one block per token; a token's heads x rotary pairs rarely exceed 128 x 32
 GEMM_TILE = 64  # every gemm variant covers a 64 x 64 output tile per block
+SIMT_GEMM_BLOCK = 256  # 16 x 16 threads, 4 x 4 outputs each
 ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 POSITION_TYPES = {"int32": "int", "int64": "long long"}
 HALF_FLOATS = ("float16", "bfloat16")
@@ -91,7 +92,7 @@ def _gemm(variant, block, ex, outs, a, b, bias, c, activation, alpha, beta, out_
 
 
 def gemm_simt(ex, outs, **args):
-    _gemm("gemm_simt", 256, ex, outs, **args)
+    _gemm("gemm_simt", SIMT_GEMM_BLOCK, ex, outs, **args)
 
 
 def gemm_matrix(ex, outs, **args):
@@ -117,6 +118,11 @@ KERNELS = (
     KernelEntry("silu_and_mul", "activations", silu_and_mul),
     KernelEntry("rope", "rope", rope),
 )
+
+
+def block_threads(vendor, kernel):
+    """Threads per block a kernel is launched with (for occupancy estimates)."""
+    return {"gemm_simt": SIMT_GEMM_BLOCK, vendor.matrix_kernel: vendor.matrix_block, "rope": ROPE_BLOCK}.get(kernel, ROW_BLOCK)
 
 
 def instantiations(vendor, family, arch):

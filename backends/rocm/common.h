@@ -8,9 +8,31 @@
 // Only what docs/gpu-kernels.md lists is used, so the host emulator (HAL_SIM) runs these files.
 #pragma once
 
+// hipRTC (ROCm 5.x) already provides the runtime and fp16 declarations; including the system
+// headers again there redefines them.
+#ifndef __HIPCC_RTC__
 #include <hip/hip_runtime.h>
 #include <hip/hip_fp16.h>
+#endif
+#if defined(__HIPCC_RTC__) && HIP_VERSION_MAJOR < 6
+// ROCm 5.x's hip_bfloat16.h includes <cmath> and <iostream>, which hipRTC cannot; this is the
+// same type (16-bit storage, round-to-nearest-even from float, NaN kept quiet), device side only.
+struct hip_bfloat16 {
+    unsigned short data;
+    hip_bfloat16() = default;
+    explicit __device__ hip_bfloat16(float f) {
+        const unsigned u = __builtin_bit_cast(unsigned, f);
+        data = (u & 0x7fffffffu) > 0x7f800000u ? (unsigned short)((u >> 16) | 0x40u) : (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+    __device__ operator float() const { return __builtin_bit_cast(float, (unsigned)data << 16); }
+};
+#else
 #include <hip/hip_bfloat16.h>
+#endif
+
+#ifndef INFINITY  // hipRTC has no <cmath>
+#define INFINITY __builtin_huge_valf()
+#endif
 
 // ------------------------------------------------------------------ dynamic LDS
 #ifdef HAL_SIM
@@ -123,6 +145,7 @@ __device__ __forceinline__ void mfma_f32_32x32x8_f16(float d[16], const __half a
     vc = __builtin_amdgcn_mfma_f32_32x32x8f16(va, vb, vc, 0, 0, 0);
     __builtin_memcpy(d, &vc, sizeof(vc));
 #else
+    (void)d, (void)a, (void)b, (void)c;
     __builtin_trap();
 #endif
 }
@@ -137,6 +160,7 @@ __device__ __forceinline__ void mfma_f32_32x32x8_bf16(float d[16], const hip_bfl
     vc = __builtin_amdgcn_mfma_f32_32x32x8bf16_1k(va, vb, vc, 0, 0, 0);
     __builtin_memcpy(d, &vc, sizeof(vc));
 #else
+    (void)d, (void)a, (void)b, (void)c;
     __builtin_trap();
 #endif
 }

@@ -16,30 +16,21 @@ expressions through a demangler (llvm-cxxfilt or binutils' c++filt).
 Debian's hipcc is a wrapper that picks nvcc when one is on the PATH unless HIP_PLATFORM=amd;
 every call here sets it.
 
-    python -m hal.backends.rocm.hipcc [--arch gfx90a ...] [--family gemm ...] [--json out.json]
+    python -m hal.backends.gpu.matrix --vendor rocm      # the matrix and its JSON report
 """
-import argparse
-import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from hal.backends.gpu.launch import FAMILIES, instantiations
+from hal.backends.gpu.vendor import ROCM
 from hal.errors import KernelCompileError
 
-KERNEL_DIR = Path(__file__).resolve().parent
-ARCHS = ("gfx90a", "gfx940", "gfx1030")  # the CI matrix; Debian's clang 15 does not know gfx942
-MFMA_ARCHS = ("gfx90a", "gfx940", "gfx941", "gfx942")  # CDNA2/3: v_mfma_f32_32x32x8{f16,bf16_1k}
-TYPES = ("float", "__half", "hip_bfloat16")
-HALF_TYPES = ("__half", "hip_bfloat16")
-POSITION_TYPES = ("int", "long long")
-ROW_KERNELS = {"softmax": ("softmax",), "norms": ("rms_norm", "layer_norm"), "activations": ("silu_and_mul",)}
-FAMILIES = ("gemm", "softmax", "norms", "activations", "rope")
+ARCHS = ROCM.compile_archs  # Debian's clang 15 does not know gfx942
 OPTIONS = ("-O3", "-std=c++17")
 
 _REMARK_FIELDS = {
@@ -55,23 +46,18 @@ _REMARK_FIELDS = {
 _REMARK = re.compile(r"remark:\s+(Function Name|" + "|".join(re.escape(k) for k in _REMARK_FIELDS) + r"):\s+(\S+)")
 
 
-def source(family):
-    return KERNEL_DIR / f"{family}.hip"
-
-
 def name_expressions(family, arch):
-    """The template instantiations `family`.hip is built with for `arch`; gemm_mfma only for the
-    half types and only on architectures with MFMA (gfx90a, gfx94x)."""
-    if family == "gemm":
-        names = [f"gemm_simt<{t}, {o}>" for t in TYPES for o in TYPES]
-        if arch in MFMA_ARCHS:
-            names += [f"gemm_mfma<{t}, {o}>" for t in HALF_TYPES for o in TYPES]
-        return names
-    if family == "rope":
-        return [f"rope<{t}, {p}>" for t in TYPES for p in POSITION_TYPES]
-    if family in ROW_KERNELS:
-        return [f"{k}<{t}>" for k in ROW_KERNELS[family] for t in TYPES]
-    raise ValueError(f"unknown kernel family {family!r}; known: {', '.join(FAMILIES)}")
+    """The template instantiations `family`.hip is built with for `arch`."""
+    return instantiations(ROCM, family, arch)
+
+
+def available():
+    """(True, "") when hipcc and a demangler are here, else (False, the reason)."""
+    if find_hipcc() is None:
+        return False, "hipcc not found (apt-get install -y hipcc: Debian's ROCm 5.2 toolchain)"
+    if not (shutil.which("llvm-cxxfilt") or shutil.which("c++filt")):
+        return False, "no demangler (llvm-cxxfilt or c++filt)"
+    return True, ""
 
 
 def find_hipcc():
@@ -155,42 +141,9 @@ def compile_report(path, names, arch, options=OPTIONS, hipcc=None, timeout=900):
     return records
 
 
-def compile_matrix(archs=ARCHS, families=FAMILIES, jobs=None, hipcc=None):
+def compile_matrix(families=FAMILIES, archs=ARCHS, jobs=None, hipcc=None):
     """Every family for every architecture (one hipcc process each, `jobs` at a time)."""
     tasks = [(f, a) for f in families for a in archs]
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
-        results = pool.map(lambda t: compile_report(source(t[0]), name_expressions(*t), t[1], hipcc=hipcc), tasks)
+        results = pool.map(lambda t: compile_report(ROCM.source(t[0]), name_expressions(*t), t[1], hipcc=hipcc), tasks)
         return [record for records in results for record in records]
-
-
-def format_table(records):
-    cols = ("kernel", "arch", "sgprs", "vgprs", "agprs", "spill_sgprs", "spill_vgprs", "scratch_bytes", "lds_bytes", "occupancy_waves_per_simd")
-    heads = ("kernel", "arch", "SGPR", "VGPR", "AGPR", "sSpill", "vSpill", "scratch", "LDS", "waves/SIMD")
-    rows = [[str(r[c]) for c in cols] for r in records]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(heads)]
-    fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    return "\n".join([fmt.format(*heads)] + [fmt.format(*row) for row in rows])
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", action="append", help=f"default: {' '.join(ARCHS)}")
-    parser.add_argument("--family", action="append", help=f"default: {' '.join(FAMILIES)}")
-    parser.add_argument("--json", help="write the records here")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        records = compile_matrix(tuple(args.arch or ARCHS), tuple(args.family or FAMILIES))
-    except KernelCompileError as e:
-        print(e, file=sys.stderr)
-        return 1
-    print(format_table(records))
-    spills = [r for r in records if r["spill_sgprs"] or r["spill_vgprs"] or r["scratch_bytes"]]
-    print(f"{len(records)} kernels in {time.perf_counter() - start:.1f} s; {len(spills)} spill or use scratch")
-    if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=1) + "\n")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

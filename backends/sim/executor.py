@@ -61,7 +61,7 @@ MODE_FLAGS = {
     "asan": ("-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"),
 }
 SANITIZER_ENV = {
-    "tsan": ("TSAN_OPTIONS", "halt_on_error=1:exitcode=66:report_signal_unsafe=0:history_size=4"),
+    "tsan": ("TSAN_OPTIONS", "halt_on_error=1:exitcode=66:report_signal_unsafe=0:atexit_sleep_ms=0"),
     "asan": ("ASAN_OPTIONS", "halt_on_error=1:exitcode=66:detect_leaks=0:abort_on_error=0"),
 }
 SANITIZER_MARKERS = ("WARNING: ThreadSanitizer", "ERROR: AddressSanitizer", "ERROR: LeakSanitizer", "SUMMARY: ")
@@ -200,6 +200,13 @@ def _run(cmd, cwd, what):
 
 
 _build_lock = threading.Lock()
+
+
+def _runtime_flags(mode, warp):
+    flags = [*COMMON_FLAGS, f"-DHAL_SIM_WARP={warp}", *MODE_FLAGS[mode], f"-I{INCLUDE_DIR}"]
+    if mode == "tsan":  # the runtime is not instrumented, only annotated (see runtime_impl.h)
+        flags = [f for f in flags if f != "-fsanitize=thread"] + ["-DHAL_SIM_TSAN=1"]
+    return flags
 
 
 def _runtime_object(compiler, identity, mode, warp, base_flags):
@@ -372,8 +379,7 @@ class SimModule:
 
         start = time.perf_counter()
         with _build_lock:
-            runtime = _runtime_object(compiler, identity, self.mode, self.warp, [*COMMON_FLAGS, f"-DHAL_SIM_WARP={self.warp}", *MODE_FLAGS[self.mode],
-                                                                                  f"-I{INCLUDE_DIR}"])
+            runtime = _runtime_object(compiler, identity, self.mode, self.warp, _runtime_flags(self.mode, self.warp))
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="build-", dir=directory) as tmp:
             src = Path(tmp, f"{self.source.stem}.sim.cpp")

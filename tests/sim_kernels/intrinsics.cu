@@ -3,7 +3,6 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #ifdef HAL_SIM
-#include <hal_sim/mma.h>
 #define HAL_DYNAMIC_SHARED(type, name) HAL_SIM_DYNAMIC_SHARED(type, name)
 #else
 #define HAL_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
@@ -45,28 +44,4 @@ __global__ void __launch_bounds__(1024) collectives(const float* __restrict__ x,
     (void)min(lane, 3); (void)max(1.0f, v); (void)make_float2(1, 2); (void)make_float4(1, 2, 3, 4); (void)make_uint2(1, 2); (void)make_uint4(1, 2, 3, 4);
     __half hh = __float2half_rn(v); (void)__half2float(hh);
     __nv_bfloat16 bb = __float2bfloat16_rn(v); (void)__bfloat162float(bb);
-}
-
-// One warp: D = A*B + C through the m16n8k16 wrapper, fragments built per the lane layouts.
-template <class T>
-__global__ void mma_tile(const T* a, const T* b, const float* c, float* d) {
-    int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
-    unsigned ra[4], rb[2];
-    float rc[4], rd[4];
-    auto bits = [](T v) { unsigned short s; memcpy(&s, &v, 2); return (unsigned)s; };
-    for (int r = 0; r < 4; ++r) {
-        int i0 = 2 * r, i1 = 2 * r + 1;
-        int row0 = g + 8 * ((i0 >> 1) & 1), col0 = 2 * t + (i0 & 1) + 8 * (i0 >> 2);
-        int row1 = g + 8 * ((i1 >> 1) & 1), col1 = 2 * t + (i1 & 1) + 8 * (i1 >> 2);
-        ra[r] = bits(a[row0 * 16 + col0]) | (bits(a[row1 * 16 + col1]) << 16);
-    }
-    for (int r = 0; r < 2; ++r) {
-        int i0 = 2 * r, i1 = 2 * r + 1;
-        int k0 = 2 * t + (i0 & 1) + 8 * (i0 >> 1), k1 = 2 * t + (i1 & 1) + 8 * (i1 >> 1);
-        rb[r] = bits(b[k0 * 8 + g]) | (bits(b[k1 * 8 + g]) << 16);
-    }
-    for (int i = 0; i < 4; ++i) rc[i] = c[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)];
-    if constexpr (sizeof(T) == 2 && std::is_same_v<T, __half>) mma_m16n8k16_f16(rd, ra, rb, rc);
-    else mma_m16n8k16_bf16(rd, ra, rb, rc);
-    for (int i = 0; i < 4; ++i) d[(g + 8 * (i >> 1)) * 8 + 2 * t + (i & 1)] = rd[i];
 }

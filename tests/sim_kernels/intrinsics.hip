@@ -3,14 +3,9 @@
 #include <hip/hip_fp16.h>
 #include <hip/hip_bfloat16.h>
 #ifdef HAL_SIM
-#include <hal_sim/mma.h>
 #define HAL_DYNAMIC_SHARED(type, name) HAL_SIM_DYNAMIC_SHARED(type, name)
 #else
 #define HAL_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
-#endif
-
-#ifndef HAL_TEST_MASK
-#define HAL_TEST_MASK 0xffffffffffffffffull
 #endif
 
 template <class T>
@@ -27,7 +22,7 @@ __global__ void __launch_bounds__(1024) collectives(const float* __restrict__ x,
     float idx = __shfl(v, 3, 8);
     float dn = __shfl_down(v, 2, 16);
     unsigned long long b = __ballot(v > 0.0f);
-    float xs = __shfl_xor_sync(HAL_TEST_MASK, v, 1);
+    float xs = __shfl_xor_sync(0xffffffffffffffffull, v, 1);
     (void)__shfl_sync(0xffffffffffffffffull, v, 0);
     (void)__shfl_down_sync(0xffffffffffffffffull, v, 1);
     (void)__ballot_sync(0xffffffffffffffffull, 1);
@@ -46,20 +41,4 @@ __global__ void __launch_bounds__(1024) collectives(const float* __restrict__ x,
     atomicMax(&counters[1], gid);
     __half hh = __float2half(v); (void)__half2float(hh);
     hip_bfloat16 bb(v); (void)float(bb);
-}
-
-// One wave: D = A*B + C through mfma_f32_32x32x8, fragments built per the lane layouts.
-template <class T>
-__global__ void mfma_tile(const T* a, const T* b, const float* c, float* d) {
-    int lane = threadIdx.x;
-    T ra[4], rb[4];
-    float rc[16], rd[16];
-    for (int r = 0; r < 4; ++r) {
-        ra[r] = a[(lane % 32) * 8 + 4 * (lane / 32) + r];
-        rb[r] = b[(4 * (lane / 32) + r) * 32 + lane % 32];
-    }
-    for (int r = 0; r < 16; ++r) rc[r] = c[(8 * (r / 4) + 4 * (lane / 32) + r % 4) * 32 + lane % 32];
-    if constexpr (std::is_same_v<T, __half>) mfma_f32_32x32x8_f16(rd, ra, rb, rc);
-    else mfma_f32_32x32x8_bf16(rd, ra, rb, rc);
-    for (int r = 0; r < 16; ++r) d[(8 * (r / 4) + 4 * (lane / 32) + r % 4) * 32 + lane % 32] = rd[r];
 }

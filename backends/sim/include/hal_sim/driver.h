@@ -15,6 +15,9 @@
 #include <cstdlib>
 #include <string>
 #include <vector>
+#include <unistd.h>
+
+extern "C" void hal_sim_shutdown();
 
 namespace hal_sim::driver {
 struct Reader {
@@ -125,5 +128,7 @@ int main(int argc, char** argv) {
     }
     fclose(out);
     for (void* b : buffers) free(b);
-    return 0;
+    hal_sim_shutdown();
+    fflush(stderr);
+    _exit(0);  // helper workers are parked forever: skip static destructors
 }

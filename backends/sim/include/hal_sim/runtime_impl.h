@@ -19,12 +19,22 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#if defined(__SANITIZE_THREAD__)
+// In the "tsan" mode this translation unit is built WITHOUT -fsanitize=thread and with
+// -DHAL_SIM_TSAN=1: fibers switch with __tsan_switch_to_fiber_no_sync, so the scheduler's own
+// bookkeeping (run queue, fiber records, collective slots), which the hardware does not have,
+// must stay invisible to TSan. Only the kernel's code is instrumented, and the only ordering TSan
+// sees between the block's threads is what the annotations below state: barriers and warp
+// collectives (release on arrival, acquire on departure), and block after block on a worker.
+#if defined(__SANITIZE_THREAD__) && !defined(HAL_SIM_TSAN)
 #define HAL_SIM_TSAN 1
+#endif
+#if HAL_SIM_TSAN
 extern "C" {
 void* __tsan_get_current_fiber(void);
 void* __tsan_create_fiber(unsigned flags);
 void __tsan_switch_to_fiber(void* fiber, unsigned flags);
+void __tsan_destroy_fiber(void* fiber);
+void __tsan_set_fiber_name(void* fiber, const char* name);
 void __tsan_acquire(void* addr);
 void __tsan_release(void* addr);
 }
@@ -185,11 +195,17 @@ struct Worker {
 
     void* new_token() { return &tokens[next_token++ & ((1u << 16) - 1)]; }
     ~Worker() {
+        {
+            extern void unregister_worker(Worker*);
+            unregister_worker(this);
+        }
         for (auto& f : fibers)
             if (f->stack_lo) munmap(f->stack_lo - page(), f->stack_size + page());
     }
     static size_t page() { static size_t p = size_t(sysconf(_SC_PAGESIZE)); return p; }
 };
+
+void unregister_worker(Worker* w);
 
 thread_local ThreadView* tl_current = nullptr;
 static thread_local Worker* tl_worker = nullptr;
@@ -572,6 +588,12 @@ static bool run_block(Worker& w, Launch& L, uint64_t linear) {
         f.block = &b;
         f.state = State::Runnable;
         f.op = nullptr;
+#if HAL_SIM_TSAN
+        // TSan calls fibers threads ("T257"); its report then names the GPU thread.
+        std::string name = format("%s block (%u,%u,%u) thread (%u,%u,%u)", L.kernel, b.idx.x, b.idx.y, b.idx.z, f.view.thread_idx.x,
+                                  f.view.thread_idx.y, f.view.thread_idx.z);
+        __tsan_set_fiber_name(f.tsan_fiber, name.c_str());
+#endif
         b.push(&f);
     }
     w.dirty = false;
@@ -597,10 +619,21 @@ static bool run_block(Worker& w, Launch& L, uint64_t linear) {
     return true;
 }
 
+// Initialized when the library loads, before any worker exists (a function-local static would be
+// initialized under a guard that, in this uninstrumented file, TSan cannot see).
+static std::mutex registry_m;
+static std::vector<Worker*>* const registry_v = new std::vector<Worker*>();
+static std::mutex& registry_mutex() { return registry_m; }
+static std::vector<Worker*>& registry() { return *registry_v; }
+
 static Worker& this_worker() {
     static thread_local std::unique_ptr<Worker> mine;
     if (!mine) {
         mine = std::make_unique<Worker>();
+        {
+            std::lock_guard<std::mutex> lock(registry_mutex());
+            registry().push_back(mine.get());
+        }
         pthread_attr_t attr;
         if (pthread_getattr_np(pthread_self(), &attr) == 0) {
             void* lo;
@@ -616,6 +649,13 @@ static Worker& this_worker() {
     }
     tl_worker = mine.get();
     return *mine;
+}
+
+void unregister_worker(Worker* w) {
+    std::lock_guard<std::mutex> lock(registry_mutex());
+    auto& r = registry();
+    for (size_t i = 0; i < r.size(); ++i)
+        if (r[i] == w) { r.erase(r.begin() + long(i)); break; }
 }
 
 static void work(Launch& L) {
@@ -686,10 +726,8 @@ struct Pool {
     }
 };
 
-static Pool& pool() {
-    static Pool* p = new Pool();  // never destroyed: idle helpers just end with the process
-    return *p;
-}
+static Pool* const the_pool = new Pool();  // never destroyed: idle helpers just end with the process
+static Pool& pool() { return *the_pool; }
 
 int launch_error(const LaunchDesc& d, const char* fmt, ...) {
     va_list ap;
@@ -741,6 +779,17 @@ int run_launch(const LaunchDesc& d, const char* kernel, void (*body)(void*), voi
 }  // namespace hal_sim
 
 HAL_SIM_EXPORT int hal_sim_warp_size() { return HAL_SIM_WARP; }
+
+// Releases the sanitizer state of every worker's fibers (the driver calls it before exiting:
+// a TSan process that exits with hundreds of live fibers spends a second tearing them down).
+HAL_SIM_EXPORT void hal_sim_shutdown() {
+#if HAL_SIM_TSAN
+    std::lock_guard<std::mutex> lock(hal_sim::registry_mutex());
+    for (auto* w : hal_sim::registry())
+        for (auto& f : w->fibers)
+            if (f->tsan_fiber) { __tsan_destroy_fiber(f->tsan_fiber); f->tsan_fiber = nullptr; }
+#endif
+}
 HAL_SIM_EXPORT void hal_sim_set_workers(int n) {
     auto& p = hal_sim::pool();
     std::lock_guard<std::mutex> lock(p.launches);

@@ -1,0 +1,82 @@
+"""The architecture matrix: every kernel file compiled for every CI architecture, offline, and the
+compilers' resource reports (registers or VGPRs/SGPRs, spills, shared memory or LDS, occupancy)
+collected per kernel and architecture into one JSON report.
+
+    python -m hal.backends.gpu.matrix [--vendor cuda|rocm] [--out FILE]
+
+CUDA files compile with NVRTC from pip (no GPU needed), HIP files with Debian's hipcc. The
+report lands in the user cache (`hal backends --kernels` shows it); `BASELINE` is the report
+committed with the kernels, which the tests compare against so that a kernel that was
+spill-free cannot start spilling unnoticed.
+"""
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from importlib import import_module
+from pathlib import Path
+
+from .vendor import VENDORS
+
+BASELINE = Path(__file__).resolve().parent / "resources-baseline.json"
+TOOLCHAINS = {"cuda": "hal.backends.cuda.nvrtc", "rocm": "hal.backends.rocm.hipcc"}
+
+
+def report_path():
+    return Path(os.environ.get("HAL_KERNEL_REPORT") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hal" / "kernel-resources.json")
+
+
+def spills(record):
+    """Bytes or registers spilled by a kernel, whatever the vendor calls them."""
+    return sum(record.get(k, 0) or 0 for k in ("spill_stores", "spill_loads", "spill_sgprs", "spill_vgprs", "scratch_bytes"))
+
+
+def toolchain(vendor):
+    """(available, reason) of the offline compiler for a vendor's kernel files."""
+    return import_module(TOOLCHAINS[vendor]).available()
+
+
+def build(vendors=tuple(VENDORS)):
+    """Compile the matrix for the vendors whose toolchain is here; the report as a dict."""
+    report = {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "toolchains": {}, "kernels": []}
+    for name in vendors:
+        available, reason = toolchain(name)
+        entry = report["toolchains"][name] = {"available": available, "reason": reason, "archs": list(VENDORS[name].compile_archs)}
+        if not available:
+            continue
+        start = time.perf_counter()
+        records = import_module(TOOLCHAINS[name]).compile_matrix()
+        entry["seconds"] = round(time.perf_counter() - start, 1)
+        report["kernels"] += [{"vendor": name, **r, "spills": spills(r)} for r in records]
+    return report
+
+
+def load(path=None):
+    """The latest report (the user's build if there is one, else the committed baseline) and its path."""
+    for candidate in ([Path(path)] if path else [report_path(), BASELINE]):
+        if candidate.exists():
+            return json.loads(candidate.read_text()), candidate
+    return None, None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vendor", action="append", choices=list(VENDORS))
+    parser.add_argument("--out", default=None, help=f"default: {report_path()}")
+    args = parser.parse_args(argv)
+    report = build(tuple(args.vendor or VENDORS))
+    out = Path(args.out) if args.out else report_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    for name, entry in report["toolchains"].items():
+        rows = [r for r in report["kernels"] if r["vendor"] == name]
+        status = f"{len(rows)} kernel x arch builds in {entry.get('seconds')} s, {sum(r['spills'] > 0 for r in rows)} spilling" if entry["available"] else f"skipped: {entry['reason']}"
+        print(f"{name}: {status}")
+    print(f"report: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
