@@ -12,14 +12,17 @@ from functools import lru_cache
 import numpy as np
 
 
-def median_time(fn, min_seconds=0.3, min_runs=5, max_runs=200):
-    """Median wall time of fn() over repeated runs, after one warm-up call."""
+def median_time(fn, min_seconds=0.3, min_runs=5, max_runs=200, sync=None):
+    """Median wall time of fn() over repeated runs, after one warm-up call; `sync` waits for a device."""
+    sync = sync or (lambda: None)
     fn()
+    sync()
     times = []
     total = 0.0
     while len(times) < min_runs or (total < min_seconds and len(times) < max_runs):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
         total += times[-1]
     return statistics.median(times)
@@ -60,7 +63,9 @@ def bench_op(op, dtype="float32", backend=None, vs_torch=False, args=None, seed=
         row["throughput"] = f"{nbytes / seconds / 1e9:.1f} GB/s"
         row["roofline_pct"] = 100 * nbytes / seconds / 1e9 / peak["bandwidth_gbs"]
     if vs_torch:
-        torch_seconds = median_time(op.torch_peer(args))
+        from .opdef import as_torch
+
+        torch_seconds = median_time(op.torch_peer(as_torch(args)))
         row["torch_ms"] = torch_seconds * 1e3
         row["speedup_vs_torch"] = torch_seconds / seconds
     return row

@@ -188,15 +188,17 @@ def cmd_bench(args):
 def cmd_demo(args):
     from hal import demo
 
-    rows = demo.run(backend=args.backend, dtype=args.dtype, tokens=args.tokens, hidden=args.hidden, ffn=args.ffn, seed=args.seed)
+    layer = demo.Layer(args.hidden, args.heads, args.kv_heads, args.head_dim, args.ffn)
+    rows = demo.run(backend=args.backend, dtype=args.dtype, tokens=args.tokens, decode=args.decode, layer=layer, seed=args.seed)
     if args.json:
         _print_json(rows)
     else:
-        table = Table(title=f"hal demo: transformer MLP block, {args.tokens} tokens, hidden {args.hidden}, ffn {args.ffn}, {args.dtype}")
-        for col in ("step", "op", "ran on", "ms", "max |err|", "err/tol", "check", "fallback"):
+        table = Table(title=f"hal demo: decoder layer, {args.tokens} tokens prefill + {args.decode} decode, hidden {args.hidden}, "
+                            f"{args.heads}/{args.kv_heads} heads x {args.head_dim}, ffn {args.ffn}, {args.dtype}")
+        for col in ("step", "ran on", "ms", "max |err|", "err/tol", "check", "fallback"):
             table.add_column(col)
         for r in rows:
-            table.add_row(r["step"], r["op"], r["backend"], f"{r['ms']:.2f}", f"{r['max_abs_err']:.3g}", f"{r['err_over_tol']:.3f}",
+            table.add_row(r["step"], r["backend"], f"{r['ms']:.2f}", f"{r['max_abs_err']:.3g}", f"{r['err_over_tol']:.3f}",
                           "[green]ok[/]" if r["ok"] else "[red]MISMATCH[/]", r["fallback"])
         console.print(table)
         for r in rows:
@@ -231,11 +233,15 @@ def main(argv=None):
     p.add_argument("--backend", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_bench)
-    p = sub.add_parser("demo", help="the main job: a transformer MLP block checked step by step against float64")
+    p = sub.add_parser("demo", help="the main job: a decoder layer (prefill + paged decode) checked step by step against float64")
     p.add_argument("--backend", default=None, help="default: the best available for host arrays")
     p.add_argument("--dtype", default="bfloat16", choices=FLOATS)
-    p.add_argument("--tokens", type=int, default=512)
+    p.add_argument("--tokens", type=int, default=512, help="prefill length")
+    p.add_argument("--decode", type=int, default=4, help="generated positions")
     p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--ffn", type=int, default=5632)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true")

@@ -79,7 +79,10 @@ class OpDef:
     samples(rng, dtype), error_samples(rng): generators of Sample / ErrorSample.
     growth(a): how the rounding error of fp32 compute grows with the problem (for example sqrt(K)).
     magnitude(a, refs): per-output scale the compute error is relative to (default |ref|).
-    bench(rng, dtype), cost(a) -> (flops, bytes), torch_peer(a) -> zero-arg callable: for `hal bench`.
+    naive(a, dtype): the outputs computed naively in `dtype` (intermediates rounded to it); when an op
+        has it, the conformance bound is twice that naive error per output row (see docs/conformance.md).
+    bench(rng, dtype), cost(a) -> (flops, bytes), torch_peer(t) -> zero-arg callable doing the same work
+    in torch on the arguments `t` (torch tensors, see `as_torch`): for benchmarks.
     """
 
     name: str
@@ -92,6 +95,7 @@ class OpDef:
     doc: str = ""
     growth: object = None
     magnitude: object = None
+    naive: object = None
     bench: object = None
     cost: object = None
     torch_peer: object = None
@@ -208,10 +212,10 @@ def strided(x, axis=-1):
     return view
 
 
-def as_torch(a):
-    """Bound arguments with every NumPy array turned into a torch CPU tensor (for torch peers)."""
+def as_torch(a, device="cpu"):
+    """Bound arguments with every NumPy array turned into a torch tensor on `device` (for torch peers)."""
     from .arrays import from_host
     import torch
 
-    like = torch.empty(0)
+    like = torch.empty(0, device=device)
     return {k: from_host(np.ascontiguousarray(v), like) if isinstance(v, np.ndarray) else v for k, v in a.items()}

@@ -2,10 +2,11 @@
 (schema, reference, samples) is on the same object: `hal.ops.gemm.reference`, `.samples`, ...
 """
 from .activations import silu_and_mul, softmax
+from .attention import attention, mla_decode, paged_decode_attention
 from .linear import gemm
 from .norms import layer_norm, rms_norm
 from .rotary import rope
 
-ALL = {op.name: op for op in (gemm, softmax, rms_norm, layer_norm, silu_and_mul, rope)}
+ALL = {op.name: op for op in (gemm, softmax, rms_norm, layer_norm, silu_and_mul, rope, attention, paged_decode_attention, mla_decode)}
 
 __all__ = list(ALL)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from hal.dtypes import FLOATS, name_of
-from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, as_torch, random, strided
+from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 from .activations import ACTIVATIONS, torch_activation
 
@@ -87,10 +87,9 @@ def _errors(rng):
     yield ErrorSample(_args(rng, f32, 4, 5, 6) | {"a": np.ones((4, 5), np.int8)}, "int8 a", match="dtype")
 
 
-def _peer(a):
+def _peer(t):
     import torch
 
-    t = as_torch(a)
 
     def run():
         y = torch.matmul(t["a"], t["b"])

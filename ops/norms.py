@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from hal.dtypes import FLOATS, name_of
-from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, as_torch, random, strided
+from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 
 def _check(a):
@@ -132,17 +132,15 @@ def _cost(a):
     return 4 * a["x"].size, passes * a["x"].nbytes
 
 
-def _rms_norm_peer(a):
+def _rms_norm_peer(t):
     import torch.nn.functional as F
 
-    t = as_torch(a)
     return lambda: F.rms_norm(t["x"] if t["residual"] is None else t["x"] + t["residual"], t["weight"].shape, t["weight"], t["eps"])
 
 
-def _layer_norm_peer(a):
+def _layer_norm_peer(t):
     import torch.nn.functional as F
 
-    t = as_torch(a)
     return lambda: F.layer_norm(t["x"] if t["residual"] is None else t["x"] + t["residual"], t["weight"].shape, t["weight"], t["bias"], t["eps"])
 
 

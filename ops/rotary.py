@@ -8,7 +8,7 @@ Dimensions from rotary_dim on pass through unchanged.
 import numpy as np
 
 from hal.dtypes import FLOATS, INTS, name_of
-from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, as_torch, random, strided
+from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 
 def _check(a):
@@ -105,15 +105,14 @@ def _errors(rng):
     yield ErrorSample(_args(rng, f32, 4, 2, 2, 8) | {"positions": np.zeros(4, np.float32)}, "float positions", match="dtype")
 
 
-def _peer(a):
+def _peer(t):
     import torch
 
-    t = as_torch(a)
-    rotary, half = a["rotary_dim"], a["rotary_dim"] // 2
+    rotary, half = t["rotary_dim"], t["rotary_dim"] // 2
 
     def rotate(x, cos, sin):
         r = x[..., :rotary]
-        if a["interleaved"]:
+        if t["interleaved"]:
             x1, x2 = r[..., 0::2], r[..., 1::2]
             out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
         else:

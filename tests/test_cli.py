@@ -57,10 +57,18 @@ def test_check_unknown_backend(capsys):
     assert main(["check", "nonexistent"]) == 2
 
 
+SMALL_LAYER = ["--tokens", "33", "--decode", "2", "--hidden", "96", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--ffn", "160"]
+
+
 def test_demo_small_passes(capsys):
-    code, rows = run_json(capsys, "demo", "--tokens", "33", "--hidden", "96", "--ffn", "160", "--dtype", "float32")
-    assert code == 0 and [r["op"] for r in rows] == ["rms_norm", "gemm", "silu_and_mul", "gemm"]
-    assert all(r["ok"] and r["backend"] == "cpu" and not r["fallback"] for r in rows)
+    code, rows = run_json(capsys, "demo", *SMALL_LAYER, "--dtype", "float32")
+    assert code == 0 and all(r["ok"] and r["backend"] == "cpu" and not r["fallback"] for r in rows)
+    ops = {r["step"].split(": ")[0]: [] for r in rows}
+    for r in rows:
+        ops[r["step"].split(": ")[0]].append(r["op"])
+    assert ops["prefill"] == ["rms_norm", "gemm", "rope", "attention", "gemm", "rms_norm", "gemm", "silu_and_mul", "gemm"]
+    assert ops["decode x2"] == ["rms_norm", "gemm", "rope", "paged_decode_attention", "gemm", "rms_norm", "gemm", "silu_and_mul", "gemm"]
+    assert all(r["calls"] == 2 for r in rows if r["step"].startswith("decode"))
 
 
 def test_demo_reports_mismatch_and_fallback(capsys, make_backend):
@@ -68,10 +76,13 @@ def test_demo_reports_mismatch_and_fallback(capsys, make_backend):
         reference_kernel(hal.ops.gemm)(outs, a=a, b=b, bias=bias, c=None, **attrs)  # drops the residual
 
     make_backend("bad-gemm", {"gemm": gemm})
-    code, rows = run_json(capsys, "demo", "--backend", "bad-gemm", "--tokens", "16", "--hidden", "64", "--ffn", "96")
+    code, rows = run_json(capsys, "demo", "--backend", "bad-gemm", *SMALL_LAYER)
+    by_step = {r["step"]: r for r in rows}
     assert code == 1
-    assert rows[0]["backend"] == "cpu" and "bad-gemm has no rms_norm kernel" in rows[0]["fallback"]
-    assert rows[1]["ok"] and not rows[3]["ok"] and rows[3]["backend"] == "bad-gemm"
+    assert by_step["prefill: rms_norm + residual"]["backend"] == "cpu"
+    assert "bad-gemm has no rms_norm kernel" in by_step["prefill: rms_norm + residual"]["fallback"]
+    assert by_step["prefill: qkv gemm"]["ok"] and not by_step["prefill: o-proj gemm + residual"]["ok"]
+    assert by_step["prefill: o-proj gemm + residual"]["backend"] == "bad-gemm"
 
 
 def test_bench_vs_torch(capsys):

@@ -86,3 +86,30 @@ def test_pytest_entry_point_runs_a_vendor_backend(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+@pytest.mark.parametrize("dropped", ["causal", "window", "softcap"])
+def test_attention_kernels_that_ignore_a_mask_or_cap_fail(make_backend, dropped):
+    exact = reference_kernel(hal.ops.attention)
+
+    def attention(outs, **args):
+        exact(outs, **{**args, dropped: False if dropped == "causal" else None})
+
+    name = make_backend(f"no-{dropped}", {"attention": attention}, dtypes=["float32", "bfloat16"])
+    failed = [r.case.sample.label for r in statuses(name, "attention") if r.status == "fail"]
+    assert failed, f"ignoring {dropped} went unnoticed"
+    if dropped == "causal":
+        assert any("masked V = 1000" in label for label in failed)
+
+
+def test_attention_in_too_low_precision_fails(make_backend):
+    """Rounding the scores to fp16 in a float32 kernel exceeds twice the naive fp32 error."""
+    op = hal.ops.attention
+
+    def attention(outs, **args):
+        from hal.conformance import as_float64
+
+        outs[0][...] = op.naive(as_float64(args), "float16")[0]
+
+    name = make_backend("fp16-inside", {"attention": attention}, dtypes=["float32"])
+    assert any(r.status == "fail" for r in statuses(name, "attention"))

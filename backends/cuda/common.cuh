@@ -131,3 +131,73 @@ template <> struct Mma<__half> {
 template <> struct Mma<__nv_bfloat16> {
     static __device__ __forceinline__ void run(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) { mma_m16n8k16_bf16(d, a, b, c); }
 };
+
+// ---------------------------------------------------------------- fp8 (KV caches)
+// fp8 bytes -> fp32 in software (exact: every e4m3 value is a small integer times a power of two),
+// so the same code runs on sm_80 (no fp8 hardware), on Hopper / Blackwell, and in the emulator.
+//   format 1: OCP e4m3fn   bias 7, no inf, NaN = S.1111.111, subnormals m * 2^-9
+//   format 2: e4m3fnuz     bias 8, no inf, no -0, NaN = 0x80 only, subnormals m * 2^-10
+// value = (8 + m) * 2^e * 2^-(bias + 3) for a normal (e >= 1), m * 2 * 2^-(bias + 3) for a
+// subnormal (e == 0): both factors exact, so the product is exact.
+#define HAL_FP8_E4M3FN 1
+#define HAL_FP8_E4M3FNUZ 2
+
+__device__ __forceinline__ float fp8_e4m3_to_float(unsigned v, int format) {
+    const bool fnuz = format == HAL_FP8_E4M3FNUZ;
+    const unsigned e = (v >> 3) & 0xFu, m = v & 0x7u;
+    if (fnuz ? v == 0x80u : (v & 0x7Fu) == 0x7Fu) return 0.0f * INFINITY;  // the format's NaN
+    const float unit = fnuz ? 0.0009765625f : 0.001953125f;  // 2^-(bias + 3) * 2: 2^-10 / 2^-9
+    const float mag = e == 0 ? (float)m * unit : (float)(8u + m) * (float)(1u << e) * (0.5f * unit);
+    return (v & 0x80u) ? -mag : mag;
+}
+
+// A cache element of type C as fp32: T widened, or an fp8 byte decoded (format 1 / 2).
+__device__ __forceinline__ float cache_to_float(float x, int) { return x; }
+__device__ __forceinline__ float cache_to_float(__half x, int) { return __half2float(x); }
+__device__ __forceinline__ float cache_to_float(__nv_bfloat16 x, int) { return __bfloat162float(x); }
+__device__ __forceinline__ float cache_to_float(unsigned char x, int format) { return fp8_e4m3_to_float(x, format); }
+
+// ---------------------------------------------------------------- 8-element chunks (attention, decode)
+// Eight consecutive elements of a row, widened to fp32: one 16-byte load for 16-bit types, two for
+// float, one 8-byte load for fp8 bytes when `vec` (the caller checked that the chunk is aligned:
+// base pointer and row length), else element by element; elements at or past `valid` read as 0.
+__device__ __forceinline__ void load8_float(const float* p, int valid, bool vec, int, float out[8]) {
+    if (vec && valid >= 8) {
+        const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+        out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+        out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+    } else {
+        for (int e = 0; e < 8; ++e) out[e] = e < valid ? p[e] : 0.0f;
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void load8_float16(const T* p, int valid, bool vec, float out[8]) {
+    if (vec && valid >= 8) {
+        const uint4 u = *reinterpret_cast<const uint4*>(p);
+        const T* e = reinterpret_cast<const T*>(&u);
+        for (int i = 0; i < 8; ++i) out[i] = to_float(e[i]);
+    } else {
+        for (int i = 0; i < 8; ++i) out[i] = i < valid ? to_float(p[i]) : 0.0f;
+    }
+}
+__device__ __forceinline__ void load8_float(const __half* p, int valid, bool vec, int, float out[8]) { load8_float16(p, valid, vec, out); }
+__device__ __forceinline__ void load8_float(const __nv_bfloat16* p, int valid, bool vec, int, float out[8]) { load8_float16(p, valid, vec, out); }
+
+__device__ __forceinline__ void load8_float(const unsigned char* p, int valid, bool vec, int format, float out[8]) {
+    if (vec && valid >= 8) {
+        const uint2 u = *reinterpret_cast<const uint2*>(p);
+        for (int i = 0; i < 4; ++i) out[i] = fp8_e4m3_to_float((u.x >> (8 * i)) & 0xFFu, format);
+        for (int i = 0; i < 4; ++i) out[4 + i] = fp8_e4m3_to_float((u.y >> (8 * i)) & 0xFFu, format);
+    } else {
+        for (int i = 0; i < 8; ++i) out[i] = i < valid ? fp8_e4m3_to_float(p[i], format) : 0.0f;
+    }
+}
+
+// Whether 8-element chunks of rows `row_elems` long, starting at `base`, are all aligned for the
+// vector path of load8_float (16 bytes for float / 16-bit types, 8 bytes for fp8).
+template <typename C>
+__device__ __forceinline__ bool chunks_aligned(const C* base, int row_elems) {
+    const unsigned bytes = sizeof(C) == 1 ? 8u : 16u;
+    return (unsigned long long)row_elems * sizeof(C) % bytes == 0 && reinterpret_cast<unsigned long long>(base) % bytes == 0;
+}

@@ -4,7 +4,6 @@ executor's final launch; the launch glue (launch.py) and the kernel files are sh
 """
 from functools import partial
 
-import ml_dtypes
 import numpy as np
 
 from hal.arrays import DLPACK_CPU, from_host, kind_of, to_host
@@ -15,6 +14,9 @@ from hal.registry import Backend
 from .launch import KERNELS, instantiations
 
 BF16_NAN_BITS = 0x7FC0
+# CuPy has no bfloat16 or fp8 dtypes: on the device those live as same-width integers, one per format.
+DEVICE_STAND_INS = {"uint16": "bfloat16", "uint8": "float8_e4m3fn", "int8": "float8_e4m3fnuz"}
+STAND_IN_OF = {v: k for k, v in DEVICE_STAND_INS.items()}
 
 
 class SimExecutor:
@@ -43,6 +45,22 @@ class SimExecutor:
     @staticmethod
     def as_type(x, dtype):
         return x if name_of(x.dtype) == dtype else x.astype(to_numpy(dtype))
+
+    @staticmethod
+    def as_bytes(x):
+        return x.view(np.uint8)
+
+    @staticmethod
+    def to_host(x):
+        return x
+
+    @staticmethod
+    def empty(shape, dtype):
+        return np.empty(shape, to_numpy(dtype))
+
+    @staticmethod
+    def fill_zero(x):
+        x[...] = 0
 
 
 class DeviceExecutor:
@@ -79,7 +97,25 @@ class DeviceExecutor:
 
     @staticmethod
     def dtype_name(x):
-        return "bfloat16" if x.dtype == np.uint16 else name_of(x.dtype)  # see DeviceBackend
+        return DEVICE_STAND_INS.get(x.dtype.name) or name_of(x.dtype)  # see DeviceBackend
+
+    @staticmethod
+    def as_bytes(x):
+        return x.view(np.uint8)
+
+    @staticmethod
+    def to_host(x):
+        return x.get()
+
+    @staticmethod
+    def empty(shape, dtype):
+        import cupy
+
+        return cupy.empty(shape, to_numpy(dtype))
+
+    @staticmethod
+    def fill_zero(x):
+        x.fill(0)
 
     def as_type(self, x, dtype):
         import cupy
@@ -128,7 +164,8 @@ class SimBackend(Backend):
 class DeviceBackend(Backend):
     """`cuda` / `rocm`: CuPy arrays on the device; torch.cuda tensors come in through DLPack without copies.
 
-    CuPy has no bfloat16 dtype, so bfloat16 lives on the device as uint16 bit patterns."""
+    CuPy has no bfloat16 or fp8 dtypes, so those live on the device as bit patterns in the integer
+    type DEVICE_STAND_INS names (bfloat16 as uint16, e4m3fn as uint8, e4m3fnuz as int8)."""
 
     priority = 100
 
@@ -175,33 +212,34 @@ class DeviceBackend(Backend):
     def to_native(self, x, contiguous):
         import cupy
 
-        if kind_of(x) == "torch" and str(x.dtype) == "torch.bfloat16":
+        name = name_of(x.dtype)
+        if kind_of(x) == "torch" and name in STAND_IN_OF:
             import torch
 
-            x = x.view(torch.uint16)
+            x = x.view(getattr(torch, STAND_IN_OF[name]))
         elif isinstance(x, np.ndarray) or x.__dlpack_device__()[0] == DLPACK_CPU:
-            host = to_host(x)
-            x = host.view(np.uint16) if host.dtype == ml_dtypes.bfloat16 else host
+            x = to_host(x)
+            x = x.view(STAND_IN_OF[name]) if name in STAND_IN_OF else x
         x = cupy.asarray(x) if isinstance(x, np.ndarray) else cupy.from_dlpack(x)
         return cupy.ascontiguousarray(x) if contiguous else x
 
     def from_native(self, y, like):
         kind = kind_of(like)
-        bf16 = "bfloat16" in str(like.dtype) and y.dtype == np.uint16
+        name = DEVICE_STAND_INS.get(y.dtype.name)  # outputs are allocated by empty(): integers are stand-ins
         if kind == "torch":
             import torch
 
             t = torch.from_dlpack(y)
-            return t.view(torch.bfloat16) if bf16 else t
+            return t.view(getattr(torch, name)) if name else t
         if kind == "cupy":
             return y
         host = y.get()
-        return from_host(host.view(ml_dtypes.bfloat16) if bf16 else host, like)
+        return from_host(host.view(to_numpy(name)) if name else host, like)
 
     def empty(self, shape, dtype):
         import cupy
 
-        return cupy.empty(shape, np.uint16 if dtype == "bfloat16" else to_numpy(dtype))
+        return cupy.empty(shape, STAND_IN_OF.get(dtype) or to_numpy(dtype))
 
     def poisoned(self, shape, dtype):
         import cupy
@@ -215,12 +253,18 @@ def register(registry, backend, kernels=None):
     """Add a GPU backend and its kernels (default: all of launch.KERNELS, in their preference order)."""
     registry.add_backend(backend)
     ex, vendor = backend.executor, backend.vendor
+    matrix_archs = ", ".join(a for a in vendor.compile_archs if vendor.has_matrix_units(a))
     for entry in KERNELS if kernels is None else kernels:
-        options = {}
+        conditions, reasons = [], []
         if entry.needs_matrix_units:
-            options = dict(supports=lambda a, ex=ex: vendor.has_matrix_units(ex.arch),
-                           requires=f"matrix units ({vendor.matrix_instruction}): {', '.join(a for a in vendor.compile_archs if vendor.has_matrix_units(a))}")
-        registry.add_kernel(entry.op, backend.name, partial(entry.glue, ex), dtypes=entry.dtypes, source=str(vendor.source(entry.family)), **options)
+            conditions.append(lambda a: vendor.has_matrix_units(ex.arch))
+            reasons.append(f"matrix units ({vendor.matrix_instruction}): {matrix_archs}")
+        if entry.supports is not None:
+            conditions.append(entry.supports)
+            reasons.append(entry.requires)
+        supports = (lambda a, conditions=tuple(conditions): all(c(a) for c in conditions)) if conditions else None
+        registry.add_kernel(entry.op, backend.name, partial(entry.glue, ex), dtypes=entry.dtypes, supports=supports,
+                            requires="; ".join(reasons), source=str(vendor.source(entry.family)))
 
 
 def register_vendor(registry, vendor):

@@ -13,7 +13,7 @@ class Vendor:
     suffix: str
     types: dict  # hal dtype name -> C++ type name
     warp: int
-    matrix_kernel: str  # gemm variant on matrix units
+    matrix: str  # suffix of the kernel variants on matrix units: gemm_mma, flash_attention_mfma, ...
     matrix_instruction: str
     matrix_block: int  # threads per block of that variant
     sim_arch: str  # the architecture the emulator presents (one with matrix units)
@@ -36,12 +36,12 @@ class Vendor:
 
 CUDA = Vendor(
     name="cuda", suffix=".cu", types={"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}, warp=32,
-    matrix_kernel="gemm_mma", matrix_instruction="mma.sync.m16n8k16", matrix_block=128, sim_arch="sm_80",
+    matrix="mma", matrix_instruction="mma.sync.m16n8k16", matrix_block=128, sim_arch="sm_80",
     compile_archs=("sm_80", "sm_89", "sm_90a", "sm_100a"), dlpack_device=2,
 )
 ROCM = Vendor(
     name="rocm", suffix=".hip", types={"float32": "float", "float16": "__half", "bfloat16": "hip_bfloat16"}, warp=64,
-    matrix_kernel="gemm_mfma", matrix_instruction="v_mfma_f32_32x32x8", matrix_block=256, sim_arch="gfx90a",
+    matrix="mfma", matrix_instruction="v_mfma_f32_32x32x8", matrix_block=256, sim_arch="gfx90a",
     compile_archs=("gfx90a", "gfx940", "gfx1030"), dlpack_device=10,
 )
 VENDORS = {v.name: v for v in (CUDA, ROCM)}

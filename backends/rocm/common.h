@@ -62,6 +62,34 @@ template <> struct FromF32<hip_bfloat16> {
 };
 template <typename T> __device__ __forceinline__ T from_f32(float v) { return FromF32<T>::cvt(v); }
 
+// ------------------------------------------------------------------ fp8 (KV caches) -> fp32
+// No CDNA2 / RDNA target has fp8 conversion instructions (gfx94x has v_cvt_f32_fp8, but only for
+// the FNUZ flavour and not on gfx90a), so KV-cache bytes are decoded in software: a handful of
+// integer ops per byte, exact (every e4m3 value is a float). Two flavours share the bit layout
+// s.eeee.mmm but not the bias nor the specials:
+//   OCP e4m3fn    (kv_format 1): bias 7, NaN = s.1111.111, 0x80 = -0, max 448;
+//   e4m3fnuz      (kv_format 2): bias 8, NaN = 0x80 (no negative zero), max 240 (MI300's type).
+// Reading FNUZ bytes as OCP doubles every value: the scales would not fix that.
+enum { KV_NATIVE = 0, KV_FP8_E4M3FN = 1, KV_FP8_E4M3FNUZ = 2 };
+
+__device__ __forceinline__ float fp8_e4m3_to_f32(unsigned x, bool fnuz) {
+    const unsigned e = (x >> 3) & 15u, m = x & 7u;
+    if (fnuz ? x == 0x80u : (x & 0x7fu) == 0x7fu) return __builtin_nanf("");
+    // Normal: rebias the exponent into fp32 (127 - bias) and put the 3 mantissa bits on top of
+    // fp32's 23. Subnormal (e == 0): m * 2^(1 - bias - 3), exact as a float product.
+    const float mag = e ? __builtin_bit_cast(float, ((e + (fnuz ? 119u : 120u)) << 23) | (m << 20))
+                        : float(m) * (fnuz ? 0.0009765625f : 0.001953125f);
+    return (x & 0x80u) ? -mag : mag;
+}
+__device__ __forceinline__ float fp8_e4m3fn_to_f32(unsigned char x) { return fp8_e4m3_to_f32(x, false); }
+__device__ __forceinline__ float fp8_e4m3fnuz_to_f32(unsigned char x) { return fp8_e4m3_to_f32(x, true); }
+
+// A KV-cache element as fp32: the element type itself, or an fp8 byte in the given kv_format.
+__device__ __forceinline__ float kv_to_f32(float v, int) { return v; }
+__device__ __forceinline__ float kv_to_f32(__half v, int) { return __half2float(v); }
+__device__ __forceinline__ float kv_to_f32(hip_bfloat16 v, int) { return float(v); }
+__device__ __forceinline__ float kv_to_f32(unsigned char v, int kv_format) { return fp8_e4m3_to_f32(v, kv_format == KV_FP8_E4M3FNUZ); }
+
 // ------------------------------------------------------------------ wave and block reductions
 // Butterfly over the whole wave: log2(warpSize) steps, 6 on wave64, 5 on wave32. The legacy
 // maskless __shfl_xor is used because ROCm 5.2 has no *_sync forms; every lane of the wave is

@@ -22,8 +22,9 @@ Modes:
   writes the buffers of non-const pointer parameters back. A sanitizer report becomes a
   KernelLaunchError carrying the report.
 
-Environment: CXX (compiler), HAL_SIM_WORKERS (OS worker threads, default: cores),
-HAL_SIM_STACK_KB (fiber stack size), HAL_SIM_CACHE (cache directory), HAL_SIM_TIMEOUT (seconds a
+Environment: CXX (compiler), HAL_SIM_CXXFLAGS (extra flags, e.g. "-g -O0" to debug a kernel in
+gdb), HAL_SIM_WORKERS (OS worker threads, default: cores), HAL_SIM_STACK_KB (fiber stack size,
+default 64, 256 with sanitizers), HAL_SIM_CACHE (cache directory), HAL_SIM_TIMEOUT (seconds a
 sanitized launch may take, default 600).
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +202,31 @@ def _run(cmd, cwd, what):
 
 
 _build_lock = threading.Lock()
+CACHE_ENTRIES = 256  # builds kept (least recently used go first)
+
+
+def _touch(directory):
+    try:
+        os.utime(directory)
+    except OSError:
+        pass
+
+
+def _prune(directory, keep):
+    """Keep the cache bounded: in `directory` only the newest builds of this kernel file (older
+    header versions go), and at most CACHE_ENTRIES kernel directories. A library that a running
+    process has loaded stays valid after its file is removed."""
+    _touch(directory)
+    try:
+        stale = sorted((p for p in directory.iterdir() if p.suffix in (".so", ".driver") and p != keep), key=lambda p: p.stat().st_mtime)
+        for p in stale[:-2]:
+            p.unlink(missing_ok=True)
+            p.with_suffix(".json").unlink(missing_ok=True)
+        entries = sorted((p for p in directory.parent.iterdir() if p.is_dir() and p.name != "runtime"), key=lambda p: p.stat().st_mtime)
+        for p in entries[:-CACHE_ENTRIES]:
+            shutil.rmtree(p, ignore_errors=True)
+    except OSError:
+        pass
 
 
 def _runtime_flags(mode, warp):
@@ -292,6 +319,30 @@ def _dim3(v, what):
     return v + (1,) * (3 - len(v))
 
 
+_FRAME = re.compile(r"^\s*#0 .*?\s(/\S+?:\d+)(?::\d+)?(?:\s|$)", re.M)
+_ACCESS = re.compile(r"^\s*(?:(Previous )?(?:atomic )?(read|write)|(READ|WRITE)) of size (\d+)", re.M | re.I)
+
+
+def _headline(report, mode, status):
+    """One line naming what the sanitizer found and where in the kernel source (frame #0 of each
+    access, the emulator's own files left out), e.g. "ThreadSanitizer: data race: write at
+    reduce.cu:13, previous read at reduce.cu:18"."""
+    what = {"tsan": "ThreadSanitizer", "asan": "AddressSanitizer"}[mode]
+    kind = re.search(rf"(?:WARNING|ERROR): {what}: ([\w\- ]+?)(?: on address| \(|$)", report, re.M)
+    parts = []
+    for access in _ACCESS.finditer(report):
+        frame = _FRAME.search(report, access.end())
+        if frame and "/hal_sim/" not in frame.group(1) and "libsanitizer" not in frame.group(1):
+            label = f"{'previous ' if access.group(1) else ''}{(access.group(2) or access.group(3)).lower()}"
+            parts.append(f"{label} at {frame.group(1)}")
+    if not parts:
+        frame = _FRAME.search(report)
+        if frame:
+            parts.append(f"at {frame.group(1)}")
+    found = kind.group(1).strip() if kind else f"a problem (exit status {status})"
+    return f"{what} reported {found}" + (": " + ", ".join(dict.fromkeys(parts)) if parts else "")
+
+
 # ---- the module ---------------------------------------------------------------------------------
 
 
@@ -318,10 +369,8 @@ class SimModule:
             raise KernelCompileError(f"{self.source.name}: the {vendor}-sim {mode} build is unavailable: {reason}")
         self.cache_hit = False
         self.build_seconds = 0.0
-        self._lock = threading.Lock()
         self.artifact = self._build()
         self._lib = None
-        self._params = None
         if mode == "release":
             self._load()
 
@@ -332,7 +381,8 @@ class SimModule:
     # -- build --
 
     def _flags(self):
-        flags = [*COMMON_FLAGS, f"-DHAL_SIM_WARP={self.warp}", *MODE_FLAGS[self.mode], f"-I{INCLUDE_DIR}", f"-I{self.source.parent}"]
+        flags = [*COMMON_FLAGS, f"-DHAL_SIM_WARP={self.warp}", *MODE_FLAGS[self.mode], *shlex.split(os.environ.get("HAL_SIM_CXXFLAGS", "")),
+                 f"-I{INCLUDE_DIR}", f"-I{self.source.parent}"]
         flags += [f"-I{d}" for d in self.include_dirs]
         for k, v in sorted(self.defines.items()):
             flags.append(f"-D{k}" if v is None else f"-D{k}={v}")
@@ -374,9 +424,8 @@ class SimModule:
             artifact = manifest.with_suffix(suffix)
             if artifact.exists() and all(_file_sha(p) == h for p, h in deps.items()):
                 self.cache_hit = True
+                _touch(directory)
                 return artifact
-        import time
-
         start = time.perf_counter()
         with _build_lock:
             runtime = _runtime_object(compiler, identity, self.mode, self.warp, _runtime_flags(self.mode, self.warp))
@@ -404,6 +453,7 @@ class SimModule:
             tmp_manifest = Path(tmp, "manifest.json")
             tmp_manifest.write_text(json.dumps(deps, indent=0))
             os.replace(tmp_manifest, artifact.with_suffix(".json"))
+        _prune(directory, artifact)
         self.build_seconds = time.perf_counter() - start
         return artifact
 
@@ -489,8 +539,7 @@ class SimModule:
                 raise KernelLaunchError(f"{name} ({self.mode}): the launch did not finish within {timeout:.0f} s") from None
             report = r.stderr
             if r.returncode != 0 or any(m in report for m in SANITIZER_MARKERS):
-                what = {"tsan": "ThreadSanitizer", "asan": "AddressSanitizer"}[self.mode]
-                raise KernelLaunchError(f"{name} (grid {grid}, block {block}): {what} reported a problem (exit status {r.returncode}):\n{report}")
+                raise KernelLaunchError(f"{name} (grid {grid}, block {block}): {_headline(report, self.mode, r.returncode)}\n{report}")
             data = resp.read_bytes() if resp.exists() else b""
         if data[:8] != b"HALSIMR1":
             raise KernelLaunchError(f"{name} ({self.mode}): the driver gave no answer:\n{r.stderr}")

@@ -10,12 +10,12 @@ __global__ void __launch_bounds__(256) row_sum(const float* x, float* out, int r
     int row = blockIdx.x;
     float acc = 0.0f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) acc += x[(long long)row * n + i];
-    partial[threadIdx.x] = acc;
+    partial[threadIdx.x] = acc;  // HAL_RACE_WRITE
 #ifndef HAL_PLANT_RACE
     __syncthreads();
 #endif
     for (int stride = blockDim.x / 2; stride > 0; stride >>= 1) {
-        if ((int)threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];  // HAL_RACE_LINE
+        if ((int)threadIdx.x < stride) partial[threadIdx.x] += partial[threadIdx.x + stride];  // HAL_RACE_READ
         __syncthreads();
     }
     if (threadIdx.x == 0) out[row] = partial[0];
@@ -29,4 +29,22 @@ __global__ void scale_copy(const float* x, float* y, int n) {
 #else
     if (i < n) y[i] = 2.0f * x[i];
 #endif
+}
+
+// A per-thread array on the fiber stack, over many blocks: each worker reuses its fiber stacks
+// block after block (the ASan mode must not see stale stack poison there).
+__global__ void local_softmax(const float* x, float* y, int n) {
+    float v[16];
+    float m = -INFINITY, sum = 0.0f;
+    const float* row = x + (long long)blockIdx.x * n;
+    for (int k = 0; k < 16; ++k) {
+        int j = threadIdx.x + k * blockDim.x;
+        v[k] = j < n ? row[j] : -INFINITY;
+        m = fmaxf(m, v[k]);
+    }
+    for (int k = 0; k < 16; ++k) sum += v[k] == -INFINITY ? 0.0f : expf(v[k] - m);
+    for (int k = 0; k < 16; ++k) {
+        int j = threadIdx.x + k * blockDim.x;
+        if (j < n) y[(long long)blockIdx.x * n + j] = expf(v[k] - m) / sum;
+    }
 }

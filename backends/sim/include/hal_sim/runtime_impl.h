@@ -16,6 +16,7 @@
 #include <vector>
 
 #include <pthread.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -163,6 +164,7 @@ struct Block {
     size_t head = 0, count = 0;
     bool aborted = false;
     std::string error;
+    char fault[256] = {0};  // written by the fault handler (no allocation there)
     void* dyn_shared = nullptr;
 
     void push(Fiber* f) { runq[(head + count++) % runq.size()] = f; }
@@ -280,7 +282,14 @@ static void prepare_fiber(Worker& w, Fiber& f) {
 #endif
     }
 #if HAL_SIM_ASAN
+    // A fiber leaves through frames that never return (fiber_main -> fiber_exit -> switch_context),
+    // so their redzones stay poisoned at the top of its stack; the next block's fiber must not find
+    // them there. A block abandoned mid-way may have left poison anywhere on the stack.
     if (w.dirty) __asan_unpoison_memory_region(f.stack_lo, f.stack_size);
+    else {
+        size_t top = std::min<size_t>(f.stack_size, 32 * 1024);
+        __asan_unpoison_memory_region(f.stack_lo + f.stack_size - top, top);
+    }
 #endif
     (void)w;
 #if HAL_SIM_ASM_SWITCH
@@ -475,6 +484,73 @@ void collective(uint64_t mask, int flags, const char* op, Compute compute, void*
     hb_acquire(token);
 }
 
+
+// ---- faults in kernel code (release mode) -------------------------------------------------------
+// A wild pointer in a kernel must not take the Python process down: a fault raised while a fiber
+// of this library runs abandons the block (like any other error) and the launch fails with the
+// fault's description. The handler runs on an alternate signal stack (a fiber stack overflow hits
+// the guard page), never returns to the faulting code, and passes every other fault on to the
+// handler that was installed before (Python's faulthandler, for instance). The sanitizer modes
+// leave faults to the sanitizers, which report them with a stack.
+#if !HAL_SIM_TSAN && !HAL_SIM_ASAN
+static struct sigaction previous_action[32];
+static const int fault_signals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL};
+
+static void on_fault(int sig, siginfo_t* info, void* context) {
+    Worker* w = tl_worker;
+    if (w && tl_current && w->block.launch) {
+        Block& b = w->block;
+        const char* what = sig == SIGSEGV ? "SIGSEGV (invalid memory access)" : sig == SIGBUS ? "SIGBUS (misaligned or invalid access)"
+                         : sig == SIGFPE ? "SIGFPE (integer division by zero or overflow)" : "SIGILL (trap or unreachable code reached)";
+        const ThreadView& v = *tl_current;
+        uintptr_t addr = uintptr_t(info->si_addr);
+        Fiber* f = fiber_of(tl_current);
+        bool overflow = sig == SIGSEGV && addr >= uintptr_t(f->stack_lo) - Worker::page() && addr < uintptr_t(f->stack_lo);
+        snprintf(b.fault, sizeof b.fault, "thread (%u,%u,%u): the kernel faulted: %s at address 0x%lx%s", v.thread_idx.x, v.thread_idx.y,
+                 v.thread_idx.z, what, (unsigned long)addr, overflow ? " (fiber stack overflow: raise HAL_SIM_STACK_KB)" : "");
+        b.aborted = true;
+        w->dirty = true;
+        tl_current = nullptr;
+#if HAL_SIM_ASM_SWITCH
+        void* dead;
+        hal_sim_switch(&dead, w->sched_sp);  // the signal frame on the alternate stack is abandoned
+#else
+        setcontext(&w->sched_uc);
+#endif
+    }
+    struct sigaction& prev = previous_action[sig];
+    if (prev.sa_flags & SA_SIGINFO) {
+        if (prev.sa_sigaction) { prev.sa_sigaction(sig, info, context); return; }
+    } else if (prev.sa_handler != SIG_DFL && prev.sa_handler != SIG_IGN) {
+        prev.sa_handler(sig);
+        return;
+    }
+    signal(sig, SIG_DFL);  // returning re-executes the faulting instruction, which now terminates
+}
+
+static void install_fault_handlers() {
+    struct sigaction sa;
+    std::memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;  // NODEFER: the handler never returns to unblock it
+    sigemptyset(&sa.sa_mask);
+    for (int sig : fault_signals) sigaction(sig, &sa, &previous_action[sig]);
+}
+
+static void ensure_alternate_stack() {
+    stack_t current;
+    if (sigaltstack(nullptr, &current) == 0 && !(current.ss_flags & SS_DISABLE) && current.ss_size >= 16384) return;
+    stack_t st;
+    st.ss_size = 64 * 1024;
+    st.ss_sp = malloc(st.ss_size);  // kept for the thread's life
+    st.ss_flags = 0;
+    if (st.ss_sp) sigaltstack(&st, nullptr);
+}
+#else
+static void install_fault_handlers() {}
+static void ensure_alternate_stack() {}
+#endif
+
 static void fiber_exit(Worker& w, Fiber* f) {
     Block& b = w.block;
     unsigned warp_index = f->view.linear / W;
@@ -541,6 +617,7 @@ static std::string deadlock_report(Worker& w) {
             s += ";";
         }
     }
+    if (!s.empty() && s.back() == ';') s.pop_back();
     return s;
 }
 
@@ -556,6 +633,7 @@ static bool run_block(Worker& w, Launch& L, uint64_t linear) {
     b.bar_arrived = 0;
     b.aborted = false;
     b.error.clear();
+    b.fault[0] = 0;
     if (b.bar_waiters.size() < n) b.bar_waiters.resize(n);
     b.runq.assign(n, nullptr);
     b.head = b.count = 0;
@@ -609,8 +687,9 @@ static bool run_block(Worker& w, Launch& L, uint64_t linear) {
 #endif
     b.dyn_shared = nullptr;
     tl_current = nullptr;
+    b.launch = nullptr;
     std::string error;
-    if (b.aborted) error = b.error;
+    if (b.aborted) error = b.fault[0] ? std::string(b.fault) : b.error;
     else if (b.live) { error = deadlock_report(w); w.dirty = true; }
     if (!error.empty()) {
         L.fail(format("%s: block (%u,%u,%u): %s", L.kernel, b.idx.x, b.idx.y, b.idx.z, error.c_str()));
@@ -646,6 +725,7 @@ static Worker& this_worker() {
 #if HAL_SIM_TSAN
         mine->tsan_sched = __tsan_get_current_fiber();
 #endif
+        ensure_alternate_stack();
     }
     tl_worker = mine.get();
     return *mine;
@@ -727,6 +807,7 @@ struct Pool {
 };
 
 static Pool* const the_pool = new Pool();  // never destroyed: idle helpers just end with the process
+[[maybe_unused]] static const bool fault_handlers_installed = (install_fault_handlers(), true);
 static Pool& pool() { return *the_pool; }
 
 int launch_error(const LaunchDesc& d, const char* fmt, ...) {

@@ -1,0 +1,541 @@
+// Flash attention (prefill), written for AMD: out = softmax(mask(softcap(scale * q k^T))) v per
+// (sequence, query head), semantics in ops/attention.py, ABI in docs/gpu-kernels.md.
+//
+//   flash_attention_simt<T>  every dtype, every target (wave64 CDNA and wave32 RDNA), head dims
+//                            1..256 (d_v may differ).
+//   flash_attention_mfma<T>  T = __half / hip_bfloat16 on gfx90a / gfx94x, head dims multiples
+//                            of 16 up to 256: S^T = K Q^T and O^T = V^T P^T on
+//                            v_mfma_f32_32x32x8{f16,bf16_1k}, fp32 accumulation.
+//
+// Launch (both): grid (ceil(seqlen_q / 64), heads_q, batch), block 256 = 4 waves of 64 on CDNA
+// (8 waves of 32 on RDNA), dynamic LDS from the glue's formula for `block_n` keys per tile.
+// One block owns 64 query rows of one head; it walks the K/V tiles its rows can see (causal /
+// window bounds computed per block, so causal blocks stop at the diagonal and windowed ones
+// start at the window), stages each K/V tile in LDS once for all 64 rows and runs the
+// online-softmax recurrence in fp32 registers (running max, running sum, rescaled accumulator);
+// the seq_q x seq_k matrix never exists.
+//
+// Masks are intervals: with bottom-right alignment query i sits at key position
+// pos = i + seq_k - seq_q and sees keys lo(pos) <= j <= hi(pos) with
+//   lo = window ? pos - window + 1 : 0,   hi = causal ? pos : (window ? pos + window - 1 : seq_k - 1),
+// both non-decreasing in i, so the union over a block (or a wave) is [lo(first row), hi(last row)].
+// Chunks of keys outside a wave's union are skipped wave-uniformly (no divergence, no barrier
+// is skipped by part of the block). A row that sees no key keeps l = 0 and writes zeros.
+//
+// LDS: 64 KiB per workgroup on gfx90a / gfx94x / RDNA. The glue's budget (<= 48 KiB, the CUDA
+// default) leaves room for two blocks of the smaller tiles per CU; on AMD nothing caps dynamic
+// LDS below the 64 KiB, so block_n 64 at d = 128 (51 KiB by the formula, 34 KiB in the MFMA
+// layout below) would be legal, at one block per CU. On gfx950 (160 KiB) the same 64-row tile
+// could keep two K/V stages (double buffering: load tile t+1 while computing on tile t) with
+// block_n 64 at d = 256 (2 x 68 KiB in the formula) or three blocks per CU at d = 128.
+#include "common.h"
+
+#define ATTN_BLOCK_M 64  // query rows per block (ABI)
+
+__device__ __forceinline__ long long attn_lo(long long pos, int window) { return window > 0 ? pos - window + 1 : 0; }
+__device__ __forceinline__ long long attn_hi(long long pos, int sk, int causal, int window) {
+    return causal ? pos : (window > 0 ? pos + window - 1 : (long long)sk - 1);
+}
+
+// Sequence b's token offsets and lengths (dense or varlen-packed).
+struct AttnSeq {
+    long long q_tok0, k_tok0;
+    int sq, sk;
+};
+__device__ __forceinline__ AttnSeq attn_seq(const int* cu_q, const int* cu_k, int b, int seqlen_q, int seqlen_k) {
+    AttnSeq s;
+    if (cu_q) {
+        s.q_tok0 = cu_q[b];
+        s.sq = cu_q[b + 1] - cu_q[b];
+        s.k_tok0 = cu_k[b];
+        s.sk = cu_k[b + 1] - cu_k[b];
+    } else {
+        s.q_tok0 = (long long)b * seqlen_q;
+        s.sq = seqlen_q;
+        s.k_tok0 = (long long)b * seqlen_k;
+        s.sk = seqlen_k;
+    }
+    return s;
+}
+
+// Visible key interval [lo, hi] (clamped to [0, sk - 1]; empty when lo > hi) of query rows
+// r0..r1 of the sequence (r0 > r1: no rows, empty).
+__device__ __forceinline__ void attn_rows_keys(int r0, int r1, const AttnSeq& s, int causal, int window, int& lo, int& hi) {
+    if (r0 > r1 || s.sk <= 0) {
+        lo = 1;
+        hi = 0;
+        return;
+    }
+    const long long shift = (long long)s.sk - s.sq;
+    long long l = attn_lo(r0 + shift, window), h = attn_hi(r1 + shift, s.sk, causal, window);
+    l = l < 0 ? 0 : l;
+    h = h > s.sk - 1 ? s.sk - 1 : h;
+    lo = (int)(l > s.sk ? s.sk : l);
+    hi = (int)(h < -1 ? -1 : h);
+}
+
+__device__ __forceinline__ float attn_logit(float dot, float scale, float softcap) {
+    const float s = dot * scale;
+    return softcap > 0.0f ? softcap * tanhf(s / softcap) : s;
+}
+
+// ---------------------------------------------------------------- 4 elements of T at once
+// LDS / global reads of 4 consecutive elements as one ds_read_b64 / b128 (global_load_dwordx2 /
+// x4); callers guarantee 4-element alignment.
+template <typename T> struct Quad;
+template <> struct Quad<float> {
+    typedef float4 raw;
+    static __device__ __forceinline__ void f32(const raw& v, float o[4]) { o[0] = v.x, o[1] = v.y, o[2] = v.z, o[3] = v.w; }
+};
+template <> struct Quad<__half> {
+    typedef uint2 raw;
+    static __device__ __forceinline__ void f32(const raw& v, float o[4]) {
+        __half h[4];
+        __builtin_memcpy(h, &v, sizeof(v));
+        for (int e = 0; e < 4; ++e) o[e] = __half2float(h[e]);
+    }
+};
+template <> struct Quad<hip_bfloat16> {
+    typedef uint2 raw;
+    static __device__ __forceinline__ void f32(const raw& v, float o[4]) {
+        // bf16 -> fp32 is a 16-bit shift: do it on the packed words directly.
+        o[0] = __builtin_bit_cast(float, v.x << 16), o[1] = __builtin_bit_cast(float, v.x & 0xffff0000u);
+        o[2] = __builtin_bit_cast(float, v.y << 16), o[3] = __builtin_bit_cast(float, v.y & 0xffff0000u);
+    }
+};
+
+template <typename T>
+__device__ __forceinline__ void lds_quad(const T* p, float o[4]) {
+    Quad<T>::f32(*reinterpret_cast<const typename Quad<T>::raw*>(p), o);
+}
+
+// ====================================================================== SIMT
+// Thread layout: 4 consecutive lanes per query row (row = tid / 4, quarter = tid % 4), so the
+// 64 rows of the block are the 256 threads, and a row's 4 lanes always sit in one wave on
+// wave64 and on wave32. The quarter owns head-dim columns 16 i + 4 quarter + e (i < 16, e < 4):
+// its q slice (<= 64 fp32) and its output slice (<= 64 fp32 accumulators) stay in VGPRs.
+// A dot product q . k_j is 4 partial sums over the quarters, combined by two xor shuffles
+// (1, 2: DPP quad permutes, no LDS traffic); every lane of the quad ends with the full score,
+// so the softmax state (m, l) is replicated per quad and needs no further exchange.
+// LDS reads: per 4 FMAs one 8-byte (16-byte for fp32) ds_read of K or V; the 4 lanes of a quad
+// read 4 consecutive chunks of one row and the other quads of the wave read the same row, which
+// the LDS broadcasts: no bank conflicts. K and V tiles use the ABI layout [block_n][pad(d)];
+// their columns d .. round_up(d, 16) are zero-filled so the 16-wide column loop needs no
+// per-element guard.
+#define SIMT_CHUNK 16  // keys per softmax update: 16 scores per lane in VGPRs
+
+// NB: 16-column groups held per lane, a bucket >= ceil(max(d, d_v) / 16). The loops over them are
+// unrolled with no per-group branch or index clamp (a runtime guard per group is loop-invariant:
+// the compiler hoists one 64-bit condition mask, or one clamped offset, per group out of the tile
+// loop and spills SGPRs). Groups past d (d_v) simply read on: into the K row's zero padding, the
+// next row, the V tile, or a 1 KiB zeroed stretch after the V tile (inside the unused score-tile
+// part of the ABI budget), all finite, so with q zero there the scores are exact and the extra
+// accumulators, never stored, do not matter. Buckets keep the wasted work under 1.5x (2x at d <= 32).
+template <typename T, int NB>
+__device__ __forceinline__ void flash_attention_simt_body(T* smem_t, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out, const int* __restrict__ cu_seqlens_q,
+    const int* __restrict__ cu_seqlens_k, int batch, int seqlen_q, int seqlen_k, int heads_q, int heads_kv, int head_dim, int head_dim_v,
+    float scale, int causal, int window, float softcap, int block_n) {
+    (void)batch;
+    const int b = blockIdx.z, h = blockIdx.y;
+    const AttnSeq s = attn_seq(cu_seqlens_q, cu_seqlens_k, b, seqlen_q, seqlen_k);
+    const int q0 = blockIdx.x * ATTN_BLOCK_M;
+    if (q0 >= s.sq) return;  // block-uniform: past this sequence's end (varlen)
+    const int hkv = h / (heads_q / heads_kv);
+    const int d = head_dim, dv = head_dim_v;
+    const int tid = threadIdx.x, row = tid >> 2, quarter = tid & 3;
+
+    // Key intervals: the row's, the wave's (for skipping) and the block's (the tile range).
+    const int qi = q0 + row;
+    const bool row_ok = row < ATTN_BLOCK_M && qi < s.sq;
+    int lo, hi, wlo, whi, blo, bhi;
+    attn_rows_keys(qi, row_ok ? qi : qi - 1, s, causal, window, lo, hi);
+    const int wave_rows = warpSize / 4, wr0 = q0 + (tid / warpSize) * wave_rows;
+    attn_rows_keys(wr0, min(wr0 + wave_rows, s.sq) - 1, s, causal, window, wlo, whi);
+    attn_rows_keys(q0, min(q0 + ATTN_BLOCK_M, s.sq) - 1, s, causal, window, blo, bhi);
+
+    // The quarter's q columns, fp32.
+    const T* qrow = q + ((s.q_tok0 + (row_ok ? qi : 0)) * heads_q + h) * (long long)d;
+    float qr[NB][4];
+#pragma unroll
+    for (int i = 0; i < NB; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int c = 16 * i + 4 * quarter + e;
+            qr[i][e] = row_ok && c < d ? to_f32(qrow[c]) : 0.0f;
+        }
+    float acc[NB][4];
+#pragma unroll
+    for (int i = 0; i < NB; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
+    float m = -INFINITY, l = 0.0f;
+
+    // LDS tiles: K [block_n][ldk], V [block_n][ldv] of T (the ABI layout).
+    const int ldk = ((d + 7) / 8) * 8 + 8, ldv = ((dv + 7) / 8) * 8 + 8;
+    T* Ks = smem_t;
+    T* Vs = Ks + (long long)block_n * ldk;
+    const T zero = from_f32<T>(0.0f);
+    const long long kv_stride = (long long)heads_kv * d, v_stride = (long long)heads_kv * dv;
+    const T* kbase = k + s.k_tok0 * kv_stride + (long long)hkv * d;
+    const T* vbase = v + s.k_tok0 * v_stride + (long long)hkv * dv;
+
+    {  // 1 KiB of zeros after the V tile (the NB loops of the last V row may read up to 16 * 16 - 24 elements on)
+        float* z = reinterpret_cast<float*>(Vs + (long long)block_n * ldv);
+        for (int i = tid; i < 256; i += blockDim.x) z[i] = 0.0f;
+    }
+    for (int kt = blo; kt <= bhi; kt += block_n) {
+        // Stage: rows past the block's last visible key are zero (never NaN garbage times p = 0).
+        const int kw = ldk, vw = ldv;  // whole rows: the padding is read (times q = 0) by the NB loops
+        for (int idx = tid; idx < block_n * kw; idx += blockDim.x) {
+            const int j = idx / kw, c = idx % kw, key = kt + j;
+            Ks[j * ldk + c] = key <= bhi && c < d ? kbase[key * kv_stride + c] : zero;
+        }
+        for (int idx = tid; idx < block_n * vw; idx += blockDim.x) {
+            const int j = idx / vw, c = idx % vw, key = kt + j;
+            Vs[j * ldv + c] = key <= bhi && c < dv ? vbase[key * v_stride + c] : zero;
+        }
+        __syncthreads();
+
+        for (int c0 = 0; c0 < block_n; c0 += SIMT_CHUNK) {
+            const int key0 = kt + c0;
+            if (key0 > bhi) break;                          // block-uniform
+            if (key0 > whi || key0 + SIMT_CHUNK - 1 < wlo) continue;  // wave-uniform: nothing visible here
+            const int jn = min(SIMT_CHUNK, block_n - c0);
+            float sc[SIMT_CHUNK];
+#pragma unroll
+            for (int jj = 0; jj < SIMT_CHUNK; ++jj) {
+                float dot = 0.0f;
+                if (jj < jn) {  // wave-uniform
+                    const T* kr = Ks + (c0 + jj) * ldk + 4 * quarter;
+#pragma unroll
+                    for (int i = 0; i < NB; ++i) {
+                        float kv[4];
+                        lds_quad(kr + 16 * i, kv);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) dot += qr[i][e] * kv[e];
+                    }
+                }
+                dot += __shfl_xor(dot, 1);
+                dot += __shfl_xor(dot, 2);
+                const int key = key0 + jj;
+                sc[jj] = jj < jn && key >= lo && key <= hi ? attn_logit(dot, scale, softcap) : -INFINITY;
+            }
+            // Online softmax over the chunk. A row that has seen nothing yet keeps m = -inf; the
+            // exponent base is then 0 so that every p and the rescale factor are exp(-inf) = 0.
+            float cm = sc[0];
+#pragma unroll
+            for (int jj = 1; jj < SIMT_CHUNK; ++jj) cm = fmaxf(cm, sc[jj]);
+            const float m_new = fmaxf(m, cm), base = m_new == -INFINITY ? 0.0f : m_new;
+            const float alpha = __expf(m - base);
+            m = m_new;
+            l *= alpha;
+#pragma unroll
+            for (int i = 0; i < NB; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[i][e] *= alpha;
+#pragma unroll
+            for (int jj = 0; jj < SIMT_CHUNK; ++jj) {
+                sc[jj] = __expf(sc[jj] - base);
+                l += sc[jj];
+            }
+#pragma unroll
+            for (int jj = 0; jj < SIMT_CHUNK; ++jj) {
+                if (jj < jn) {
+                    const T* vr = Vs + (c0 + jj) * ldv + 4 * quarter;
+#pragma unroll
+                    for (int i = 0; i < NB; ++i) {
+                        float vv[4];
+                        lds_quad(vr + 16 * i, vv);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) acc[i][e] += sc[jj] * vv[e];
+                    }
+                }
+            }
+        }
+        __syncthreads();  // the next tile overwrites K and V
+    }
+
+    if (!row_ok) return;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // no visible key: zeros
+    T* orow = out + ((s.q_tok0 + qi) * heads_q + h) * (long long)dv;
+#pragma unroll
+    for (int i = 0; i < NB; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int c = 16 * i + 4 * quarter + e;
+            if (c < dv) orow[c] = from_f32<T>(acc[i][e] * inv);
+        }
+}
+
+template <typename T>
+__global__ __launch_bounds__(256) void flash_attention_simt(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out, const int* __restrict__ cu_seqlens_q,
+    const int* __restrict__ cu_seqlens_k, int batch, int seqlen_q, int seqlen_k, int heads_q, int heads_kv, int head_dim, int head_dim_v,
+    float scale, int causal, int window, float softcap, int block_n) {
+    HAL_DYNAMIC_SHARED(float4, smem);  // 16-byte aligned
+    if (blockIdx.z >= (unsigned)batch || heads_kv <= 0 || heads_q % heads_kv || head_dim < 1 || head_dim > 256 || head_dim_v < 1 ||
+        head_dim_v > 256 || block_n < 1)
+        return;
+    T* smem_t = reinterpret_cast<T*>(smem);
+    const int nb = max((head_dim + 15) / 16, (head_dim_v + 15) / 16);
+    if (nb <= 2) flash_attention_simt_body<T, 2>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
+    else if (nb <= 4) flash_attention_simt_body<T, 4>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
+    else if (nb <= 6) flash_attention_simt_body<T, 6>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
+    else if (nb <= 8) flash_attention_simt_body<T, 8>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
+    else if (nb <= 12) flash_attention_simt_body<T, 12>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
+    else flash_attention_simt_body<T, 16>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
+}
+
+// ====================================================================== MFMA
+// 4 waves of 64 (MFMA is wave64-only, so 64 is a constant here). Wave w owns query rows
+// 32 (w / 2) .. +31 of the block; the two waves of a pair compute the same 32 x 32 score tile
+// (the duplicated QK^T costs d/8 extra MFMAs per 32 keys; in exchange there is no cross-wave
+// softmax exchange and no final merge) and split the output columns: wave w % 2 owns the
+// 32-column tiles t = w % 2, w % 2 + 2, ... (at most 4 at d_v = 256: 64 accumulators, AGPRs on
+// gfx90a).
+//
+// Transposed products keep the query on the MFMA's N (column) axis, i.e. on lane % 32:
+//   S^T[key][query] = K Q^T:  A = K tile (row = key, k = dim) from LDS, B = Q^T (col = query,
+//                             k = dim) held in VGPRs for the whole block (d / 2 halves per lane);
+//   O^T[col][query] = V^T P^T: A = V^T (row = output column, k = key) from LDS, B = P^T.
+// The C/D layout of S^T (col = lane % 32, row = 8 (r / 4) + 4 (lane / 32) + r % 4) is exactly
+// the B layout of P^T for k-step kk (k = 4 (lane / 32) + r' + 8 kk) with r = 4 kk + r': the
+// probabilities go from the S accumulator to the PV operand in the same lane, no shuffle, no
+// LDS round trip. And since a lane's scores and accumulators all belong to one query, the
+// softmax row max / sum need one xor-32 shuffle, and the rescale is a per-lane multiply.
+//
+// LDS layout (fits the glue's bytes: K is smaller than [block_n][pad(d)], V^T exceeds
+// [block_n][pad(dv)] by at most 8 d_v bytes, and the 64 x block_n fp32 score tile is not used):
+//   K   [block_n][d + 4]      A reads are 8 bytes (4 dims) per lane; a row stride of d + 4
+//                             halves = 2 banks mod 32 puts the 16 lanes of a quarter-wave on 16
+//                             distinct bank pairs (d + 8 would give 2-way conflicts);
+//   V^T [d_v][block_n + 4]    transposed while staging, so each A read is 8 bytes (4 keys)
+//                             instead of 4 strided 2-byte reads.
+#define MFMA_KEYS 32  // keys per score tile (the MFMA M dimension)
+
+__device__ __forceinline__ void attn_mfma(float d[16], const uint2& a, const uint2& b, const float c[16], __half) {
+    mfma_f32_32x32x8_f16(d, reinterpret_cast<const __half*>(&a), reinterpret_cast<const __half*>(&b), c);
+}
+__device__ __forceinline__ void attn_mfma(float d[16], const uint2& a, const uint2& b, const float c[16], hip_bfloat16) {
+    mfma_f32_32x32x8_bf16(d, reinterpret_cast<const hip_bfloat16*>(&a), reinterpret_cast<const hip_bfloat16*>(&b), c);
+}
+
+template <typename T>
+__device__ __forceinline__ uint2 pack4(float a, float b, float c, float d) {
+    const T t[4] = {from_f32<T>(a), from_f32<T>(b), from_f32<T>(c), from_f32<T>(d)};
+    uint2 r;
+    __builtin_memcpy(&r, t, sizeof(r));
+    return r;
+}
+
+// NB: bucket of d / 16 (k-steps of 8 = 2 NB), as for the SIMT kernel: no per-step branch.
+template <typename T, int NB>
+__device__ __forceinline__ void flash_attention_mfma_body(T* smem_t, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out, const int* __restrict__ cu_seqlens_q,
+    const int* __restrict__ cu_seqlens_k, int batch, int seqlen_q, int seqlen_k, int heads_q, int heads_kv, int head_dim, int head_dim_v,
+    float scale, int causal, int window, float softcap, int block_n) {
+    (void)batch;
+    const int b = blockIdx.z, h = blockIdx.y;
+    const int d = head_dim, dv = head_dim_v, kn = block_n & ~7;
+    const AttnSeq s = attn_seq(cu_seqlens_q, cu_seqlens_k, b, seqlen_q, seqlen_k);
+    const int q0 = blockIdx.x * ATTN_BLOCK_M;
+    if (q0 >= s.sq) return;
+    const int hkv = h / (heads_q / heads_kv);
+    const int tid = threadIdx.x, lane = tid & 63, wave = tid >> 6, half = wave & 1;
+    const int col = lane & 31, khalf = lane >> 5;  // MFMA: N index, and which 4 of the 8 k
+
+    // This lane's query row and key intervals: of the row, of the wave's 32 rows, of the block.
+    const int g0 = q0 + 32 * (wave >> 1), qi = g0 + col;
+    const bool row_ok = qi < s.sq;
+    int lo, hi, wlo, whi, blo, bhi;
+    attn_rows_keys(qi, row_ok ? qi : qi - 1, s, causal, window, lo, hi);
+    attn_rows_keys(g0, min(g0 + 32, s.sq) - 1, s, causal, window, wlo, whi);
+    attn_rows_keys(q0, min(q0 + ATTN_BLOCK_M, s.sq) - 1, s, causal, window, blo, bhi);
+
+    // Q^T fragments for all of d: k-step st covers dims 8 st .. 8 st + 7, this lane 4 of them.
+    const int nst = d / 8;
+    uint2 qf[2 * NB];
+    const T* qrow = q + ((s.q_tok0 + (row_ok ? qi : 0)) * heads_q + h) * (long long)d + 4 * khalf;
+#pragma unroll
+    for (int st = 0; st < 2 * NB; ++st) {
+        qf[st] = make_uint2(0u, 0u);
+        if (st < nst && row_ok) {
+            T t[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) t[e] = qrow[8 * st + e];
+            __builtin_memcpy(&qf[st], t, sizeof(uint2));
+        }
+    }
+
+    const int ntiles = (dv + 31) / 32;  // 32-column output tiles, split between the pair
+    float o[4][16];
+#pragma unroll
+    for (int ti = 0; ti < 4; ++ti)
+#pragma unroll
+        for (int r = 0; r < 16; ++r) o[ti][r] = 0.0f;
+    float m = -INFINITY, l = 0.0f;  // l: this lane's part of the row sum (keys 4 khalf + ...)
+
+    const int ldk = d + 4, ldt = kn + 4;
+    T* Ks = smem_t;
+    T* Vt = Ks + kn * ldk;
+    const T zero = from_f32<T>(0.0f);
+    const long long kv_stride = (long long)heads_kv * d, v_stride = (long long)heads_kv * dv;
+    const T* kbase = k + s.k_tok0 * kv_stride + (long long)hkv * d;
+    const T* vbase = v + s.k_tok0 * v_stride + (long long)hkv * dv;
+    // 16-byte global loads when the rows are 16-byte aligned (d, dv multiples of 16 halves: only
+    // the base pointers can break it).
+    const bool vec = ((reinterpret_cast<unsigned long long>(k) | reinterpret_cast<unsigned long long>(v)) & 15) == 0;
+
+    // The 4 padding columns of K and V^T are never staged but are read by the k-steps past d
+    // (times q = 0): make them finite once.
+    for (int i = tid; i < 4 * dv; i += blockDim.x) Vt[(i >> 2) * ldt + kn + (i & 3)] = zero;
+    for (int i = tid; i < 4 * kn; i += blockDim.x) Ks[(i >> 2) * ldk + d + (i & 3)] = zero;  // K's padding columns too
+    for (int kt = blo; kt <= bhi; kt += kn) {
+        // Stage K as is and V transposed; 8 halves (16 bytes) per thread and step, the 256
+        // threads covering whole rows: coalesced global reads.
+        const int kc = d / 8, vc = dv / 8;
+        for (int idx = tid; idx < kn * kc; idx += blockDim.x) {
+            const int j = idx / kc, c = 8 * (idx % kc), key = kt + j;
+            uint4 w = make_uint4(0u, 0u, 0u, 0u);
+            if (key <= bhi) {
+                const T* src = kbase + key * kv_stride + c;
+                if (vec) {
+                    w = *reinterpret_cast<const uint4*>(src);
+                } else {
+                    T t[8];
+                    for (int e = 0; e < 8; ++e) t[e] = src[e];
+                    __builtin_memcpy(&w, t, sizeof(w));
+                }
+            }
+            uint2* dst = reinterpret_cast<uint2*>(Ks + j * ldk + c);  // rows are 8-byte aligned
+            dst[0] = make_uint2(w.x, w.y);
+            dst[1] = make_uint2(w.z, w.w);
+        }
+        for (int idx = tid; idx < kn * vc; idx += blockDim.x) {
+            const int j = idx / vc, c = 8 * (idx % vc), key = kt + j;
+            T t[8];
+            if (key <= bhi) {
+                const T* src = vbase + key * v_stride + c;
+                if (vec) {
+                    const uint4 w = *reinterpret_cast<const uint4*>(src);
+                    __builtin_memcpy(t, &w, sizeof(w));
+                } else {
+                    for (int e = 0; e < 8; ++e) t[e] = src[e];
+                }
+            } else {
+                for (int e = 0; e < 8; ++e) t[e] = zero;
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) Vt[(c + e) * ldt + j] = t[e];
+        }
+        __syncthreads();
+
+        for (int c0 = 0; c0 < kn; c0 += MFMA_KEYS) {
+            const int key0 = kt + c0;
+            if (key0 > bhi) break;                                  // block-uniform
+            if (key0 > whi || key0 + MFMA_KEYS - 1 < wlo) continue;  // wave-uniform (both waves of the pair alike)
+            const int valid = min(MFMA_KEYS, kn - c0);              // keys of this tile in the chunk (16 when block_n = 16)
+
+            // S^T = K Q^T over d in k-steps of 8.
+            float sacc[16];
+#pragma unroll
+            for (int r = 0; r < 16; ++r) sacc[r] = 0.0f;
+            const bool krow_ok = col < valid;
+            const T* kr = Ks + (c0 + col) * ldk + 4 * khalf;
+#pragma unroll
+            for (int st = 0; st < 2 * NB; ++st) {
+                // Steps past d read on into the next row / V^T (finite) against a zero q fragment.
+                const uint2 a = krow_ok ? *reinterpret_cast<const uint2*>(kr + 8 * st) : make_uint2(0u, 0u);
+                attn_mfma(sacc, a, qf[st], sacc, T());
+            }
+
+            // Scores of this lane's query, keys key0 + 8 (r / 4) + 4 khalf + r % 4.
+            float cm = -INFINITY;
+#pragma unroll
+            for (int r = 0; r < 16; ++r) {
+                const int off = 8 * (r >> 2) + 4 * khalf + (r & 3), key = key0 + off;
+                sacc[r] = off < valid && key >= lo && key <= hi ? attn_logit(sacc[r], scale, softcap) : -INFINITY;
+                cm = fmaxf(cm, sacc[r]);
+            }
+            cm = fmaxf(cm, __shfl_xor(cm, 32));  // the other 16 keys of this query are in lane ^ 32
+            const float m_new = fmaxf(m, cm), base = m_new == -INFINITY ? 0.0f : m_new;
+            const float alpha = __expf(m - base);
+            m = m_new;
+            l *= alpha;
+#pragma unroll
+            for (int r = 0; r < 16; ++r) {
+                // Round p to T here: the MFMA consumes T, and the row sum must add the same
+                // values the numerator uses, or bf16 / f16 rounding biases every output.
+                sacc[r] = to_f32(from_f32<T>(__expf(sacc[r] - base)));
+                l += sacc[r];
+            }
+            // P^T as B fragments (exact: already rounded to T).
+            uint2 pb[4];
+#pragma unroll
+            for (int kk = 0; kk < 4; ++kk) pb[kk] = pack4<T>(sacc[4 * kk], sacc[4 * kk + 1], sacc[4 * kk + 2], sacc[4 * kk + 3]);
+
+            // O^T += V^T P^T for this wave's column tiles.
+#pragma unroll
+            for (int ti = 0; ti < 4; ++ti) {
+                const int t = 2 * ti + half;
+                if (t < ntiles) {  // wave-uniform
+#pragma unroll
+                    for (int r = 0; r < 16; ++r) o[ti][r] *= alpha;
+                    const int vcol = 32 * t + col;
+                    const T* vr = Vt + vcol * ldt + c0 + 4 * khalf;
+#pragma unroll
+                    for (int kk = 0; kk < 4; ++kk) {
+                        if (8 * kk < valid) {  // uniform
+                            const uint2 a = vcol < dv ? *reinterpret_cast<const uint2*>(vr + 8 * kk) : make_uint2(0u, 0u);
+                            attn_mfma(o[ti], a, pb[kk], o[ti], T());
+                        }
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    l += __shfl_xor(l, 32);
+    if (!row_ok) return;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    // O^T D layout: lane holds columns 32 t + 8 (r / 4) + 4 khalf + r % 4 of its query: 4
+    // consecutive columns per r / 4, stored as one 8-byte write.
+    T* orow = out + ((s.q_tok0 + qi) * heads_q + h) * (long long)dv;
+#pragma unroll
+    for (int ti = 0; ti < 4; ++ti) {
+        const int t = 2 * ti + half;
+        if (t >= ntiles) continue;
+#pragma unroll
+        for (int rb = 0; rb < 4; ++rb) {
+            const int c = 32 * t + 8 * rb + 4 * khalf;
+            if (c < dv) {
+                const uint2 w = pack4<T>(o[ti][4 * rb] * inv, o[ti][4 * rb + 1] * inv, o[ti][4 * rb + 2] * inv, o[ti][4 * rb + 3] * inv);
+                if ((reinterpret_cast<unsigned long long>(out) & 7) == 0) {
+                    *reinterpret_cast<uint2*>(orow + c) = w;
+                } else {
+                    T t4[4];
+                    __builtin_memcpy(t4, &w, sizeof(w));
+                    for (int e = 0; e < 4; ++e) orow[c + e] = t4[e];
+                }
+            }
+        }
+    }
+}
+
+template <typename T>
+__global__ __launch_bounds__(256) void flash_attention_mfma(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out, const int* __restrict__ cu_seqlens_q,
+    const int* __restrict__ cu_seqlens_k, int batch, int seqlen_q, int seqlen_k, int heads_q, int heads_kv, int head_dim, int head_dim_v,
+    float scale, int causal, int window, float softcap, int block_n) {
+    HAL_DYNAMIC_SHARED(float4, smem);
+    const int d = head_dim, dv = head_dim_v;
+    if (blockIdx.z >= (unsigned)batch || heads_kv <= 0 || heads_q % heads_kv || d < 16 || d > 256 || d % 16 || dv < 16 || dv > 256 ||
+        dv % 16 || (block_n & ~7) < 8)
+        return;
+    T* smem_t = reinterpret_cast<T*>(smem);
+    const int nb = d / 16;
+    if (nb <= 2) flash_attention_mfma_body<T, 2>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
+    else if (nb <= 4) flash_attention_mfma_body<T, 4>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
+    else if (nb <= 6) flash_attention_mfma_body<T, 6>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
+    else if (nb <= 8) flash_attention_mfma_body<T, 8>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
+    else if (nb <= 12) flash_attention_mfma_body<T, 12>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
+    else flash_attention_mfma_body<T, 16>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
+}

@@ -1,0 +1,91 @@
+"""The attention family on the CPU backend against PyTorch CPU, in one run.
+
+    python benchmarks/bench_attention.py [--quick]
+
+- attention vs torch.nn.functional.scaled_dot_product_attention (torch's flash-attention CPU
+  kernel): GQA 32/8 heads, d 128, seq 4096 and 16384, causal and not, fp32 and bf16; median ms,
+  torch/hal, tokens/s, achieved GFLOP/s.
+- extra memory of one attention call at seq 32768, 8 heads, d 128, measured as peak RSS growth in
+  a fresh process (inputs and output excluded), for hal and for torch.
+- paged_decode_attention and mla_decode: GB/s of KV cache read against the machine's measured
+  copy bandwidth.
+"""
+import argparse
+import json
+import subprocess
+import sys
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+import hal
+from hal.bench import median_time, roofline
+from hal.opdef import as_torch
+from hal.ops.attention import _attention_bench
+
+MEMORY_PROBE = """
+import resource, sys, numpy as np, hal, torch
+from hal.opdef import as_torch
+from hal.ops.attention import _dense
+args = _dense(np.random.default_rng(0), "float32", 1, 32768, 32768, 8, 8, 128, causal=False)
+t = as_torch(args)
+q, k, v = (t[n].transpose(1, 2) for n in ("q", "k", "v"))
+out = np.empty_like(args["q"])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[1] == "hal":
+    hal.ops.attention(**args)
+else:
+    torch.nn.functional.scaled_dot_product_attention(q, k, v)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024 - out.nbytes / 2**20)
+"""
+
+
+def extra_memory_mb(which):
+    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, which], capture_output=True, text=True, timeout=3600)
+    return float(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else float("nan")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="seq 4096 only, no memory probe")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    peak = roofline()
+    rows = []
+    for seq in (4096,) if args.quick else (4096, 16384):
+        for causal in (False, True):
+            for dtype in ("float32", "bfloat16"):
+                a = _attention_bench(rng, dtype, seq, causal)
+                ours = median_time(lambda: hal.ops.attention(**a, backend="cpu"), min_runs=3, min_seconds=0)
+                theirs = median_time(hal.ops.attention.torch_peer(as_torch(a)), min_runs=3, min_seconds=0)
+                flops, _ = hal.ops.attention.cost(a)
+                rows.append({"case": f"attention seq {seq}{' causal' if causal else ''}", "dtype": dtype, "hal_ms": ours * 1e3,
+                             "torch_ms": theirs * 1e3, "ratio": theirs / ours, "tokens_per_s": seq / ours, "gflops": flops / ours / 1e9})
+    for op in (hal.ops.paged_decode_attention, hal.ops.mla_decode):
+        for dtype in ("float32", "bfloat16"):
+            a = op.bench(rng, dtype)
+            ours = median_time(lambda: op(**a, backend="cpu"), min_runs=3, min_seconds=0)
+            _, nbytes = op.cost(a)
+            rows.append({"case": op.name, "dtype": dtype, "hal_ms": ours * 1e3, "gb_s": nbytes / ours / 1e9,
+                         "bandwidth_pct": 100 * nbytes / ours / 1e9 / peak["bandwidth_gbs"]})
+    memory = {} if args.quick else {"hal_mb": extra_memory_mb("hal"), "torch_mb": extra_memory_mb("torch")}
+    table = Table(title=f"attention on cpu vs torch (this machine: {peak['bandwidth_gbs']:.1f} GB/s copy)")
+    for col in ("case", "dtype", "hal ms", "torch ms", "torch/hal", "tokens/s", "GFLOP/s", "KV GB/s", "% bandwidth"):
+        table.add_column(col, justify="left" if col == "case" else "right")
+    for r in rows:
+        table.add_row(r["case"], r["dtype"], f"{r['hal_ms']:.1f}", f"{r['torch_ms']:.1f}" if "torch_ms" in r else "",
+                      f"{r['ratio']:.2f}x" if "ratio" in r else "", f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "",
+                      f"{r['gflops']:.1f}" if "gflops" in r else "", f"{r['gb_s']:.1f}" if "gb_s" in r else "",
+                      f"{r['bandwidth_pct']:.0f}%" if "bandwidth_pct" in r else "")
+    Console().print(table)
+    if memory:
+        print(f"extra memory of one call at seq 32768, 8 heads, d 128 (fp32): hal {memory['hal_mb']:.0f} MB, torch {memory['torch_mb']:.0f} MB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "memory": memory, "roofline": peak}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
