@@ -108,9 +108,40 @@ def cmd_ops(args):
     console.print(table)
 
 
+def cmd_candidate(args):
+    import hal
+    from hal import conformance
+
+    if not args.op or len(args.op) != 1:
+        console.print("[red]--kernel needs exactly one --op[/]")
+        return 2
+    op = hal.ops.ALL[args.op[0]]
+    results, timings = conformance.evaluate_candidate(args.backend, op, args.kernel, args.seed)
+    failed = sorted((r for r in results if r.status == "fail"), key=lambda r: -r.worst)
+    passed = sum(r.status == "pass" for r in results)
+    if args.json:
+        _print_json({"correct": not failed, "passed": passed, "failed": [{"case": r.case.id, "message": r.message} for r in failed],
+                     "seconds": timings})
+        return 1 if failed else 0
+    verdict = "[green]CORRECT[/]" if not failed else "[red]WRONG[/]"
+    console.print(f"candidate {args.kernel} for {op.name} on {args.backend}: {verdict} ({passed} passed, {len(failed)} failed)")
+    for r in failed[:5]:
+        console.print(f"  [red]{r.case.id}[/]: {r.message[:300]}")
+    table = Table(title="time on the largest ordinary sample")
+    table.add_column("kernel")
+    table.add_column("median ms", justify="right")
+    for label, t in timings.items():
+        table.add_row(label, f"{t * 1e3:.3f}" if isinstance(t, float) else t)
+    console.print(table)
+    return 1 if failed else 0
+
+
 def cmd_check(args):
     from hal import conformance
     from hal.errors import BackendUnavailable
+
+    if args.kernel:
+        return cmd_candidate(args)
 
     seed = conformance.new_seed() if args.seed is None else args.seed
     try:
@@ -224,6 +255,7 @@ def main(argv=None):
     p.add_argument("backend")
     p.add_argument("--op", action="append", help="only this op (repeatable)")
     p.add_argument("--seed", type=int, help="seed of the random inputs (default: fresh)")
+    p.add_argument("--kernel", help="a kernel source that is not registered (with one --op): check it and time it")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("bench", help="time an op: median, throughput, % of the measured roofline, ratio vs torch")

@@ -26,6 +26,13 @@ class HookSpec:
     def hal_register(self, registry):
         """Add backends (`registry.add_backend`) and kernels (`registry.add_kernel`)."""
 
+    @hookspec(firstresult=True)
+    def hal_candidate_kernel(self, backend, op, path):
+        """A kernel for `op` (an OpDef) on the backend named `backend`, built from the source file
+        `path` that is not registered (a hand-written or generated candidate), with the same calling
+        convention as registered kernels: `fn(outs, **arguments)`. Return None for backends the plugin
+        does not own; raise hal.KernelCompileError when the source does not build."""
+
 
 @dataclass
 class Kernel:
@@ -183,6 +190,12 @@ def register_plugin(plugin, name=None):
         return
     others = [p for p in _manager.get_plugins() if p is not plugin]
     _registry.run_hook(_manager.subset_hook_caller("hal_register", remove_plugins=others), name)
+
+
+def candidate_kernel(backend, op, path):
+    """The candidate kernel the plugin owning `backend` builds from `path` (see HookSpec), or None."""
+    registry()
+    return _manager.hook.hal_candidate_kernel(backend=backend, op=op, path=str(path))
 
 
 def unregister_plugin(name):

@@ -59,6 +59,8 @@ def _attend(q, k, v, scale, causal, window, softcap, rounding=None):
     computation the conformance rule compares against."""
     sq, hq, _ = q.shape
     sk, hkv, dv = v.shape
+    if sk == 0:
+        return np.zeros((sq, hq, dv), q.dtype)
     group = hq // hkv
     rnd = (lambda x: x.astype(rounding).astype(np.float32)) if rounding is not None else (lambda x: x)
     allowed = _allowed(sq, sk, causal, window)
@@ -179,9 +181,10 @@ def _attention_samples(rng, dtype):
     yield Sample(_dense(rng, dtype, 1, 130, 130, 2, 1, 64, causal=True, window=17), "causal sliding window 17")
     yield Sample(_dense(rng, dtype, 1, 70, 99, 2, 1, 64, window=9), "two-sided window 9")
     yield Sample(_dense(rng, dtype, 1, 64, 150, 4, 2, 64, softcap=5.0, scale=0.5), "softcap 5, scale 0.5")
-    varlen = _varlen(rng, dtype, [1, 300, 17, 64], [5, 300, 40, 1], 4, 2, 64, causal=True)
-    varlen["v"][301:341] = (varlen["v"][301:341].astype(np.float32) * 1000).astype(varlen["v"].dtype)  # sequence 2 only
-    yield Sample(varlen, "varlen 4 sequences of very different lengths, one with V ~ 1000", "edge")
+    varlen = _varlen(rng, dtype, [1, 300, 17, 64, 3], [5, 300, 40, 1, 0], 4, 2, 64, causal=True)
+    first, last = varlen["cu_seqlens_k"][2:4]
+    varlen["v"][first:last] = (varlen["v"][first:last].astype(np.float32) * 1000).astype(varlen["v"].dtype)  # sequence 2 only
+    yield Sample(varlen, "varlen: 5 sequences of very different lengths, one with V ~ 1000, one without keys", "edge")
     yield Sample(_dense(rng, dtype, 1, 9, 5, 2, 2, 64, causal=True), "causal seq_q > seq_k: first rows see nothing", "edge")
     s = _dense(rng, dtype, 2, 33, 47, 2, 1, 64)
     s["k"] = np.ascontiguousarray(np.swapaxes(np.ascontiguousarray(np.swapaxes(s["k"], 1, 2)), 1, 2))

@@ -159,10 +159,25 @@ def _softmax_tile(s, n, rows, lo, hi, j0, masked, softcap, m, l, alpha):
             l[r] += p
 
 
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, j0, masked, softcap):
+    """One key tile of the online softmax: keys j0 .. j0 + n - 1 in kt [>= n, d] and
+    vt [>= n, dvp] (float32) against the scaled queries qt [d, mp]; updates O^T o [dvp, mp] and
+    the running max m and sum l. s [>= n, mp] is scratch for S^T / P^T."""
+    d, mp = qt.shape
+    dvp = o.shape[0]
+    _gemm(kt, d, 1, _round_up(n, _MR), qt, mp, mp, s, mp, d, False)
+    _softmax_tile(s, n, mp, lo, hi, j0, masked, softcap, m, l, alpha)
+    for c in range(dvp):
+        for r in range(mp):
+            o[c, r] *= alpha[r]
+    _gemm(vt, 1, dvp, dvp, s, mp, mp, o, mp, n, True)
+
+
 # ---------------------------------------------------------------- attention (prefill)
 
-_ROWS = 128  # query rows per task: (query heads sharing a KV head) x (queries), a multiple of _NR
-_BN = 252  # keys per tile (a multiple of _MR): S^T and the K, V tiles stay in L2 (~0.4 MB)
+_ROWS = 256  # query rows per task: (query heads sharing a KV head) x (queries), a multiple of _NR
+_BN = 126  # keys per tile (a multiple of _MR); with the Q^T, S^T, K, V and O^T tiles ~0.5 MB: in L2
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
@@ -222,13 +237,8 @@ def _attention_task(q, k, v, out, task, scale, causal, window, softcap):
         n_next = min(_BN, k_hi - j0 - n)  # the next tile loads while this one computes
         _prefetch_rows(k, ks0 + j0 + n, kvh, n_next)
         _prefetch_rows(v, ks0 + j0 + n, kvh, n_next)
-        _gemm(kt, d, 1, _round_up(n, _MR), qt, mp, mp, s, mp, d, False)
         masked = j0 < all_lo or j0 + n > all_hi
-        _softmax_tile(s, n, mp, lo, hi, j0, masked, softcap, m, l, alpha)
-        for c in range(dvp):
-            for r in range(mp):
-                o[c, r] *= alpha[r]
-        _gemm(vt, 1, dvp, dvp, s, mp, mp, o, mp, n, True)
+        _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, j0, masked, softcap)
     for r in range(rows):
         inv = _F32(1.0) / l[r] if l[r] > 0 else _F32(0.0)  # no visible key: zeros
         orow = out[qs0 + i0 + r % bm, h0 + r // bm]
@@ -312,3 +322,242 @@ def attention(outs, q, k, v, causal, scale, window, softcap, cu_seqlens_q, cu_se
     if tasks is not None:
         _attention_kernel(_raw(q), _raw(k), _raw(v), _raw(out), tasks, bounds, _F32(scale), bool(causal), int(window or 0),
                           _F32(softcap or 0.0))
+
+
+# ---------------------------------------------------------------- decode: fp8 caches, partitions, merge
+
+_FP8_FN = np.dtype(ml_dtypes.float8_e4m3fn)
+_FP8_FNUZ = np.dtype(ml_dtypes.float8_e4m3fnuz)
+
+
+def _raw_kv(a):
+    """_raw, plus fp8 caches: e4m3fn as uint8 and e4m3fnuz as int8 (the integer type picks the format)."""
+    if a.dtype == _FP8_FN:
+        return a.view(np.uint8)
+    if a.dtype == _FP8_FNUZ:
+        return a.view(np.int8)
+    return _raw(a)
+
+
+def _ld_kv(a, i):
+    """a[i] as float32 for the _raw_kv formats (fp8 unscaled)."""
+
+
+@overload(_ld_kv, jit_options=_HELPER)
+def _ld_kv_impl(a, i):
+    if a.dtype in (types.uint8, types.int8):
+        # e4m3 bits shifted into a float32's exponent and mantissa fields give 2**-bias' times the
+        # value (subnormals included: they land on float32 subnormals), rescaled by a power of 2.
+        # e4m3fn: bias 7, NaN 0x7F / 0xFF; e4m3fnuz: bias 8, NaN 0x80, no -0.
+        fn = a.dtype == types.uint8
+        rescale = _F32(2.0 ** 120 if fn else 2.0 ** 119)
+
+        def ld(a, i):
+            x = _U32(np.uint8(a[i]))
+            f = _bits_f32(((x & _U32(0x7F)) << _U32(20)) | ((x & _U32(0x80)) << _U32(24))) * rescale
+            nan = (x & _U32(0x7F)) == _U32(0x7F) if fn else x == _U32(0x80)
+            return _F32(np.nan) if nan else f
+        return ld
+    return lambda a, i: _ld(a, i)
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def _widen_paged(cache, table, b, h, j0, n, end, dst):
+    """dst[j, :] = float32(cache[block, slot, h, :]) for the keys j0 + j (j < n) of sequence b,
+    prefetching the next n keys before `end` (rows in scattered blocks: no hardware prefetch)."""
+    bs = cache.shape[1]
+    for j in range(n):
+        key = j0 + j
+        row = cache[table[b, key // bs], key % bs, h]
+        for p in range(row.shape[0]):
+            dst[j, p] = _ld_kv(row, p)
+    for j in range(n, min(2 * n, end - j0)):
+        key = j0 + j
+        row = cache[table[b, key // bs], key % bs, h]
+        for i in range(0, row.shape[0], 64 // row.itemsize):
+            _prefetch(row, i)
+
+
+@njit(**_KERNEL)
+def _merge_kernel(part_m, part_l, part_o, first, out, v_scale):
+    """out[b, h] = the partitions first[b]:first[b + 1] of sequence b combined: partial outputs
+    part_o [parts, heads, dv] (unnormalized) with their running max part_m and sum part_l."""
+    heads, dv = out.shape[1], out.shape[2]
+    for bh in prange(out.shape[0] * heads):
+        b, h = bh // heads, bh % heads
+        top = _F32(-np.inf)
+        for t in range(first[b], first[b + 1]):
+            top = max(top, part_m[t, h])
+        acc = np.zeros(dv, np.float32)
+        total = _F32(0.0)
+        for t in range(first[b], first[b + 1]):
+            w = _exp(part_m[t, h] - top) if part_m[t, h] > -np.inf else _F32(0.0)
+            total += part_l[t, h] * w
+            for c in range(dv):
+                acc[c] += part_o[t, h, c] * w
+        inv = v_scale / total if total > 0 else _F32(0.0)
+        for c in range(dv):
+            _st(out[b, h], c, acc[c] * inv)
+
+
+def _partitions(seq_lens, size):
+    """(sequence, first key, end key) of each decode partition, and first[b]: sequence b's first
+    partition. Long sequences split into partitions of ~size keys so they spread over threads."""
+    lens = np.asarray(seq_lens, np.int64)
+    counts = np.maximum(1, -(-lens // size))
+    first = np.concatenate([[0], np.cumsum(counts)])
+    seq = np.repeat(np.arange(len(lens)), counts)
+    idx = np.arange(len(seq)) - first[seq]
+    j0 = idx * lens[seq] // counts[seq]  # equal shares
+    j1 = (idx + 1) * lens[seq] // counts[seq]
+    return np.stack([seq, j0, j1], axis=1).astype(np.int64), first.astype(np.int64)
+
+
+# ---------------------------------------------------------------- paged_decode_attention
+
+_DECODE_PART = 512  # keys per partition: 32 partitions for a 16K sequence
+_DECODE_CHUNK = 64  # keys widened to float32 at a time (K and V chunks in L1)
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def _paged_task(q, kc, vc, table, part, kvh, qk_scale, softcap, m_out, l_out, o_out):
+    """One partition (sequence b, keys j0:j1) for the query heads of KV head kvh, unnormalized."""
+    b, j0, j1 = part
+    group = q.shape[1] // kc.shape[2]
+    d, dv = q.shape[2], vc.shape[3]
+    h0 = kvh * group
+    qs = np.empty((group, d), np.float32)
+    for g in range(group):
+        for p in range(d):
+            qs[g, p] = _ld(q[b, h0 + g], p) * qk_scale
+    kb = np.empty((_DECODE_CHUNK, d), np.float32)
+    vb = np.empty((_DECODE_CHUNK, dv), np.float32)
+    sc = np.empty(_DECODE_CHUNK, np.float32)
+    for g in range(group):
+        m_out[h0 + g] = -np.inf
+        l_out[h0 + g] = 0.0
+        o_out[h0 + g, :] = 0.0
+    for c0 in range(j0, j1, _DECODE_CHUNK):
+        n = min(_DECODE_CHUNK, j1 - c0)
+        _widen_paged(kc, table, b, kvh, c0, n, j1, kb)
+        _widen_paged(vc, table, b, kvh, c0, n, j1, vb)
+        for g in range(group):
+            h = h0 + g
+            top = m_out[h]
+            for j in range(n):
+                acc = _F32(0.0)
+                for p in range(d):
+                    acc += qs[g, p] * kb[j, p]
+                if softcap > 0:
+                    acc = softcap * math.tanh(acc / softcap)
+                sc[j] = acc
+                top = max(top, acc)
+            alpha = _exp(m_out[h] - top)
+            total = l_out[h] * alpha
+            o = o_out[h]
+            for c in range(dv):
+                o[c] *= alpha
+            for j in range(n):
+                p = _exp(sc[j] - top)
+                total += p
+                for c in range(dv):
+                    o[c] += p * vb[j, c]
+            m_out[h] = top
+            l_out[h] = total
+
+
+@njit(**_KERNEL)
+def _paged_kernel(q, kc, vc, table, parts, order, bounds, qk_scale, softcap, part_m, part_l, part_o):
+    """Thread w runs the (partition, KV head) items order[bounds[w]:bounds[w + 1]]."""
+    hkv = kc.shape[2]
+    for w in prange(bounds.shape[0] - 1):
+        for i in range(bounds[w], bounds[w + 1]):
+            t, kvh = order[i] // hkv, order[i] % hkv
+            _paged_task(q, kc, vc, table, parts[t], kvh, qk_scale, softcap, part_m[t], part_l[t], part_o[t])
+
+
+def paged_decode_attention(outs, q, k_cache, v_cache, block_table, seq_lens, scale, softcap, k_scale, v_scale):
+    """One query token per sequence against a paged KV cache (q's dtype or fp8 with scales)."""
+    (out,) = outs
+    b, hq, d = q.shape
+    if b == 0:
+        return
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    k_scale = 1.0 if k_scale is None else k_scale
+    v_scale = 1.0 if v_scale is None else v_scale
+    parts, first = _partitions(seq_lens, _DECODE_PART)
+    hkv = k_cache.shape[2]
+    order, bounds = _balance(np.repeat(parts[:, 2] - parts[:, 1], hkv))
+    part_m = np.empty((len(parts), hq), np.float32)
+    part_l = np.empty((len(parts), hq), np.float32)
+    part_o = np.empty((len(parts), hq, v_cache.shape[-1]), np.float32)
+    _paged_kernel(_raw(q), _raw_kv(k_cache), _raw_kv(v_cache), block_table, parts, order.astype(np.int64), bounds,
+                  _F32(scale * k_scale), _F32(softcap or 0.0), part_m, part_l, part_o)
+    _merge_kernel(part_m, part_l, part_o, first, _raw(out), _F32(v_scale))
+
+
+# ---------------------------------------------------------------- mla_decode
+
+_MLA_PART = 1024  # keys per partition
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def _mla_task(q_nope, q_pe, latent, k_pe, table, part, scale, m_out, l_out, o_out):
+    """One partition of one sequence for all heads: the prefill tile step with the heads as rows,
+    keys [latent | k_pe] (d = latent + rope) and values latent (one shared KV head)."""
+    b, j0, j1 = part
+    heads, dl = q_nope.shape[1], q_nope.shape[2]
+    d = dl + q_pe.shape[2]
+    dvp = _round_up(dl, _MR)
+    mp = _round_up(heads, _NR)
+    qt = np.zeros((d, mp), np.float32)
+    for h in range(heads):
+        for p in range(dl):
+            qt[p, h] = _ld(q_nope[b, h], p) * scale
+        for p in range(d - dl):
+            qt[dl + p, h] = _ld(q_pe[b, h], p) * scale
+    lo = np.zeros(mp, np.int64)
+    hi = np.zeros(mp, np.int64)
+    hi[:heads] = j1
+    kt = np.zeros((_BN, d), np.float32)
+    vt = np.zeros((_BN, dvp), np.float32)
+    s = np.empty((_BN, mp), np.float32)
+    o = np.zeros((dvp, mp), np.float32)
+    m = np.full(mp, -np.inf, np.float32)
+    l = np.zeros(mp, np.float32)
+    alpha = np.empty(mp, np.float32)
+    for c0 in range(j0, j1, _BN):
+        n = min(_BN, j1 - c0)
+        _widen_paged(latent.reshape(latent.shape[0], latent.shape[1], 1, dl), table, b, 0, c0, n, j1, kt)
+        _widen_paged(k_pe.reshape(k_pe.shape[0], k_pe.shape[1], 1, d - dl), table, b, 0, c0, n, j1, kt[:, dl:])
+        vt[:n, :dl] = kt[:n, :dl]
+        _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, c0, False, _F32(0.0))
+    for h in range(heads):
+        m_out[h] = m[h]
+        l_out[h] = l[h]
+        for c in range(dl):
+            o_out[h, c] = o[c, h]
+
+
+@njit(**_KERNEL)
+def _mla_kernel(q_nope, q_pe, latent, k_pe, table, parts, order, bounds, scale, part_m, part_l, part_o):
+    for w in prange(bounds.shape[0] - 1):
+        for i in range(bounds[w], bounds[w + 1]):
+            t = order[i]
+            _mla_task(q_nope, q_pe, latent, k_pe, table, parts[t], scale, part_m[t], part_l[t], part_o[t])
+
+
+def mla_decode(outs, q_nope, q_pe, kv_latent, k_pe, block_table, seq_lens, scale):
+    """DeepSeek MLA decode, absorbed form: scores q_nope . c + q_pe . k_pe, values c."""
+    (out,) = outs
+    b, heads, dl = q_nope.shape
+    if b == 0:
+        return
+    parts, first = _partitions(seq_lens, _MLA_PART)
+    order, bounds = _balance(parts[:, 2] - parts[:, 1])
+    part_m = np.empty((len(parts), heads), np.float32)
+    part_l = np.empty((len(parts), heads), np.float32)
+    part_o = np.empty((len(parts), heads, dl), np.float32)
+    _mla_kernel(_raw(q_nope), _raw(q_pe), _raw(kv_latent), _raw(k_pe), block_table, parts, order.astype(np.int64), bounds,
+                _F32(scale), part_m, part_l, part_o)
+    _merge_kernel(part_m, part_l, part_o, first, _raw(out), _F32(1.0))

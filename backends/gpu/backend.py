@@ -3,6 +3,7 @@ same kernel files (`cuda-sim`, `rocm-sim`). They differ only in where memory liv
 executor's final launch; the launch glue (launch.py) and the kernel files are shared.
 """
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
@@ -19,11 +20,28 @@ DEVICE_STAND_INS = {"uint16": "bfloat16", "uint8": "float8_e4m3fn", "int8": "flo
 STAND_IN_OF = {v: k for k, v in DEVICE_STAND_INS.items()}
 
 
+class Sources:
+    """Which file each kernel family is built from, and which of its templates: the vendor's own
+    files by default; a candidate file (and only the templates one kernel launches) when evaluating."""
+
+    def __init__(self, vendor, candidate=None, family=None, kernels=()):
+        self.vendor, self.candidate, self.family = vendor, candidate, family
+        self.kernels = {k.format(matrix=vendor.matrix) for k in kernels}
+
+    def path(self, family):
+        return Path(self.candidate) if family == self.family else self.vendor.source(family)
+
+    def names(self, family, arch):
+        names = instantiations(self.vendor, family, arch)
+        return [n for n in names if n.split("<")[0] in self.kernels] if family == self.family else names
+
+
 class SimExecutor:
     """Runs kernel files in the host emulator; arrays are NumPy."""
 
-    def __init__(self, vendor, arch, mode="release"):
+    def __init__(self, vendor, arch, mode="release", sources=None):
         self.vendor, self.arch, self.mode = vendor, arch, mode
+        self.sources = sources or Sources(vendor)
         self._modules = {}
 
     def _module(self, family):
@@ -31,8 +49,9 @@ class SimExecutor:
         if module is None:
             from hal.backends.sim.executor import SimModule
 
-            module = self._modules[family] = SimModule(self.vendor.source(family), self.vendor.name,
-                                                       instantiations(self.vendor, family, self.arch), mode=self.mode)
+            module = self._modules[family] = SimModule(self.sources.path(family), self.vendor.name,
+                                                       self.sources.names(family, self.arch), mode=self.mode,
+                                                       include_dirs=(self.vendor.kernel_dir,))
         return module
 
     def launch(self, family, name, grid, block, shared_bytes, args):
@@ -67,8 +86,9 @@ class DeviceExecutor:
     """Compiles kernel files with CuPy (NVRTC or hipRTC; CuPy caches the binaries on disk, keyed by
     source, options and architecture) and launches them on the current device."""
 
-    def __init__(self, vendor, backend):
+    def __init__(self, vendor, backend, sources=None):
         self.vendor, self.backend = vendor, backend
+        self.sources = sources or Sources(vendor)
         self._modules = {}
 
     @property
@@ -81,13 +101,13 @@ class DeviceExecutor:
         key = (family, cupy.cuda.Device().id)
         module = self._modules.get(key)
         if module is None:
-            source = self.vendor.source(family)
+            source = self.sources.path(family)
             options = ("-std=c++17", f"-I{self.vendor.kernel_dir}")
             if self.vendor.name == "cuda":  # cuda_fp16.h and friends from the pip wheels when no toolkit is installed
                 from hal.backends.cuda.nvrtc import include_dirs
 
                 options += tuple(f"-I{d}" for d in include_dirs())
-            module = cupy.RawModule(code=source.read_text(), options=options, name_expressions=instantiations(self.vendor, family, self.arch))
+            module = cupy.RawModule(code=source.read_text(), options=options, name_expressions=self.sources.names(family, self.arch))
             try:
                 module.compile()
             except Exception as exc:  # cupy.cuda.compiler.CompileException carries the log
@@ -265,6 +285,24 @@ def register(registry, backend, kernels=None):
         supports = (lambda a, conditions=tuple(conditions): all(c(a) for c in conditions)) if conditions else None
         registry.add_kernel(entry.op, backend.name, partial(entry.glue, ex), dtypes=entry.dtypes, supports=supports,
                             requires="; ".join(reasons), source=str(vendor.source(entry.family)))
+
+
+def candidate_kernel(vendor, registry, backend, op, path):
+    """`op`'s kernel built from the candidate source `path`, for a backend of `vendor`: the file
+    stands in for the op's kernel file and must define the templates of the op's general variant
+    (the last in launch.KERNELS: gemm_simt, softmax, flash_attention_simt, ...) with the ABI of
+    docs/gpu-kernels.md. None when `backend` is not one of this vendor's."""
+    entry = registry.backends.get(backend)
+    if entry is None or not isinstance(entry.backend, (SimBackend, DeviceBackend)) or entry.backend.vendor is not vendor:
+        return None
+    kernel = [k for k in KERNELS if k.op == op.name][-1]
+    sources = Sources(vendor, path, kernel.family, kernel.kernels)
+    original = entry.backend.executor
+    if isinstance(entry.backend, SimBackend):
+        ex = SimExecutor(vendor, original.arch, original.mode, sources)
+    else:
+        ex = DeviceExecutor(vendor, entry.backend, sources)
+    return partial(kernel.glue, ex)
 
 
 def register_vendor(registry, vendor):

@@ -195,11 +195,20 @@ def _simt_head_dims(a):
     return a["q"].shape[-1] <= 256 and a["v"].shape[-1] <= 256
 
 
+def _decode_head_dims(a):
+    return a["q"].shape[-1] <= 512 and a["v_cache"].shape[-1] <= 512
+
+
+def _mla_dims(a):
+    return a["kv_latent"].shape[-1] + a["k_pe"].shape[-1] <= 768
+
+
 @dataclass(frozen=True)
 class KernelEntry:
     op: str
     family: str
     glue: object
+    kernels: tuple  # the templates the glue launches ("{matrix}" stands for the vendor's mma / mfma)
     dtypes: tuple = FLOATS
     needs_matrix_units: bool = False
     supports: object = None  # a condition on the arguments besides the architecture
@@ -208,18 +217,18 @@ class KernelEntry:
 
 # What every GPU backend registers, in preference order per op (first that supports a call wins).
 KERNELS = (
-    KernelEntry("gemm", "gemm", gemm_matrix, HALF_FLOATS, needs_matrix_units=True),
-    KernelEntry("gemm", "gemm", gemm_simt),
-    KernelEntry("softmax", "softmax", softmax),
-    KernelEntry("rms_norm", "norms", rms_norm),
-    KernelEntry("layer_norm", "norms", layer_norm),
-    KernelEntry("silu_and_mul", "activations", silu_and_mul),
-    KernelEntry("rope", "rope", rope),
-    KernelEntry("attention", "attention", attention_matrix, HALF_FLOATS, needs_matrix_units=True,
+    KernelEntry("gemm", "gemm", gemm_matrix, ("gemm_{matrix}",), HALF_FLOATS, needs_matrix_units=True),
+    KernelEntry("gemm", "gemm", gemm_simt, ("gemm_simt",)),
+    KernelEntry("softmax", "softmax", softmax, ("softmax",)),
+    KernelEntry("rms_norm", "norms", rms_norm, ("rms_norm",)),
+    KernelEntry("layer_norm", "norms", layer_norm, ("layer_norm",)),
+    KernelEntry("silu_and_mul", "activations", silu_and_mul, ("silu_and_mul",)),
+    KernelEntry("rope", "rope", rope, ("rope",)),
+    KernelEntry("attention", "attention", attention_matrix, ("flash_attention_{matrix}",), HALF_FLOATS, needs_matrix_units=True,
                 supports=_matrix_head_dims, requires="head dims that are multiples of 16, at most 256"),
-    KernelEntry("attention", "attention", attention_simt, supports=_simt_head_dims, requires="head dims of at most 256"),
-    KernelEntry("paged_decode_attention", "decode", paged_decode_attention),
-    KernelEntry("mla_decode", "decode", mla_decode),
+    KernelEntry("attention", "attention", attention_simt, ("flash_attention_simt",), supports=_simt_head_dims, requires="head dims of at most 256"),
+    KernelEntry("paged_decode_attention", "decode", paged_decode_attention, ("paged_decode_partition", "decode_merge"), supports=_decode_head_dims, requires="head dims of at most 512"),
+    KernelEntry("mla_decode", "decode", mla_decode, ("mla_decode_partition", "decode_merge"), supports=_mla_dims, requires="latent + rope dims of at most 768"),
 )
 
 

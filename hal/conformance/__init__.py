@@ -167,3 +167,50 @@ def judge(op, args, outs):
     mags = op.magnitude(a64, refs) if op.magnitude else [np.abs(r) for r in refs]
     naive = op.naive(normalized, name_of(outs[0].dtype)) if op.naive else None
     return compare(op, a64, outs, refs, mags, naive)
+
+
+def evaluate_candidate(backend, op, path, seed=None):
+    """Run a kernel source that is not registered through the conformance suite and time it.
+
+    The plugin that owns `backend` builds the candidate (hook `hal_candidate_kernel`); it is
+    registered under a temporary backend `BACKEND+candidate` sharing the backend's memory handling.
+    Returns (results, timings) with timings in seconds on the op's largest ordinary sample for the
+    candidate, the registered kernel and the float64 NumPy reference."""
+    import copy
+
+    from ..bench import median_time
+    from ..registry import candidate_kernel, hookimpl, register_plugin, unregister_plugin
+
+    reg = registry()
+    original = reg.entry(backend).backend
+    fn = candidate_kernel(backend, op, path)
+    if fn is None:
+        raise BackendUnavailable(f"no installed plugin builds candidate kernels for backend {backend!r}")
+    dtypes = sorted({d for k in reg.kernels.get((op.name, backend), []) for d in k.dtypes}) or ["float32"]
+    stand_in = copy.copy(original)
+    stand_in.name = f"{backend}+candidate"
+
+    class Candidate:
+        @hookimpl
+        def hal_register(self, registry):
+            registry.add_backend(stand_in)
+            registry.add_kernel(op.name, stand_in.name, fn, dtypes=dtypes, source=str(path))
+
+    plugin = f"candidate:{stand_in.name}:{op.name}"
+    register_plugin(Candidate(), plugin)
+    try:
+        results = [run(c) for c in cases(stand_in.name, [op.name], seed)]
+        samples = [c.sample.args for c in cases(stand_in.name, [op.name], seed) if c.kind == "ordinary" and c.dtype == dtypes[0]]
+        largest = max(samples, key=lambda a: sum(v.nbytes for v in a.values() if isinstance(v, np.ndarray)))
+        timings = {}
+        with poisoned_outputs():
+            for label, name in (("candidate", stand_in.name), ("registered", backend)):
+                try:
+                    timings[label] = median_time(lambda: op(**largest, backend=name), min_runs=3, min_seconds=0.1)
+                except Exception as exc:  # a wrong candidate may crash: its results say why
+                    timings[label] = f"{type(exc).__name__}: {exc}"
+        wide = as_float64(op.validate(op.bind((), largest)))
+        timings["float64 reference"] = median_time(lambda: op.reference(wide), min_runs=3, min_seconds=0.1)
+        return results, timings
+    finally:
+        unregister_plugin(plugin)
