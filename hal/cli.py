@@ -192,6 +192,59 @@ def cmd_check(args):
     return 1 if failed else 0
 
 
+def cmd_checklist(args):
+    from hal import checklist
+
+    if args.diff:
+        old, new = (json.loads(open(path).read()) for path in args.diff)
+        changes = checklist.diff(old, new)
+        if args.format == "json":
+            _print_json(changes)
+        else:
+            console.print("\n".join(changes) if changes else "no changes")
+        return 0
+    if not args.backend:
+        console.print("[red]hal checklist: name a backend, or --diff OLD.json NEW.json[/]")
+        return 2
+    c = checklist.build(args.backend, run_suite=not args.no_run, seed=args.seed, ops=args.op)
+    if args.format != "terminal":
+        text = checklist.write(c, args.format, args.out)
+        if not args.out:
+            print(text, end="")
+        else:
+            console.print(f"{c['summary']} -> {args.out}")
+        return 0
+    items = Table(title=f"hal checklist {c['backend']} ({'available' if c['available'] else 'unavailable: ' + c['reason']})")
+    items.add_column("item")
+    items.add_column("value")
+    for k, v in c["items"].items():
+        items.add_row(k, v)
+    console.print(items)
+    colors = {"native": "green", "failing": "red", "falls back": "yellow", "missing": "red", "untested": "blue"}
+    table = Table()
+    for col in ("op", "dtype", "status", "details"):
+        table.add_column(col)
+    for p in c["pairs"]:
+        table.add_row(p["op"], p["dtype"], f"[{colors[p['status']]}]{p['status']}[/]", checklist._detail(p))
+    console.print(table)
+    console.print(f"[bold]{c['summary']}[/]")
+    return 0
+
+
+def cmd_new_backend(args):
+    from hal.scaffold import new_backend
+
+    try:
+        root = new_backend(args.name, args.dir)
+    except (ValueError, FileExistsError) as exc:
+        console.print(f"[red]hal new-backend: {exc}[/]")
+        return 2
+    from rich.markup import escape
+
+    console.print(escape(f"wrote {root}: pip install -e '{root}[test]', then hal backends, hal checklist {args.name}, pytest {root}"))
+    return 0
+
+
 def cmd_bench(args):
     import hal
     from hal.bench import bench_op, roofline
@@ -258,6 +311,19 @@ def main(argv=None):
     p.add_argument("--kernel", help="a kernel source that is not registered (with one --op): check it and time it")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_check)
+    p = sub.add_parser("checklist", help="porting checklist of a backend: native / falls back / missing / failing, resources")
+    p.add_argument("backend", nargs="?")
+    p.add_argument("--format", choices=["terminal", "markdown", "json", "html"], default="terminal")
+    p.add_argument("--out", help="write to this file")
+    p.add_argument("--no-run", action="store_true", help="skip the conformance run (pairs show as untested)")
+    p.add_argument("--op", action="append", help="run the conformance suite for this op only (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--diff", nargs=2, metavar=("OLD.json", "NEW.json"), help="what changed between two JSON checklists")
+    p.set_defaults(fn=cmd_checklist)
+    p = sub.add_parser("new-backend", help="write a ready plugin package for a new backend")
+    p.add_argument("name")
+    p.add_argument("--dir", default=".", help="where to create hal-NAME/")
+    p.set_defaults(fn=cmd_new_backend)
     p = sub.add_parser("bench", help="time an op: median, throughput, % of the measured roofline, ratio vs torch")
     p.add_argument("op")
     p.add_argument("--vs", choices=["torch"], help="also time the same computation in PyTorch")

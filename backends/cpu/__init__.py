@@ -26,7 +26,11 @@ class CpuBackend(Backend):
 
         flags = _cpu_flags()
         isa = next((f for f in ("avx512f", "avx2", "neon", "asimd") if f in flags), platform.machine())
-        return {"device": f"{platform.machine()} x {os.cpu_count()} cores", "arch": isa, "threads": numba.get_num_threads()}
+        return {"device": f"{platform.machine()} x {os.cpu_count()} cores", "arch": isa, "threads": numba.get_num_threads(),
+                "warp": f"none: SIMD {isa}", "memory": "host NumPy arrays; torch CPU tensors are viewed, not copied",
+                "streams": "synchronous; Numba worker threads", "shared_memory": "none (CPU caches)",
+                "fp8": "software conversion of the ml_dtypes formats (e4m3fn, e4m3fnuz, e5m2)",
+                "toolchain": f"Numba {numba.__version__} (LLVM), no system compiler; BLAS from NumPy"}
 
 
 def _cpu_flags():
@@ -62,10 +66,12 @@ def _install_compile_notice():
 @hookimpl
 def hal_register(registry):
     _install_compile_notice()
-    from . import kernels
+    from . import attention, kernels
 
     registry.add_backend(CpuBackend())
     for op in ("softmax", "rms_norm", "layer_norm", "silu_and_mul", "rope"):
         registry.add_kernel(op, "cpu", getattr(kernels, op), dtypes=FLOATS, source=kernels.__file__)
     # BLAS takes any strides, so gemm's operands are not copied to contiguous first.
     registry.add_kernel("gemm", "cpu", kernels.gemm, dtypes=FLOATS, contiguous=False, source=kernels.__file__)
+    for op in ("attention", "paged_decode_attention", "mla_decode"):
+        registry.add_kernel(op, "cpu", getattr(attention, op), dtypes=FLOATS, source=attention.__file__)

@@ -18,9 +18,9 @@ query row is a column of S^T: its max, exp and sum vectorize across the rows.
 import math
 
 import ml_dtypes
+import numba
 import numpy as np
 from llvmlite import ir
-import numba
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
@@ -129,14 +129,17 @@ def _round_up(x, m):
 # ---------------------------------------------------------------- online softmax on a tile
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def _softmax_tile(s, n, rows, lo, hi, j0, masked, softcap, m, l, alpha):
-    """Turn scores S^T [n keys, rows] (keys j0.. of the sequence) into P^T in place and update the
-    running max m and sum l of each row; alpha gets the factor rescaling the old accumulator.
-    Row r sees keys [lo[r], hi[r]); `masked` is False when the whole tile is visible to all rows."""
+def _softmax_tile(s, n, rows, lo, hi, j0, masked, scale, softcap, m, l, alpha):
+    """Turn raw scores S^T [n keys, rows] (keys j0.. of the sequence) into P^T in place and update
+    the running max m (of the unscaled scores) and sum l of each row; alpha gets the factor
+    rescaling the old accumulator. Row r sees keys [lo[r], hi[r]); `masked` is False when the
+    whole tile is visible to all rows. The scale goes into the exponent's fma, not into q: one
+    rounding less."""
     if softcap > 0:
         for j in range(n):
             for r in range(rows):
-                s[j, r] = softcap * math.tanh(s[j, r] / softcap)
+                s[j, r] = softcap * math.tanh(s[j, r] * scale / softcap)
+        scale = _F32(1.0)
     if masked:
         for j in range(n):
             key = j0 + j
@@ -148,26 +151,26 @@ def _softmax_tile(s, n, rows, lo, hi, j0, masked, softcap, m, l, alpha):
             new[r] = s[j, r] if s[j, r] > new[r] else new[r]
     for r in range(rows):
         # A row with nothing visible yet keeps m = -inf; exp(-inf - 0) = 0 gives it p = 0.
-        alpha[r] = _exp(m[r] - new[r]) if new[r] > -np.inf else _F32(1.0)
+        alpha[r] = _exp((m[r] - new[r]) * scale) if new[r] > -np.inf else _F32(1.0)
         m[r] = new[r]
-        new[r] = new[r] if new[r] > -np.inf else _F32(0.0)
+        new[r] = new[r] * scale if new[r] > -np.inf else _F32(0.0)
         l[r] *= alpha[r]
     for j in range(n):
         for r in range(rows):
-            p = _exp(s[j, r] - new[r])
+            p = _exp(s[j, r] * scale - new[r])
             s[j, r] = p
             l[r] += p
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, j0, masked, softcap):
+def _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, j0, masked, scale, softcap):
     """One key tile of the online softmax: keys j0 .. j0 + n - 1 in kt [>= n, d] and
-    vt [>= n, dvp] (float32) against the scaled queries qt [d, mp]; updates O^T o [dvp, mp] and
+    vt [>= n, dvp] (float32) against the queries qt [d, mp]; updates O^T o [dvp, mp] and
     the running max m and sum l. s [>= n, mp] is scratch for S^T / P^T."""
     d, mp = qt.shape
     dvp = o.shape[0]
     _gemm(kt, d, 1, _round_up(n, _MR), qt, mp, mp, s, mp, d, False)
-    _softmax_tile(s, n, mp, lo, hi, j0, masked, softcap, m, l, alpha)
+    _softmax_tile(s, n, mp, lo, hi, j0, masked, scale, softcap, m, l, alpha)
     for c in range(dvp):
         for r in range(mp):
             o[c, r] *= alpha[r]
@@ -203,6 +206,17 @@ def _widen_rows(src, t0, h, n, dst):
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
+def _prefetch_rows(src, t0, h, n):
+    """Start loading src[t0 + j, h, :] for j < n. Consecutive rows of one head are a whole token
+    (all heads) apart, usually on different pages, where hardware prefetchers stop: without
+    this, widening a K or V tile waits on one memory latency per row."""
+    for j in range(n):
+        row = src[t0 + j, h]
+        for i in range(0, row.shape[0], 64 // row.itemsize):
+            _prefetch(row, i)
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
 def _attention_task(q, k, v, out, task, scale, causal, window, softcap):
     """One task: (q token of the sequence start, k token of the sequence start, seq_q, seq_k,
     KV head, first query head, query heads, first query, queries) of q [Tq, Hq, d],
@@ -219,7 +233,7 @@ def _attention_task(q, k, v, out, task, scale, causal, window, softcap):
     for r in range(rows):
         qrow = q[qs0 + i0 + r % bm, h0 + r // bm]
         for p in range(d):
-            qt[p, r] = _ld(qrow, p) * scale
+            qt[p, r] = _ld(qrow, p)
         lo[r], hi[r] = _visible(i0 + r % bm + sk - sq, sk, causal, window)
     k_lo, k_hi = lo[:rows].min(), hi[:rows].max()
     all_lo, all_hi = lo[:rows].max(), hi[:rows].min()  # keys in [all_lo, all_hi) are seen by every row
@@ -238,23 +252,12 @@ def _attention_task(q, k, v, out, task, scale, causal, window, softcap):
         _prefetch_rows(k, ks0 + j0 + n, kvh, n_next)
         _prefetch_rows(v, ks0 + j0 + n, kvh, n_next)
         masked = j0 < all_lo or j0 + n > all_hi
-        _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, j0, masked, softcap)
+        _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, j0, masked, scale, softcap)
     for r in range(rows):
-        inv = _F32(1.0) / l[r] if l[r] > 0 else _F32(0.0)  # no visible key: zeros
+        total = l[r] if l[r] > 0 else _F32(np.inf)  # no visible key: zeros
         orow = out[qs0 + i0 + r % bm, h0 + r // bm]
         for c in range(dv):
-            _st(orow, c, o[c, r] * inv)
-
-
-@njit(cache=True, fastmath=_FM, error_model="numpy")
-def _prefetch_rows(src, t0, h, n):
-    """Start loading src[t0 + j, h, :] for j < n. Consecutive rows of one head are a whole token
-    (all heads) apart, usually on different pages, where hardware prefetchers stop: without
-    this, widening a K or V tile waits on one memory latency per row."""
-    for j in range(n):
-        row = src[t0 + j, h]
-        for i in range(0, row.shape[0], 64 // row.itemsize):
-            _prefetch(row, i)
+            _st(orow, c, o[c, r] / total)
 
 
 @njit(**_KERNEL)
@@ -362,18 +365,19 @@ def _ld_kv_impl(a, i):
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def _widen_paged(cache, table, b, h, j0, n, end, dst):
-    """dst[j, :] = float32(cache[block, slot, h, :]) for the keys j0 + j (j < n) of sequence b,
-    prefetching the next n keys before `end` (rows in scattered blocks: no hardware prefetch)."""
+def _widen_paged(cache, table, b, j0, n, end, dst):
+    """dst[j, :] = float32(cache[block, slot, :]) for the keys j0 + j (j < n) of sequence b in a
+    paged cache [blocks, block_size, width]; then prefetches the next n keys before `end`
+    (scattered blocks: hardware prefetchers do not follow them)."""
     bs = cache.shape[1]
     for j in range(n):
         key = j0 + j
-        row = cache[table[b, key // bs], key % bs, h]
+        row = cache[table[b, key // bs], key % bs]
         for p in range(row.shape[0]):
             dst[j, p] = _ld_kv(row, p)
     for j in range(n, min(2 * n, end - j0)):
         key = j0 + j
-        row = cache[table[b, key // bs], key % bs, h]
+        row = cache[table[b, key // bs], key % bs]
         for i in range(0, row.shape[0], 64 // row.itemsize):
             _prefetch(row, i)
 
@@ -416,38 +420,40 @@ def _partitions(seq_lens, size):
 # ---------------------------------------------------------------- paged_decode_attention
 
 _DECODE_PART = 512  # keys per partition: 32 partitions for a 16K sequence
-_DECODE_CHUNK = 64  # keys widened to float32 at a time (K and V chunks in L1)
+_DECODE_CHUNK = 16  # tokens widened to float32 at a time (K and V chunks of all heads in L2)
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def _paged_task(q, kc, vc, table, part, kvh, qk_scale, softcap, m_out, l_out, o_out):
-    """One partition (sequence b, keys j0:j1) for the query heads of KV head kvh, unnormalized."""
+def _paged_task(q, kc, vc, table, part, qk_scale, softcap, m_out, l_out, o_out):
+    """One partition (sequence b, keys j0:j1) for every head: unnormalized output o_out [heads, dv],
+    running max m_out and sum l_out. The caches come as [blocks, block_size, heads_kv * d]: keys
+    are widened a chunk of tokens at a time with all their KV heads, so the reads stream."""
     b, j0, j1 = part
-    group = q.shape[1] // kc.shape[2]
-    d, dv = q.shape[2], vc.shape[3]
-    h0 = kvh * group
-    qs = np.empty((group, d), np.float32)
-    for g in range(group):
+    hq, d = q.shape[1], q.shape[2]
+    hkv = kc.shape[2] // d
+    dv = vc.shape[2] // hkv
+    group = hq // hkv
+    qs = np.empty((hq, d), np.float32)
+    for h in range(hq):
         for p in range(d):
-            qs[g, p] = _ld(q[b, h0 + g], p) * qk_scale
-    kb = np.empty((_DECODE_CHUNK, d), np.float32)
-    vb = np.empty((_DECODE_CHUNK, dv), np.float32)
+            qs[h, p] = _ld(q[b, h], p) * qk_scale
+    kb = np.empty((_DECODE_CHUNK, hkv * d), np.float32)
+    vb = np.empty((_DECODE_CHUNK, hkv * dv), np.float32)
     sc = np.empty(_DECODE_CHUNK, np.float32)
-    for g in range(group):
-        m_out[h0 + g] = -np.inf
-        l_out[h0 + g] = 0.0
-        o_out[h0 + g, :] = 0.0
+    m_out[:] = -np.inf
+    l_out[:] = 0.0
+    o_out[:, :] = 0.0
     for c0 in range(j0, j1, _DECODE_CHUNK):
         n = min(_DECODE_CHUNK, j1 - c0)
-        _widen_paged(kc, table, b, kvh, c0, n, j1, kb)
-        _widen_paged(vc, table, b, kvh, c0, n, j1, vb)
-        for g in range(group):
-            h = h0 + g
+        _widen_paged(kc, table, b, c0, n, j1, kb)
+        _widen_paged(vc, table, b, c0, n, j1, vb)
+        for h in range(hq):
+            k0, v0 = h // group * d, h // group * dv
             top = m_out[h]
             for j in range(n):
                 acc = _F32(0.0)
                 for p in range(d):
-                    acc += qs[g, p] * kb[j, p]
+                    acc += qs[h, p] * kb[j, k0 + p]
                 if softcap > 0:
                     acc = softcap * math.tanh(acc / softcap)
                 sc[j] = acc
@@ -461,19 +467,18 @@ def _paged_task(q, kc, vc, table, part, kvh, qk_scale, softcap, m_out, l_out, o_
                 p = _exp(sc[j] - top)
                 total += p
                 for c in range(dv):
-                    o[c] += p * vb[j, c]
+                    o[c] += p * vb[j, v0 + c]
             m_out[h] = top
             l_out[h] = total
 
 
 @njit(**_KERNEL)
 def _paged_kernel(q, kc, vc, table, parts, order, bounds, qk_scale, softcap, part_m, part_l, part_o):
-    """Thread w runs the (partition, KV head) items order[bounds[w]:bounds[w + 1]]."""
-    hkv = kc.shape[2]
+    """Thread w runs the partitions order[bounds[w]:bounds[w + 1]]."""
     for w in prange(bounds.shape[0] - 1):
         for i in range(bounds[w], bounds[w + 1]):
-            t, kvh = order[i] // hkv, order[i] % hkv
-            _paged_task(q, kc, vc, table, parts[t], kvh, qk_scale, softcap, part_m[t], part_l[t], part_o[t])
+            t = order[i]
+            _paged_task(q, kc, vc, table, parts[t], qk_scale, softcap, part_m[t], part_l[t], part_o[t])
 
 
 def paged_decode_attention(outs, q, k_cache, v_cache, block_table, seq_lens, scale, softcap, k_scale, v_scale):
@@ -486,12 +491,12 @@ def paged_decode_attention(outs, q, k_cache, v_cache, block_table, seq_lens, sca
     k_scale = 1.0 if k_scale is None else k_scale
     v_scale = 1.0 if v_scale is None else v_scale
     parts, first = _partitions(seq_lens, _DECODE_PART)
-    hkv = k_cache.shape[2]
-    order, bounds = _balance(np.repeat(parts[:, 2] - parts[:, 1], hkv))
+    order, bounds = _balance(parts[:, 2] - parts[:, 1])
     part_m = np.empty((len(parts), hq), np.float32)
     part_l = np.empty((len(parts), hq), np.float32)
     part_o = np.empty((len(parts), hq, v_cache.shape[-1]), np.float32)
-    _paged_kernel(_raw(q), _raw_kv(k_cache), _raw_kv(v_cache), block_table, parts, order.astype(np.int64), bounds,
+    kc, vc = (_raw_kv(c).reshape(c.shape[0], c.shape[1], -1) for c in (k_cache, v_cache))
+    _paged_kernel(_raw(q), kc, vc, block_table, parts, order.astype(np.int64), bounds,
                   _F32(scale * k_scale), _F32(softcap or 0.0), part_m, part_l, part_o)
     _merge_kernel(part_m, part_l, part_o, first, _raw(out), _F32(v_scale))
 
@@ -513,9 +518,9 @@ def _mla_task(q_nope, q_pe, latent, k_pe, table, part, scale, m_out, l_out, o_ou
     qt = np.zeros((d, mp), np.float32)
     for h in range(heads):
         for p in range(dl):
-            qt[p, h] = _ld(q_nope[b, h], p) * scale
+            qt[p, h] = _ld(q_nope[b, h], p)
         for p in range(d - dl):
-            qt[dl + p, h] = _ld(q_pe[b, h], p) * scale
+            qt[dl + p, h] = _ld(q_pe[b, h], p)
     lo = np.zeros(mp, np.int64)
     hi = np.zeros(mp, np.int64)
     hi[:heads] = j1
@@ -528,12 +533,12 @@ def _mla_task(q_nope, q_pe, latent, k_pe, table, part, scale, m_out, l_out, o_ou
     alpha = np.empty(mp, np.float32)
     for c0 in range(j0, j1, _BN):
         n = min(_BN, j1 - c0)
-        _widen_paged(latent.reshape(latent.shape[0], latent.shape[1], 1, dl), table, b, 0, c0, n, j1, kt)
-        _widen_paged(k_pe.reshape(k_pe.shape[0], k_pe.shape[1], 1, d - dl), table, b, 0, c0, n, j1, kt[:, dl:])
+        _widen_paged(latent, table, b, c0, n, j1, kt)
+        _widen_paged(k_pe, table, b, c0, n, j1, kt[:, dl:])
         vt[:n, :dl] = kt[:n, :dl]
-        _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, c0, False, _F32(0.0))
+        _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, c0, False, scale, _F32(0.0))
     for h in range(heads):
-        m_out[h] = m[h]
+        m_out[h] = m[h] * scale  # the merge works on exponents: scaled scores
         l_out[h] = l[h]
         for c in range(dl):
             o_out[h, c] = o[c, h]

@@ -175,10 +175,18 @@ class SimBackend(Backend):
     def probe(self):
         from hal.backends.sim.executor import toolchain
 
-        return toolchain()
+        available, compiler = toolchain()  # when available, the reason slot names the compiler
+        return available, "" if available else compiler
 
     def info(self):
-        return {"device": f"host emulator, {'warp' if self.vendor.warp == 32 else 'wave'} {self.vendor.warp}", "arch": self.arch}
+        from hal.backends.sim.executor import sanitizer_available, toolchain
+
+        sanitizers = [m for m in ("tsan", "asan") if sanitizer_available(m)[0]]
+        return {"device": f"host emulator of {self.vendor.name.upper()} {self.arch}", "arch": self.arch, "warp": self.vendor.warp,
+                "memory": "host NumPy arrays (the sanitizer modes copy into buffers the emulator allocates)",
+                "streams": "synchronous: blocks spread over host worker threads, a block's threads are fibers",
+                "shared_memory": f"emulated per block; kernels keep to the device's: {self.vendor.shared_memory}",
+                "fp8": self.vendor.fp8, "toolchain": f"{toolchain()[1]}; sanitizers: {', '.join(sanitizers) or 'none'}"}
 
 
 class DeviceBackend(Backend):
@@ -227,7 +235,10 @@ class DeviceBackend(Backend):
         return self._arch
 
     def info(self):
-        return {"device": self._properties()["name"].decode(), "arch": self.arch()}
+        return {"device": self._properties()["name"].decode(), "arch": self.arch(), "warp": self._properties()["warpSize"],
+                "memory": "CuPy device arrays; torch.cuda tensors through DLPack without copies",
+                "streams": "CuPy's current stream; results are read back when converted to host arrays",
+                "shared_memory": self.vendor.shared_memory, "fp8": self.vendor.fp8, "toolchain": self.vendor.runtime_compiler}
 
     def to_native(self, x, contiguous):
         import cupy

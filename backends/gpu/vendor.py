@@ -19,6 +19,9 @@ class Vendor:
     sim_arch: str  # the architecture the emulator presents (one with matrix units)
     compile_archs: tuple  # the CI architecture matrix
     dlpack_device: int
+    shared_memory: str  # per-block limit, for the porting checklist
+    fp8: str
+    runtime_compiler: str
 
     @property
     def kernel_dir(self):
@@ -38,10 +41,15 @@ CUDA = Vendor(
     name="cuda", suffix=".cu", types={"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}, warp=32,
     matrix="mma", matrix_instruction="mma.sync.m16n8k16", matrix_block=128, sim_arch="sm_80",
     compile_archs=("sm_80", "sm_89", "sm_90a", "sm_100a"), dlpack_device=2,
+    shared_memory="48 KiB per block by default; opt-in up to 164 KiB (sm_80) / 227 KiB (sm_90)",
+    fp8="OCP e4m3fn / e5m2 in hardware from sm_89; hal kernels decode fp8 KV caches in software", runtime_compiler="NVRTC through CuPy",
 )
 ROCM = Vendor(
     name="rocm", suffix=".hip", types={"float32": "float", "float16": "__half", "bfloat16": "hip_bfloat16"}, warp=64,
     matrix="mfma", matrix_instruction="v_mfma_f32_32x32x8", matrix_block=256, sim_arch="gfx90a",
     compile_archs=("gfx90a", "gfx940", "gfx1030"), dlpack_device=10,
+    shared_memory="64 KiB LDS per workgroup (160 KiB on gfx950)",
+    fp8="FNUZ (e4m3fnuz / e5m2fnuz) on gfx94x, OCP on gfx950; hal kernels decode fp8 KV caches in software",
+    runtime_compiler="hipRTC through CuPy's ROCm build",
 )
 VENDORS = {v.name: v for v in (CUDA, ROCM)}

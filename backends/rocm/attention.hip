@@ -115,22 +115,22 @@ __device__ __forceinline__ void lds_quad(const T* p, float o[4]) {
 // wave64 and on wave32. The quarter owns head-dim columns 16 i + 4 quarter + e (i < 16, e < 4):
 // its q slice (<= 64 fp32) and its output slice (<= 64 fp32 accumulators) stay in VGPRs.
 // A dot product q . k_j is 4 partial sums over the quarters, combined by two xor shuffles
-// (1, 2: DPP quad permutes, no LDS traffic); every lane of the quad ends with the full score,
-// so the softmax state (m, l) is replicated per quad and needs no further exchange.
+// (1, 2: DPP quad permutes, no LDS traffic); every lane of the quad ends with the full score.
+// Per K/V tile: pass 1 (a loop over keys, not unrolled) computes the row's scores and each lane
+// writes them to the fp32 score tile of the ABI budget ([block_n][64], key-major), which it alone
+// reads back (the 4 lanes of a quad write the same value): no barrier; pass 2 (also a key loop)
+// takes p = exp(s - m) from there and accumulates p V. The online softmax thus updates once per
+// tile, and only q (<= 64 fp32) and the accumulators (<= 64 fp32) stay in registers, the unrolled
+// code being one key's NB groups: no spills on gfx90a / gfx94x / gfx1030.
 // LDS reads: per 4 FMAs one 8-byte (16-byte for fp32) ds_read of K or V; the 4 lanes of a quad
 // read 4 consecutive chunks of one row and the other quads of the wave read the same row, which
-// the LDS broadcasts: no bank conflicts. K and V tiles use the ABI layout [block_n][pad(d)];
-// their columns d .. round_up(d, 16) are zero-filled so the 16-wide column loop needs no
-// per-element guard.
-#define SIMT_CHUNK 16  // keys per softmax update: 16 scores per lane in VGPRs
-
+// the LDS broadcasts: no bank conflicts. K and V tiles use the ABI layout [block_n][pad(d)].
+//
 // NB: 16-column groups held per lane, a bucket >= ceil(max(d, d_v) / 16). The loops over them are
-// unrolled with no per-group branch or index clamp (a runtime guard per group is loop-invariant:
-// the compiler hoists one 64-bit condition mask, or one clamped offset, per group out of the tile
-// loop and spills SGPRs). Groups past d (d_v) simply read on: into the K row's zero padding, the
-// next row, the V tile, or a 1 KiB zeroed stretch after the V tile (inside the unused score-tile
-// part of the ABI budget), all finite, so with q zero there the scores are exact and the extra
-// accumulators, never stored, do not matter. Buckets keep the wasted work under 1.5x (2x at d <= 32).
+// unrolled with no per-group branch or index clamp. Groups past d (d_v) simply read on: into the
+// K row's zero padding, the next row, the V tile (K: finite, times q = 0, so the scores are exact)
+// or the score tile (V: only accumulators of columns >= d_v, never stored, see those values).
+// Buckets keep the wasted work under 1.5x (2x at d <= 32).
 template <typename T, int NB>
 __device__ __forceinline__ void flash_attention_simt_body(T* smem_t, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out, const int* __restrict__ cu_seqlens_q,
     const int* __restrict__ cu_seqlens_k, int batch, int seqlen_q, int seqlen_k, int heads_q, int heads_kv, int head_dim, int head_dim_v,
@@ -170,19 +170,17 @@ __device__ __forceinline__ void flash_attention_simt_body(T* smem_t, const T* __
         for (int e = 0; e < 4; ++e) acc[i][e] = 0.0f;
     float m = -INFINITY, l = 0.0f;
 
-    // LDS tiles: K [block_n][ldk], V [block_n][ldv] of T (the ABI layout).
+    // LDS tiles: K [block_n][ldk], V [block_n][ldv] of T (the ABI layout), then the fp32 score
+    // tile, here [block_n][64] (key-major: the 16 rows of a wave64 hit 16 consecutive banks).
     const int ldk = ((d + 7) / 8) * 8 + 8, ldv = ((dv + 7) / 8) * 8 + 8;
     T* Ks = smem_t;
     T* Vs = Ks + (long long)block_n * ldk;
+    float* Ss = reinterpret_cast<float*>(Vs + (long long)block_n * ldv) + row;
     const T zero = from_f32<T>(0.0f);
     const long long kv_stride = (long long)heads_kv * d, v_stride = (long long)heads_kv * dv;
     const T* kbase = k + s.k_tok0 * kv_stride + (long long)hkv * d;
     const T* vbase = v + s.k_tok0 * v_stride + (long long)hkv * dv;
 
-    {  // 1 KiB of zeros after the V tile (the NB loops of the last V row may read up to 16 * 16 - 24 elements on)
-        float* z = reinterpret_cast<float*>(Vs + (long long)block_n * ldv);
-        for (int i = tid; i < 256; i += blockDim.x) z[i] = 0.0f;
-    }
     for (int kt = blo; kt <= bhi; kt += block_n) {
         // Stage: rows past the block's last visible key are zero (never NaN garbage times p = 0).
         const int kw = ldk, vw = ldv;  // whole rows: the padding is read (times q = 0) by the NB loops
@@ -196,60 +194,51 @@ __device__ __forceinline__ void flash_attention_simt_body(T* smem_t, const T* __
         }
         __syncthreads();
 
-        for (int c0 = 0; c0 < block_n; c0 += SIMT_CHUNK) {
-            const int key0 = kt + c0;
-            if (key0 > bhi) break;                          // block-uniform
-            if (key0 > whi || key0 + SIMT_CHUNK - 1 < wlo) continue;  // wave-uniform: nothing visible here
-            const int jn = min(SIMT_CHUNK, block_n - c0);
-            float sc[SIMT_CHUNK];
+        // This wave's visible keys of the tile: j in [j0, j1) (wave-uniform).
+        const int j0 = max(wlo - kt, 0), j1 = min(min(whi, bhi) - kt + 1, block_n);
+        // Scores of the row, over the quarter's columns + two quad shuffles; every lane of the
+        // quad gets the full score and stores it (same value, same address) to the score tile,
+        // which it alone reads back below: no barrier needed.
+        float tm = -INFINITY;
+#pragma nounroll
+        for (int j = j0; j < j1; ++j) {
+            const T* kr = Ks + j * ldk + 4 * quarter;
+            float dot = 0.0f;
 #pragma unroll
-            for (int jj = 0; jj < SIMT_CHUNK; ++jj) {
-                float dot = 0.0f;
-                if (jj < jn) {  // wave-uniform
-                    const T* kr = Ks + (c0 + jj) * ldk + 4 * quarter;
+            for (int i = 0; i < NB; ++i) {
+                float kv[4];
+                lds_quad(kr + 16 * i, kv);
 #pragma unroll
-                    for (int i = 0; i < NB; ++i) {
-                        float kv[4];
-                        lds_quad(kr + 16 * i, kv);
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) dot += qr[i][e] * kv[e];
-                    }
-                }
-                dot += __shfl_xor(dot, 1);
-                dot += __shfl_xor(dot, 2);
-                const int key = key0 + jj;
-                sc[jj] = jj < jn && key >= lo && key <= hi ? attn_logit(dot, scale, softcap) : -INFINITY;
+                for (int e = 0; e < 4; ++e) dot += qr[i][e] * kv[e];
             }
-            // Online softmax over the chunk. A row that has seen nothing yet keeps m = -inf; the
-            // exponent base is then 0 so that every p and the rescale factor are exp(-inf) = 0.
-            float cm = sc[0];
+            dot += __shfl_xor(dot, 1);
+            dot += __shfl_xor(dot, 2);
+            const int key = kt + j;
+            const float sc = key >= lo && key <= hi ? attn_logit(dot, scale, softcap) : -INFINITY;
+            tm = fmaxf(tm, sc);
+            Ss[j * ATTN_BLOCK_M] = sc;
+        }
+        // Online softmax over the tile. A row that has seen nothing yet keeps m = -inf; the
+        // exponent base is then 0 so that every p and the rescale factor are exp(-inf) = 0.
+        const float m_new = fmaxf(m, tm), base = m_new == -INFINITY ? 0.0f : m_new;
+        const float alpha = __expf(m - base);
+        m = m_new;
+        l *= alpha;
 #pragma unroll
-            for (int jj = 1; jj < SIMT_CHUNK; ++jj) cm = fmaxf(cm, sc[jj]);
-            const float m_new = fmaxf(m, cm), base = m_new == -INFINITY ? 0.0f : m_new;
-            const float alpha = __expf(m - base);
-            m = m_new;
-            l *= alpha;
+        for (int i = 0; i < NB; ++i)
 #pragma unroll
-            for (int i = 0; i < NB; ++i)
+            for (int e = 0; e < 4; ++e) acc[i][e] *= alpha;
+#pragma nounroll
+        for (int j = j0; j < j1; ++j) {
+            const float p = __expf(Ss[j * ATTN_BLOCK_M] - base);
+            l += p;
+            const T* vr = Vs + j * ldv + 4 * quarter;
 #pragma unroll
-                for (int e = 0; e < 4; ++e) acc[i][e] *= alpha;
+            for (int i = 0; i < NB; ++i) {
+                float vv[4];
+                lds_quad(vr + 16 * i, vv);
 #pragma unroll
-            for (int jj = 0; jj < SIMT_CHUNK; ++jj) {
-                sc[jj] = __expf(sc[jj] - base);
-                l += sc[jj];
-            }
-#pragma unroll
-            for (int jj = 0; jj < SIMT_CHUNK; ++jj) {
-                if (jj < jn) {
-                    const T* vr = Vs + (c0 + jj) * ldv + 4 * quarter;
-#pragma unroll
-                    for (int i = 0; i < NB; ++i) {
-                        float vv[4];
-                        lds_quad(vr + 16 * i, vv);
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) acc[i][e] += sc[jj] * vv[e];
-                    }
-                }
+                for (int e = 0; e < 4; ++e) acc[i][e] += p * vv[e];
             }
         }
         __syncthreads();  // the next tile overwrites K and V
@@ -290,8 +279,7 @@ __global__ __launch_bounds__(256) void flash_attention_simt(const T* __restrict_
 // 32 (w / 2) .. +31 of the block; the two waves of a pair compute the same 32 x 32 score tile
 // (the duplicated QK^T costs d/8 extra MFMAs per 32 keys; in exchange there is no cross-wave
 // softmax exchange and no final merge) and split the output columns: wave w % 2 owns the
-// 32-column tiles t = w % 2, w % 2 + 2, ... (at most 4 at d_v = 256: 64 accumulators, AGPRs on
-// gfx90a).
+// 32-column tiles t = w % 2, w % 2 + 2, ..., two per pass of 128 columns (32 accumulators).
 //
 // Transposed products keep the query on the MFMA's N (column) axis, i.e. on lane % 32:
 //   S^T[key][query] = K Q^T:  A = K tile (row = key, k = dim) from LDS, B = Q^T (col = query,
@@ -327,7 +315,11 @@ __device__ __forceinline__ uint2 pack4(float a, float b, float c, float d) {
     return r;
 }
 
-// NB: bucket of d / 16 (k-steps of 8 = 2 NB), as for the SIMT kernel: no per-step branch.
+// One body for every d (NB = 16: Q^T fragments for d = 256 in 64 VGPRs): separate template
+// buckets inlined into one kernel pushed it past the SGPR file. QK^T runs in groups of 4 k-steps
+// (32 dims) behind block-uniform branches on d; d is re-read per chunk through an empty asm so
+// that the 8 guards are not hoisted out of the key loops as live SGPR masks (which spilled).
+// Output columns go in passes of 128 (2 tiles of 32 per wave): d_v > 128 recomputes S once.
 template <typename T> struct SplitP { static constexpr bool value = false; };
 template <> struct SplitP<hip_bfloat16> { static constexpr bool value = true; };
 template <> struct SplitP<__half> { static constexpr bool value = true; };
@@ -371,13 +363,6 @@ __device__ __forceinline__ void flash_attention_mfma_body(T* smem_t, const T* __
     }
 
     const int ntiles = (dv + 31) / 32;  // 32-column output tiles, split between the pair
-    float o[4][16];
-#pragma unroll
-    for (int ti = 0; ti < 4; ++ti)
-#pragma unroll
-        for (int r = 0; r < 16; ++r) o[ti][r] = 0.0f;
-    float m = -INFINITY, l = 0.0f;  // l: this lane's part of the row sum (keys 4 khalf + ...)
-
     const int ldk = d + 4, ldt = kn + 4;
     T* Ks = smem_t;
     T* Vt = Ks + kn * ldk;
@@ -393,146 +378,168 @@ __device__ __forceinline__ void flash_attention_mfma_body(T* smem_t, const T* __
     // (times q = 0): make them finite once.
     for (int i = tid; i < 4 * dv; i += blockDim.x) Vt[(i >> 2) * ldt + kn + (i & 3)] = zero;
     for (int i = tid; i < 4 * kn; i += blockDim.x) Ks[(i >> 2) * ldk + d + (i & 3)] = zero;  // K's padding columns too
-    for (int kt = blo; kt <= bhi; kt += kn) {
-        // Stage K as is and V transposed; 8 halves (16 bytes) per thread and step, the 256
-        // threads covering whole rows: coalesced global reads.
-        const int kc = d / 8, vc = dv / 8;
-        for (int idx = tid; idx < kn * kc; idx += blockDim.x) {
-            const int j = idx / kc, c = 8 * (idx % kc), key = kt + j;
-            uint4 w = make_uint4(0u, 0u, 0u, 0u);
-            if (key <= bhi) {
-                const T* src = kbase + key * kv_stride + c;
-                if (vec) {
-                    w = *reinterpret_cast<const uint4*>(src);
+    // Output columns in passes of 4 tiles (128 columns, 2 per wave): d_v > 128 walks the keys
+    // twice (recomputing S) instead of holding 64 accumulators per lane next to Q^T.
+#pragma nounroll
+    for (int pt = 0; pt < ntiles; pt += 4) {
+        float o[2][16];
+#pragma unroll
+        for (int ti = 0; ti < 2; ++ti)
+#pragma unroll
+            for (int r = 0; r < 16; ++r) o[ti][r] = 0.0f;
+        float m = -INFINITY, l = 0.0f;  // l: this lane's part of the row sum (keys 4 khalf + ...)
+        const int vc0 = 4 * pt, vc1 = min(dv / 8, 4 * (pt + 4));  // this pass's V columns, in 8s
+        for (int kt = blo; kt <= bhi; kt += kn) {
+            // Stage K as is and V transposed; 8 halves (16 bytes) per thread and step, the 256
+            // threads covering whole rows: coalesced global reads.
+            const int kc = d / 8, vc = vc1 - vc0;
+            for (int idx = tid; idx < kn * kc; idx += blockDim.x) {
+                const int j = idx / kc, c = 8 * (idx % kc), key = kt + j;
+                uint4 w = make_uint4(0u, 0u, 0u, 0u);
+                if (key <= bhi) {
+                    const T* src = kbase + key * kv_stride + c;
+                    if (vec) {
+                        w = *reinterpret_cast<const uint4*>(src);
+                    } else {
+                        T t[8];
+                        for (int e = 0; e < 8; ++e) t[e] = src[e];
+                        __builtin_memcpy(&w, t, sizeof(w));
+                    }
+                }
+                uint2* dst = reinterpret_cast<uint2*>(Ks + j * ldk + c);  // rows are 8-byte aligned
+                dst[0] = make_uint2(w.x, w.y);
+                dst[1] = make_uint2(w.z, w.w);
+            }
+            for (int idx = tid; idx < kn * vc; idx += blockDim.x) {
+                const int j = idx / vc, c = 8 * (vc0 + idx % vc), key = kt + j;
+                T t[8];
+                if (key <= bhi) {
+                    const T* src = vbase + key * v_stride + c;
+                    if (vec) {
+                        const uint4 w = *reinterpret_cast<const uint4*>(src);
+                        __builtin_memcpy(t, &w, sizeof(w));
+                    } else {
+                        for (int e = 0; e < 8; ++e) t[e] = src[e];
+                    }
                 } else {
-                    T t[8];
-                    for (int e = 0; e < 8; ++e) t[e] = src[e];
-                    __builtin_memcpy(&w, t, sizeof(w));
+                    for (int e = 0; e < 8; ++e) t[e] = zero;
                 }
+#pragma unroll
+                for (int e = 0; e < 8; ++e) Vt[(c + e) * ldt + j] = t[e];
             }
-            uint2* dst = reinterpret_cast<uint2*>(Ks + j * ldk + c);  // rows are 8-byte aligned
-            dst[0] = make_uint2(w.x, w.y);
-            dst[1] = make_uint2(w.z, w.w);
-        }
-        for (int idx = tid; idx < kn * vc; idx += blockDim.x) {
-            const int j = idx / vc, c = 8 * (idx % vc), key = kt + j;
-            T t[8];
-            if (key <= bhi) {
-                const T* src = vbase + key * v_stride + c;
-                if (vec) {
-                    const uint4 w = *reinterpret_cast<const uint4*>(src);
-                    __builtin_memcpy(t, &w, sizeof(w));
-                } else {
-                    for (int e = 0; e < 8; ++e) t[e] = src[e];
+            __syncthreads();
+
+            for (int c0 = 0; c0 < kn; c0 += MFMA_KEYS) {
+                const int key0 = kt + c0;
+                if (key0 > bhi) break;                                  // block-uniform
+                if (key0 > whi || key0 + MFMA_KEYS - 1 < wlo) continue;  // wave-uniform (both waves of the pair alike)
+                const int valid = min(MFMA_KEYS, kn - c0);              // keys of this tile in the chunk (16 when block_n = 16)
+
+                // S^T = K Q^T over d in k-steps of 8.
+                float sacc[16];
+#pragma unroll
+                for (int r = 0; r < 16; ++r) sacc[r] = 0.0f;
+                const bool krow_ok = col < valid;
+                const T* kr = Ks + (c0 + col) * ldk + 4 * khalf;
+                int dg = d;  // re-read per chunk: keeps the group guards from being hoisted out of the loops
+#ifndef HAL_SIM
+                asm volatile("" : "+s"(dg));
+#endif
+#pragma unroll
+                for (int g = 0; g < NB / 2; ++g) {
+                    // Groups of 4 k-steps (32 dims) past d are skipped (block-uniform branch: one
+                    // kernel body serves every d); steps past d inside the last group read on
+                    // into the next row / V^T (finite) against a zero q fragment.
+                    if (32 * g < dg) {
+#pragma unroll
+                        for (int st = 4 * g; st < 4 * g + 4; ++st) {
+                            const uint2 a = krow_ok ? *reinterpret_cast<const uint2*>(kr + 8 * st) : make_uint2(0u, 0u);
+                            attn_mfma(sacc, a, qf[st], sacc, T());
+                        }
+                    }
                 }
-            } else {
-                for (int e = 0; e < 8; ++e) t[e] = zero;
-            }
-#pragma unroll
-            for (int e = 0; e < 8; ++e) Vt[(c + e) * ldt + j] = t[e];
-        }
-        __syncthreads();
 
-        for (int c0 = 0; c0 < kn; c0 += MFMA_KEYS) {
-            const int key0 = kt + c0;
-            if (key0 > bhi) break;                                  // block-uniform
-            if (key0 > whi || key0 + MFMA_KEYS - 1 < wlo) continue;  // wave-uniform (both waves of the pair alike)
-            const int valid = min(MFMA_KEYS, kn - c0);              // keys of this tile in the chunk (16 when block_n = 16)
-
-            // S^T = K Q^T over d in k-steps of 8.
-            float sacc[16];
+                // Scores of this lane's query, keys key0 + 8 (r / 4) + 4 khalf + r % 4.
+                float cm = -INFINITY;
 #pragma unroll
-            for (int r = 0; r < 16; ++r) sacc[r] = 0.0f;
-            const bool krow_ok = col < valid;
-            const T* kr = Ks + (c0 + col) * ldk + 4 * khalf;
-#pragma unroll
-            for (int st = 0; st < 2 * NB; ++st) {
-                // Steps past d read on into the next row / V^T (finite) against a zero q fragment.
-                const uint2 a = krow_ok ? *reinterpret_cast<const uint2*>(kr + 8 * st) : make_uint2(0u, 0u);
-                attn_mfma(sacc, a, qf[st], sacc, T());
-            }
-
-            // Scores of this lane's query, keys key0 + 8 (r / 4) + 4 khalf + r % 4.
-            float cm = -INFINITY;
-#pragma unroll
-            for (int r = 0; r < 16; ++r) {
-                const int off = 8 * (r >> 2) + 4 * khalf + (r & 3), key = key0 + off;
-                sacc[r] = off < valid && key >= lo && key <= hi ? attn_logit(sacc[r], scale, softcap) : -INFINITY;
-                cm = fmaxf(cm, sacc[r]);
-            }
-            cm = fmaxf(cm, __shfl_xor(cm, 32));  // the other 16 keys of this query are in lane ^ 32
-            const float m_new = fmaxf(m, cm), base = m_new == -INFINITY ? 0.0f : m_new;
-            const float alpha = __expf(m - base);
-            m = m_new;
-            l *= alpha;
-            // The MFMA consumes P in T. Rounding p once leaves an error of the size of the naive
-            // in-dtype reference's (judge ratios up to 0.9 for f16, 1.18 for bf16 with the row
-            // sum of the rounded values): p = hi + lo, both in T, through two PV MFMAs keeps P to
-            // ~16 (bf16) / ~22 (f16) bits for ~1.5x the MFMA work of QK^T + PV. (SplitP false
-            // gives the one-MFMA path: round p and sum the rounded values.)
-            uint2 pb[4], pl[4];
-#pragma unroll
-            for (int r = 0; r < 16; ++r) {
-                const float p = __expf(sacc[r] - base);
-                sacc[r] = kSplitP ? p : to_f32(from_f32<T>(p));
-                l += sacc[r];
-            }
-#pragma unroll
-            for (int kk = 0; kk < 4; ++kk) {
-                float hi[4], lo[4];
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    hi[e] = to_f32(from_f32<T>(sacc[4 * kk + e]));
-                    lo[e] = sacc[4 * kk + e] - hi[e];
+                for (int r = 0; r < 16; ++r) {
+                    const int off = 8 * (r >> 2) + 4 * khalf + (r & 3), key = key0 + off;
+                    sacc[r] = off < valid && key >= lo && key <= hi ? attn_logit(sacc[r], scale, softcap) : -INFINITY;
+                    cm = fmaxf(cm, sacc[r]);
                 }
-                pb[kk] = pack4<T>(hi[0], hi[1], hi[2], hi[3]);
-                pl[kk] = kSplitP ? pack4<T>(lo[0], lo[1], lo[2], lo[3]) : make_uint2(0u, 0u);
-            }
+                cm = fmaxf(cm, __shfl_xor(cm, 32));  // the other 16 keys of this query are in lane ^ 32
+                const float m_new = fmaxf(m, cm), base = m_new == -INFINITY ? 0.0f : m_new;
+                const float alpha = __expf(m - base);
+                m = m_new;
+                l *= alpha;
+                // The MFMA consumes P in T. Rounding p once leaves an error of the size of the naive
+                // in-dtype reference's (judge ratios up to 0.9 for f16, 1.18 for bf16 with the row
+                // sum of the rounded values): p = hi + lo, both in T, through two PV MFMAs keeps P to
+                // ~16 (bf16) / ~22 (f16) bits for ~1.5x the MFMA work of QK^T + PV. (SplitP false
+                // gives the one-MFMA path: round p and sum the rounded values.)
+                uint2 pb[4], pl[4];
+#pragma unroll
+                for (int r = 0; r < 16; ++r) {
+                    const float p = __expf(sacc[r] - base);
+                    sacc[r] = kSplitP ? p : to_f32(from_f32<T>(p));
+                    l += sacc[r];
+                }
+#pragma unroll
+                for (int kk = 0; kk < 4; ++kk) {
+                    float hi[4], lo[4];
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        hi[e] = to_f32(from_f32<T>(sacc[4 * kk + e]));
+                        lo[e] = sacc[4 * kk + e] - hi[e];
+                    }
+                    pb[kk] = pack4<T>(hi[0], hi[1], hi[2], hi[3]);
+                    pl[kk] = kSplitP ? pack4<T>(lo[0], lo[1], lo[2], lo[3]) : make_uint2(0u, 0u);
+                }
 
-            // O^T += V^T P^T for this wave's column tiles.
+                // O^T += V^T P^T for this wave's column tiles.
 #pragma unroll
-            for (int ti = 0; ti < 4; ++ti) {
-                const int t = 2 * ti + half;
-                if (t < ntiles) {  // wave-uniform
+                for (int ti = 0; ti < 2; ++ti) {
+                    const int t = pt + 2 * ti + half;
+                    if (t < ntiles) {  // wave-uniform
 #pragma unroll
-                    for (int r = 0; r < 16; ++r) o[ti][r] *= alpha;
-                    const int vcol = 32 * t + col;
-                    const T* vr = Vt + vcol * ldt + c0 + 4 * khalf;
+                        for (int r = 0; r < 16; ++r) o[ti][r] *= alpha;
+                        const int vcol = 32 * t + col;
+                        const T* vr = Vt + vcol * ldt + c0 + 4 * khalf;
 #pragma unroll
-                    for (int kk = 0; kk < 4; ++kk) {
-                        if (8 * kk < valid) {  // uniform
-                            const uint2 a = vcol < dv ? *reinterpret_cast<const uint2*>(vr + 8 * kk) : make_uint2(0u, 0u);
-                            attn_mfma(o[ti], a, pb[kk], o[ti], T());
-                            if (kSplitP) attn_mfma(o[ti], a, pl[kk], o[ti], T());
+                        for (int kk = 0; kk < 4; ++kk) {
+                            if (8 * kk < valid) {  // uniform
+                                const uint2 a = vcol < dv ? *reinterpret_cast<const uint2*>(vr + 8 * kk) : make_uint2(0u, 0u);
+                                attn_mfma(o[ti], a, pb[kk], o[ti], T());
+                                if (kSplitP) attn_mfma(o[ti], a, pl[kk], o[ti], T());
+                            }
                         }
                     }
                 }
             }
+            __syncthreads();
         }
-        __syncthreads();
-    }
 
-    l += __shfl_xor(l, 32);
-    if (!row_ok) return;
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    // O^T D layout: lane holds columns 32 t + 8 (r / 4) + 4 khalf + r % 4 of its query: 4
-    // consecutive columns per r / 4, stored as one 8-byte write.
-    T* orow = out + ((s.q_tok0 + qi) * heads_q + h) * (long long)dv;
+        l += __shfl_xor(l, 32);
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        // O^T D layout: lane holds columns 32 t + 8 (r / 4) + 4 khalf + r % 4 of its query: 4
+        // consecutive columns per r / 4, stored as one 8-byte write.
+        T* orow = out + ((s.q_tok0 + qi) * heads_q + h) * (long long)dv;
 #pragma unroll
-    for (int ti = 0; ti < 4; ++ti) {
-        const int t = 2 * ti + half;
-        if (t >= ntiles) continue;
+        for (int ti = 0; ti < 2; ++ti) {
+            const int t = pt + 2 * ti + half;
+            if (!row_ok || t >= ntiles) continue;
 #pragma unroll
-        for (int rb = 0; rb < 4; ++rb) {
-            const int c = 32 * t + 8 * rb + 4 * khalf;
-            if (c < dv) {
-                const uint2 w = pack4<T>(o[ti][4 * rb] * inv, o[ti][4 * rb + 1] * inv, o[ti][4 * rb + 2] * inv, o[ti][4 * rb + 3] * inv);
-                if ((reinterpret_cast<unsigned long long>(out) & 7) == 0) {
-                    *reinterpret_cast<uint2*>(orow + c) = w;
-                } else {
-                    T t4[4];
-                    __builtin_memcpy(t4, &w, sizeof(w));
-                    for (int e = 0; e < 4; ++e) orow[c + e] = t4[e];
+            for (int rb = 0; rb < 4; ++rb) {
+                const int c = 32 * t + 8 * rb + 4 * khalf;
+                if (c < dv) {
+                    const uint2 w = pack4<T>(o[ti][4 * rb] * inv, o[ti][4 * rb + 1] * inv, o[ti][4 * rb + 2] * inv, o[ti][4 * rb + 3] * inv);
+                    if ((reinterpret_cast<unsigned long long>(out) & 7) == 0) {
+                        *reinterpret_cast<uint2*>(orow + c) = w;
+                    } else {
+                        T t4[4];
+                        __builtin_memcpy(t4, &w, sizeof(w));
+                        for (int e = 0; e < 4; ++e) orow[c + e] = t4[e];
+                    }
                 }
             }
         }
@@ -549,11 +556,5 @@ __global__ __launch_bounds__(256) void flash_attention_mfma(const T* __restrict_
         dv % 16 || (block_n & ~7) < 8)
         return;
     T* smem_t = reinterpret_cast<T*>(smem);
-    const int nb = d / 16;
-    if (nb <= 2) flash_attention_mfma_body<T, 2>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
-    else if (nb <= 4) flash_attention_mfma_body<T, 4>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
-    else if (nb <= 6) flash_attention_mfma_body<T, 6>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
-    else if (nb <= 8) flash_attention_mfma_body<T, 8>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
-    else if (nb <= 12) flash_attention_mfma_body<T, 12>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
-    else flash_attention_mfma_body<T, 16>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
+    flash_attention_mfma_body<T, 16>(smem_t, q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v, scale, causal, window, softcap, block_n);
 }
