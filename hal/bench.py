@@ -12,11 +12,12 @@ from functools import lru_cache
 import numpy as np
 
 
-def median_time(fn, min_seconds=0.3, min_runs=5, max_runs=200, sync=None):
+def median_time(fn, min_seconds=0.3, min_runs=5, max_runs=200, sync=None, warmup=True):
     """Median wall time of fn() over repeated runs, after one warm-up call; `sync` waits for a device."""
     sync = sync or (lambda: None)
-    fn()
-    sync()
+    if warmup:
+        fn()
+        sync()
     times = []
     total = 0.0
     while len(times) < min_runs or (total < min_seconds and len(times) < max_runs):

@@ -186,11 +186,6 @@ class OpDef:
         return a
 
 
-def shape_of(x):
-    """Shape as a tuple, for error messages and checks."""
-    return tuple(x.shape)
-
-
 def random(rng, shape, dtype, scale=1.0):
     """Fresh random values of a hal dtype as a NumPy array, never zeros."""
     from .dtypes import to_numpy

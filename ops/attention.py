@@ -225,6 +225,11 @@ def _attention_cost(a):
     return flops, a["q"].nbytes + a["k"].nbytes + a["v"].nbytes + a["q"].nbytes
 
 
+def _abs_values(a, value_names):
+    """The arguments with the value tensors replaced by their absolute values."""
+    return {k: np.abs(v) if k in value_names else v for k, v in a.items()}
+
+
 attention = OpDef(
     name="attention",
     doc="attention(q, k, v, *, causal=False, scale=None, window=None, softcap=None, cu_seqlens_q=None, cu_seqlens_k=None): "
@@ -237,6 +242,8 @@ attention = OpDef(
     outputs=lambda a: [(_out_shape(a), name_of(a["q"].dtype))],
     reference=_attention_run,
     naive=lambda a, dtype: _attention_run(a, to_numpy(dtype), np.float32),
+    # fp32 accumulation of P V is accurate relative to P |V|, not to a result that cancels
+    magnitude=lambda a, refs: _attention_run(_abs_values(a, ("v",))),
     samples=_attention_samples,
     error_samples=_attention_errors,
     bench=_attention_bench,
@@ -378,6 +385,7 @@ paged_decode_attention = OpDef(
     outputs=lambda a: [((a["q"].shape[0], a["q"].shape[1], a["v_cache"].shape[-1]), name_of(a["q"].dtype))],
     reference=_paged_run,
     naive=lambda a, dtype: _paged_run(a, to_numpy(dtype), np.float32),
+    magnitude=lambda a, refs: _paged_run(_abs_values(a, ("v_cache",))),
     samples=_paged_samples,
     error_samples=_paged_errors,
     bench=lambda rng, dtype: _paged_args(rng, dtype, [4096] * 16 + [16384] * 4, 32, 8, 128, 16),

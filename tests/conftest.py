@@ -3,31 +3,13 @@ import pytest
 
 import hal
 from hal.dtypes import FLOATS
+from hal.testing import HostBackend
 
 
 @pytest.fixture
 def rng():
     """Fresh random inputs on every run (the seed is in the failure output through the fixture repr)."""
     return np.random.default_rng()
-
-
-class HostBackend(hal.Backend):
-    """A test backend on host memory; its kernels are whatever a test registers."""
-
-    def __init__(self, name, priority=-10):
-        self.name, self.priority = name, priority
-
-
-def reference_kernel(op):
-    """A kernel that computes the op's float64 reference and rounds it into the outputs."""
-
-    def kernel(outs, **args):
-        from hal.conformance import as_float64
-
-        for out, ref in zip(outs, op.reference(as_float64(args))):
-            out[...] = ref.astype(out.dtype)
-
-    return kernel
 
 
 @pytest.fixture

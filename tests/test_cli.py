@@ -8,7 +8,7 @@ import pytest
 
 import hal
 from hal.cli import main
-from conftest import reference_kernel
+from hal.testing import reference_kernel
 
 
 def run_json(capsys, *argv):

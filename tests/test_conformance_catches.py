@@ -4,7 +4,7 @@ import pytest
 
 import hal
 from hal import conformance
-from conftest import reference_kernel
+from hal.testing import reference_kernel
 
 
 def statuses(backend, op):

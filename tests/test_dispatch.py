@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hal
-from conftest import reference_kernel
+from hal.testing import reference_kernel
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ def test_checklist_in_every_format(tmp_path, capsys, backend):
 
 
 def test_checklist_shows_fallbacks_and_gpu_resources(make_backend):
-    from conftest import reference_kernel
+    from hal.testing import reference_kernel
 
     name = make_backend("half-ported", {"softmax": reference_kernel(hal.ops.softmax)}, dtypes=["float32"])
     c = checklist.build(name, ops=["softmax"])
@@ -44,7 +44,7 @@ def test_checklist_shows_fallbacks_and_gpu_resources(make_backend):
 
 
 def test_checklist_diff(tmp_path, make_backend, capsys):
-    from conftest import reference_kernel
+    from hal.testing import reference_kernel
 
     name = make_backend("growing", {"softmax": reference_kernel(hal.ops.softmax)}, dtypes=["float32"])
     old = tmp_path / "old.json"

@@ -365,19 +365,18 @@ def _ld_kv_impl(a, i):
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def _widen_paged(cache, table, b, j0, n, end, dst):
-    """dst[j, :] = float32(cache[block, slot, :]) for the keys j0 + j (j < n) of sequence b in a
-    paged cache [blocks, block_size, width]; then prefetches the next n keys before `end`
-    (scattered blocks: hardware prefetchers do not follow them)."""
+def _widen_paged(cache, table, b, h, j0, n, end, dst):
+    """dst[j, :] = float32(cache[block, slot, h, :]) for the keys j0 + j (j < n) of sequence b,
+    prefetching the next n keys before `end` (rows in scattered blocks: no hardware prefetch)."""
     bs = cache.shape[1]
     for j in range(n):
         key = j0 + j
-        row = cache[table[b, key // bs], key % bs]
+        row = cache[table[b, key // bs], key % bs, h]
         for p in range(row.shape[0]):
             dst[j, p] = _ld_kv(row, p)
     for j in range(n, min(2 * n, end - j0)):
         key = j0 + j
-        row = cache[table[b, key // bs], key % bs]
+        row = cache[table[b, key // bs], key % bs, h]
         for i in range(0, row.shape[0], 64 // row.itemsize):
             _prefetch(row, i)
 
@@ -420,40 +419,38 @@ def _partitions(seq_lens, size):
 # ---------------------------------------------------------------- paged_decode_attention
 
 _DECODE_PART = 512  # keys per partition: 32 partitions for a 16K sequence
-_DECODE_CHUNK = 16  # tokens widened to float32 at a time (K and V chunks of all heads in L2)
+_DECODE_CHUNK = 64  # keys widened to float32 at a time (K and V chunks in L1)
 
 
 @njit(cache=True, fastmath=_FM, error_model="numpy")
-def _paged_task(q, kc, vc, table, part, qk_scale, softcap, m_out, l_out, o_out):
-    """One partition (sequence b, keys j0:j1) for every head: unnormalized output o_out [heads, dv],
-    running max m_out and sum l_out. The caches come as [blocks, block_size, heads_kv * d]: keys
-    are widened a chunk of tokens at a time with all their KV heads, so the reads stream."""
+def _paged_task(q, kc, vc, table, part, kvh, qk_scale, softcap, m_out, l_out, o_out):
+    """One partition (sequence b, keys j0:j1) for the query heads of KV head kvh, unnormalized."""
     b, j0, j1 = part
-    hq, d = q.shape[1], q.shape[2]
-    hkv = kc.shape[2] // d
-    dv = vc.shape[2] // hkv
-    group = hq // hkv
-    qs = np.empty((hq, d), np.float32)
-    for h in range(hq):
+    group = q.shape[1] // kc.shape[2]
+    d, dv = q.shape[2], vc.shape[3]
+    h0 = kvh * group
+    qs = np.empty((group, d), np.float32)
+    for g in range(group):
         for p in range(d):
-            qs[h, p] = _ld(q[b, h], p) * qk_scale
-    kb = np.empty((_DECODE_CHUNK, hkv * d), np.float32)
-    vb = np.empty((_DECODE_CHUNK, hkv * dv), np.float32)
+            qs[g, p] = _ld(q[b, h0 + g], p) * qk_scale
+    kb = np.empty((_DECODE_CHUNK, d), np.float32)
+    vb = np.empty((_DECODE_CHUNK, dv), np.float32)
     sc = np.empty(_DECODE_CHUNK, np.float32)
-    m_out[:] = -np.inf
-    l_out[:] = 0.0
-    o_out[:, :] = 0.0
+    for g in range(group):
+        m_out[h0 + g] = -np.inf
+        l_out[h0 + g] = 0.0
+        o_out[h0 + g, :] = 0.0
     for c0 in range(j0, j1, _DECODE_CHUNK):
         n = min(_DECODE_CHUNK, j1 - c0)
-        _widen_paged(kc, table, b, c0, n, j1, kb)
-        _widen_paged(vc, table, b, c0, n, j1, vb)
-        for h in range(hq):
-            k0, v0 = h // group * d, h // group * dv
+        _widen_paged(kc, table, b, kvh, c0, n, j1, kb)
+        _widen_paged(vc, table, b, kvh, c0, n, j1, vb)
+        for g in range(group):
+            h = h0 + g
             top = m_out[h]
             for j in range(n):
                 acc = _F32(0.0)
                 for p in range(d):
-                    acc += qs[h, p] * kb[j, k0 + p]
+                    acc += qs[g, p] * kb[j, p]
                 if softcap > 0:
                     acc = softcap * math.tanh(acc / softcap)
                 sc[j] = acc
@@ -467,18 +464,19 @@ def _paged_task(q, kc, vc, table, part, qk_scale, softcap, m_out, l_out, o_out):
                 p = _exp(sc[j] - top)
                 total += p
                 for c in range(dv):
-                    o[c] += p * vb[j, v0 + c]
+                    o[c] += p * vb[j, c]
             m_out[h] = top
             l_out[h] = total
 
 
 @njit(**_KERNEL)
 def _paged_kernel(q, kc, vc, table, parts, order, bounds, qk_scale, softcap, part_m, part_l, part_o):
-    """Thread w runs the partitions order[bounds[w]:bounds[w + 1]]."""
+    """Thread w runs the (partition, KV head) items order[bounds[w]:bounds[w + 1]]."""
+    hkv = kc.shape[2]
     for w in prange(bounds.shape[0] - 1):
         for i in range(bounds[w], bounds[w + 1]):
-            t = order[i]
-            _paged_task(q, kc, vc, table, parts[t], qk_scale, softcap, part_m[t], part_l[t], part_o[t])
+            t, kvh = order[i] // hkv, order[i] % hkv
+            _paged_task(q, kc, vc, table, parts[t], kvh, qk_scale, softcap, part_m[t], part_l[t], part_o[t])
 
 
 def paged_decode_attention(outs, q, k_cache, v_cache, block_table, seq_lens, scale, softcap, k_scale, v_scale):
@@ -491,12 +489,12 @@ def paged_decode_attention(outs, q, k_cache, v_cache, block_table, seq_lens, sca
     k_scale = 1.0 if k_scale is None else k_scale
     v_scale = 1.0 if v_scale is None else v_scale
     parts, first = _partitions(seq_lens, _DECODE_PART)
-    order, bounds = _balance(parts[:, 2] - parts[:, 1])
+    hkv = k_cache.shape[2]
+    order, bounds = _balance(np.repeat(parts[:, 2] - parts[:, 1], hkv))
     part_m = np.empty((len(parts), hq), np.float32)
     part_l = np.empty((len(parts), hq), np.float32)
     part_o = np.empty((len(parts), hq, v_cache.shape[-1]), np.float32)
-    kc, vc = (_raw_kv(c).reshape(c.shape[0], c.shape[1], -1) for c in (k_cache, v_cache))
-    _paged_kernel(_raw(q), kc, vc, block_table, parts, order.astype(np.int64), bounds,
+    _paged_kernel(_raw(q), _raw_kv(k_cache), _raw_kv(v_cache), block_table, parts, order.astype(np.int64), bounds,
                   _F32(scale * k_scale), _F32(softcap or 0.0), part_m, part_l, part_o)
     _merge_kernel(part_m, part_l, part_o, first, _raw(out), _F32(v_scale))
 
@@ -533,8 +531,8 @@ def _mla_task(q_nope, q_pe, latent, k_pe, table, part, scale, m_out, l_out, o_ou
     alpha = np.empty(mp, np.float32)
     for c0 in range(j0, j1, _BN):
         n = min(_BN, j1 - c0)
-        _widen_paged(latent, table, b, c0, n, j1, kt)
-        _widen_paged(k_pe, table, b, c0, n, j1, kt[:, dl:])
+        _widen_paged(latent.reshape(latent.shape[0], latent.shape[1], 1, dl), table, b, 0, c0, n, j1, kt)
+        _widen_paged(k_pe.reshape(k_pe.shape[0], k_pe.shape[1], 1, d - dl), table, b, 0, c0, n, j1, kt[:, dl:])
         vt[:n, :dl] = kt[:n, :dl]
         _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, c0, False, scale, _F32(0.0))
     for h in range(heads):

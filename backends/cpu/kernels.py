@@ -6,12 +6,14 @@ is what tells a compiled specialization which format it holds; ``_ld`` widens an
 float32 and ``_st`` narrows a float32 into one (round to nearest even), chosen at compile time
 from the array's dtype, so each op has one kernel body for every mix of dtypes.
 
-This module imports only numpy, numba, ml_dtypes and math so it can be tested on its own.
+This module imports only numpy, numba (and its llvmlite), ml_dtypes and math so it can be tested on its own.
 """
 import math
 
+import llvmlite.binding as llvm
 import ml_dtypes
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
@@ -58,6 +60,20 @@ def _bits_f32(typingctx, x):
 
 # Exact float16 -> float32 table, built once at import (Numba embeds it as a constant).
 _F16_TO_F32 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+_HAS_F16C = "f16c" in llvm.get_host_cpu_features().flatten()
+
+
+@intrinsic
+def _f16_f32(typingctx, x):
+    """float16 bits (uint16) -> float32 as an LLVM fpext from half: exact (a signalling NaN comes
+    back quiet); only used when the host has F16C, else LLVM would call a runtime helper."""
+    if x != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(x), codegen
 
 
 @njit(**_HELPER)
@@ -102,6 +118,8 @@ def _ld_impl(a, i):
     if a.dtype == types.float32:
         return lambda a, i: a[i]
     if a.dtype == types.uint16:
+        if _HAS_F16C:  # one vcvtph2ps per vector instead of a gather from the table
+            return lambda a, i: _f16_f32(a[i])
         return lambda a, i: _F16_TO_F32[a[i]]
     if a.dtype == types.int16:  # bfloat16 is the top half of a float32: a shift is exact
         return lambda a, i: _bits_f32(_U32(np.uint16(a[i])) << _U32(16))
@@ -414,19 +432,96 @@ def _widen_kernel(src, dst):
             dst[r, j] = _ld(src, (r, j))
 
 
+@njit(**_HELPER)
+def _epilogue(v, out, bias, c, alpha, beta, act, r, j):
+    """out[r, j] = act(alpha * v + bias[j]) + beta * c[r, j], v the float32 accumulator."""
+    v *= alpha
+    if bias is not None:
+        v += _ld(bias, j)
+    v = _activate(v, act)
+    if c is not None:
+        v += beta * _ld(c, (r, j))
+    _st(out, (r, j), v)
+
+
 @njit(**_KERNEL)
 def _gemm_epilogue_kernel(acc, out, bias, c, alpha, beta, act):
     """out = act(alpha * acc + bias) + beta * c in one pass; acc may be out itself (float32)."""
     rows, cols = out.shape
     for r in prange(rows):
         for j in range(cols):
-            v = acc[r, j] * alpha
-            if bias is not None:
-                v += _ld(bias, j)
-            v = _activate(v, act)
-            if c is not None:
-                v += beta * _ld(c, (r, j))
-            _st(out, (r, j), v)
+            _epilogue(acc[r, j], out, bias, c, alpha, beta, act, r, j)
+
+
+# Inner loops of the small-M gemm on contiguous 1-D slices, so LLVM vectorizes them.
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def _widen_into(src, dst):
+    for i in range(dst.shape[0]):
+        dst[i] = _ld(src, i)
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def _axpy4(s, r, y):
+    """y += s[0] * r[0] + ... + s[3] * r[3]: four rows of b per pass over the accumulator row,
+    which keeps the loop from being bound by its loads and stores of y."""
+    s0, s1, s2, s3 = s[0], s[1], s[2], s[3]
+    r0, r1, r2, r3 = r[0], r[1], r[2], r[3]
+    for j in range(y.shape[0]):
+        y[j] += s0 * r0[j] + s1 * r1[j] + s2 * r2[j] + s3 * r3[j]
+
+
+@njit(cache=True, fastmath=_FM, error_model="numpy")
+def _dot4(x, c):
+    """x . c[0], ..., x . c[3]: four columns of b per pass over the row x of a."""
+    s0 = s1 = s2 = s3 = _F32(0.0)
+    c0, c1, c2, c3 = c[0], c[1], c[2], c[3]
+    for p in range(x.shape[0]):
+        s0 += x[p] * c0[p]
+        s1 += x[p] * c1[p]
+        s2 += x[p] * c2[p]
+        s3 += x[p] * c3[p]
+    return s0, s1, s2, s3
+
+
+@njit(**_KERNEL)
+def _gemm_small_m_kernel(a, b, ld, trans, out, bias, c, alpha, beta, act, block):
+    """gemm for a few rows: a [M, K] float32 (contiguous), b [K, N] read once in its own format
+    from the flat raw buffer b (element [p, j] at p * ld + j, or at j * ld + p if trans), parallel
+    over blocks of `block` columns of N. Four rows (columns if trans) of b at a time are widened
+    into a float32 buffer and used by all M rows of a; float32 accumulation, fused epilogue."""
+    m, k = a.shape
+    n = out.shape[1]
+    for blk in prange((n + block - 1) // block):
+        j0 = blk * block
+        w = min(block, n - j0)
+        acc = np.zeros((m, w), np.float32)
+        if trans:  # columns of b contiguous: dot products with the rows of a
+            buf = np.zeros((4, k), np.float32)
+            for j in range(0, w, 4):
+                q4 = min(4, w - j)
+                for q in range(q4):
+                    base = (j0 + j + q) * ld
+                    _widen_into(b[base:base + k], buf[q])
+                for i in range(m):
+                    d = _dot4(a[i], buf)
+                    for q in range(q4):
+                        acc[i, j + q] = d[q]
+        else:  # rows of b contiguous: acc[i] += a[i, p] * b[p, j0:j0 + w]
+            buf = np.empty((4, w), np.float32)
+            s = np.zeros(4, np.float32)  # s[p4:] stays 0 in the K % 4 tail
+            for p in range(0, k, 4):
+                p4 = min(4, k - p)
+                for q in range(p4):
+                    base = (p + q) * ld + j0
+                    _widen_into(b[base:base + w], buf[q])
+                buf[p4:] = 0  # K % 4 tail: zero terms (stale rows could hold inf: 0 * inf = NaN)
+                for i in range(m):
+                    for q in range(p4):
+                        s[q] = a[i, p + q]
+                    _axpy4(s, buf, acc[i])
+        for i in range(m):
+            for j in range(w):
+                _epilogue(acc[i, j], out, bias, c, alpha, beta, act, i, j0 + j)
 
 
 # ---------------------------------------------------------------- public entry points
@@ -442,10 +537,50 @@ def _as_f32(a):
     return dst
 
 
+def _flat(b):
+    """b [K, N] as (flat raw 1-D view, leading dimension, transposed) when its rows or its columns
+    are contiguous with non-negative strides (row-major, column-major, or a slice of either), else None."""
+    raw = _raw(b)
+    (k, n), size = raw.shape, raw.itemsize
+    s0, s1 = raw.strides[0] // size, raw.strides[1] // size
+    if raw.flags.c_contiguous or raw.flags.f_contiguous:  # strides of length-1 axes may be anything
+        s0, s1 = (n, 1) if raw.flags.c_contiguous else (1, k)
+    if min(s0, s1) < 0 or raw.strides[0] % size or raw.strides[1] % size:
+        return None
+    if s1 == 1:
+        trans, ld = False, s0
+    elif s0 == 1:
+        trans, ld = True, s1
+    else:
+        return None
+    span = (k - 1) * s0 + (n - 1) * s1 + 1 if k and n else 0
+    return np.lib.stride_tricks.as_strided(raw, (span,), (size,), writeable=False), ld, trans
+
+
+# Largest M that takes the small-M kernel (b read once in its own format) instead of widening b
+# to float32 for BLAS. Measured on 2 AVX-512 cores, K x N = 2048 x 3072 / 5632 x 2048: bfloat16
+# M = 1 / 16 took 0.3 / 2 ms against ~8 ms for widen + BLAS; past M ~ 24 BLAS catches up. float32
+# stays on BLAS: OpenBLAS's gemv/gemm is as fast or faster there (M = 1: 0.24 vs 0.6 ms).
+_SMALL_M = {np.dtype(np.float32): 0, np.dtype(np.float16): 16, _BF16: 16}
+# Columns of N per task (measured): row-major b reads 2-4 KB runs of each row (shorter ones ran
+# slower), the [M, block] accumulator stays in L2; transposed b needs only a few columns per task.
+_SMALL_M_BLOCK = 1024
+_SMALL_M_BLOCK_T = 64
+
+
 def gemm(outs, a, b, bias, c, *, activation, alpha, beta, out_dtype=None):
-    """out = act(alpha * (a @ b) + bias) + beta * c; the matmul core is float32 BLAS (out_dtype is outs[0].dtype)."""
+    """out = act(alpha * (a @ b) + bias) + beta * c; the matmul core is float32 BLAS (out_dtype is outs[0].dtype),
+    or for a few rows of a a Numba kernel that reads b once in its own format."""
     (out,) = outs
     act = _ACTIVATIONS[activation]
+    m = a.shape[0]
+    flat = _flat(b) if 0 < m <= _SMALL_M.get(b.dtype, 0) else None
+    if flat is not None:
+        a32 = np.ascontiguousarray(_as_f32(a))
+        block = _SMALL_M_BLOCK_T if flat[2] else _SMALL_M_BLOCK
+        _gemm_small_m_kernel(a32, flat[0], flat[1], flat[2], _raw(out), _raw(bias), _raw(c), _F32(alpha), _F32(beta),
+                             act, block)
+        return
     a32, b32 = _as_f32(a), _as_f32(b)
     if out.dtype == np.float32:
         np.matmul(a32, b32, out=out)

@@ -50,11 +50,6 @@ def name_expressions(family, arch):
     return instantiations(CUDA, family, arch)
 
 
-def all_name_expressions(archs=ARCHS):
-    """{family: {arch: [name expressions]}} for the whole matrix."""
-    return {family: {arch: name_expressions(family, arch) for arch in archs} for family in FAMILIES}
-
-
 # ---------------------------------------------------------------- locating NVRTC and its headers
 
 

@@ -316,6 +316,17 @@ def candidate_kernel(vendor, registry, backend, op, path):
     return partial(kernel.glue, ex)
 
 
-def register_vendor(registry, vendor):
-    register(registry, DeviceBackend(vendor))
-    register(registry, SimBackend(vendor))
+def vendor_hooks(vendor):
+    """The plugin hooks of one vendor's package: its device backend and its emulated twin."""
+    from hal.registry import hookimpl, registry
+
+    @hookimpl
+    def hal_register(registry):
+        register(registry, DeviceBackend(vendor))
+        register(registry, SimBackend(vendor))
+
+    @hookimpl
+    def hal_candidate_kernel(backend, op, path):
+        return candidate_kernel(vendor, registry(), backend, op, path)
+
+    return hal_register, hal_candidate_kernel

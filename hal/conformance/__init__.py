@@ -90,7 +90,8 @@ def compare(op, a, outs, refs, mags, naive=None):
     """(worst error/tolerance ratio, largest |error|, message on the worst element) over the outputs.
 
     With `naive` (the outputs computed naively in the kernel's dtype), an output row may be off by
-    twice the naive computation's largest error in that row, plus the dtype's atol and fp32 noise."""
+    twice the naive computation's largest error in that row, plus the dtype's atol and the fp32
+    noise floor relative to the op's magnitude."""
     growth = op.growth(a) if op.growth else 1.0
     worst, largest, message = 0.0, 0.0, ""
     for i, (out, ref, mag) in enumerate(zip(outs, refs, mags)):
@@ -110,7 +111,7 @@ def compare(op, a, outs, refs, mags, naive=None):
         rtol, atol = TOLERANCE[dtype]
         if naive is not None:
             naive_err = np.abs(naive[i].astype(np.float64) - ref).max(axis=-1, keepdims=True, initial=0.0)
-            tol = 2.0 * naive_err + atol + TOLERANCE["float32"][0] * np.abs(ref)
+            tol = 2.0 * naive_err + atol + TOLERANCE["float32"][0] * growth * np.abs(mag)
         else:
             tol = atol + rtol * np.abs(ref) + TOLERANCE["float32"][0] * growth * np.abs(mag)
         with np.errstate(invalid="ignore"):
