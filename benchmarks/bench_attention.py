@@ -6,7 +6,7 @@
   kernel): GQA 32/8 heads, d 128, seq 4096 and 16384, causal and not, fp32 and bf16; median ms,
   torch/hal, tokens/s, achieved GFLOP/s.
 - extra memory of one attention call at seq 32768, 8 heads, d 128, measured as peak RSS growth in
-  a fresh process (inputs and output excluded), for hal and for torch.
+  a fresh process (Linux VmHWM, reset before the call; inputs and output excluded), for hal and torch.
 - paged_decode_attention and mla_decode: GB/s of KV cache read against the machine's measured
   copy bandwidth.
 """
@@ -25,19 +25,27 @@ from hal.opdef import as_torch
 from hal.ops.attention import _attention_bench
 
 MEMORY_PROBE = """
-import resource, sys, numpy as np, hal, torch
+import sys, numpy as np, hal, torch
 from hal.opdef import as_torch
 from hal.ops.attention import _dense
+
+def status(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)) / 1024
+
+small = _dense(np.random.default_rng(1), "float32", 1, 64, 64, 8, 8, 128, causal=False)
+hal.ops.attention(**small)  # load the kernels (Numba, LLVM) and warm torch before measuring
+torch.nn.functional.scaled_dot_product_attention(*(as_torch(small)[n].transpose(1, 2) for n in ("q", "k", "v")))
 args = _dense(np.random.default_rng(0), "float32", 1, 32768, 32768, 8, 8, 128, causal=False)
 t = as_torch(args)
 q, k, v = (t[n].transpose(1, 2) for n in ("q", "k", "v"))
-out = np.empty_like(args["q"])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out_mb = args["q"].nbytes / 2**20
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+before = status("VmRSS:")
 if sys.argv[1] == "hal":
     hal.ops.attention(**args)
 else:
     torch.nn.functional.scaled_dot_product_attention(q, k, v)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024 - out.nbytes / 2**20)
+print(status("VmHWM:") - before - out_mb)
 """
 
 

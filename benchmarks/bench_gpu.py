@@ -46,7 +46,7 @@ def main():
     for name, op in hal.ops.ALL.items():
         for dtype in ("float32", "bfloat16", "float16"):
             host = op.bench(rng, dtype)
-            on_device = as_torch(host, "cuda")
+            on_device = as_torch(op.validate(op.bind((), host)), "cuda")
             ours = median_time(lambda: op(**on_device, backend=args.backend), sync=sync)
             theirs = median_time(op.torch_peer(on_device), sync=sync)
             flops, nbytes = op.cost(host)

@@ -34,7 +34,7 @@ def roofline():
     """{'bandwidth_gbs': STREAM copy GB/s, 'gemm_tflops': fp32 BLAS GEMM TFLOP/s}, measured once per process."""
     import numba
 
-    @numba.njit(parallel=True, cache=True)
+    @numba.njit(parallel=True)  # compiled once per process: cheap, and keeps no cache of its own
     def copy(src, dst):
         for i in numba.prange(src.size):
             dst[i] = src[i]
@@ -66,7 +66,8 @@ def bench_op(op, dtype="float32", backend=None, vs_torch=False, args=None, seed=
     if vs_torch:
         from .opdef import as_torch
 
-        torch_seconds = median_time(op.torch_peer(as_torch(args)))
+        normalized = op.validate(op.bind((), args))  # rotary_dim filled in, dim made non-negative, ...
+        torch_seconds = median_time(op.torch_peer(as_torch(normalized)))
         row["torch_ms"] = torch_seconds * 1e3
         row["speedup_vs_torch"] = torch_seconds / seconds
     return row

@@ -10,10 +10,12 @@ from hal import checklist
 from hal.cli import main
 
 
-@pytest.mark.parametrize("backend", ["cpu", "cuda-sim", "rocm-sim"])
+@pytest.mark.parametrize("backend", ["cpu", "cuda-sim", "rocm-sim", "opencl"])
 def test_checklist_in_every_format(tmp_path, capsys, backend):
+    if backend not in hal.registry().backends:
+        pytest.skip(f"{backend} not installed (pip install -e plugins/opencl)")
     if not hal.registry().entry(backend).status[0]:
-        pytest.skip(f"{backend} unavailable")
+        pytest.skip(f"{backend} unavailable: {hal.registry().entry(backend).status[1]}")
     for fmt, name in (("json", "c.json"), ("markdown", "c.md"), ("html", "c.html")):
         assert main(["checklist", backend, "--op", "softmax", "--format", fmt, "--out", str(tmp_path / name)]) == 0
     c = json.loads((tmp_path / "c.json").read_text())
@@ -70,6 +72,8 @@ def test_scaffolded_backend_installs_and_passes_its_own_conformance(tmp_path):
         names = {b["name"]: b for b in json.loads(listed.stdout)}
         assert names["acme_npu"]["available"] and names["acme_npu"]["plugin"] == "acme_npu"
         assert "cpu" in names  # the built-in plugins and the new one coexist in one process
+        if "opencl" in hal.registry().backends:
+            assert names["opencl"]["plugin"] == "opencl"  # and so does the out-of-tree OpenCL plugin
     finally:
         subprocess.run([sys.executable, "-m", "pip", "uninstall", "-y", "-q", "hal-acme_npu"], capture_output=True, timeout=300)
 

@@ -162,6 +162,14 @@ def _softmax_tile(s, n, rows, lo, hi, j0, masked, scale, softcap, m, l, alpha):
             l[r] += p
 
 
+@njit(cache=True)
+def _tile_state(d, dvp, mp):
+    """Per-task buffers of the online softmax: K and V tiles (keys x dims), scores, the transposed
+    output accumulator, running max and sum of each query row, and the rescale factors."""
+    return (np.zeros((_BN, d), np.float32), np.zeros((_BN, dvp), np.float32), np.empty((_BN, mp), np.float32),
+            np.zeros((dvp, mp), np.float32), np.full(mp, -np.inf, np.float32), np.zeros(mp, np.float32), np.empty(mp, np.float32))
+
+
 @njit(cache=True, fastmath=_FM, error_model="numpy")
 def _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, j0, masked, scale, softcap):
     """One key tile of the online softmax: keys j0 .. j0 + n - 1 in kt [>= n, d] and
@@ -237,13 +245,7 @@ def _attention_task(q, k, v, out, task, scale, causal, window, softcap):
         lo[r], hi[r] = _visible(i0 + r % bm + sk - sq, sk, causal, window)
     k_lo, k_hi = lo[:rows].min(), hi[:rows].max()
     all_lo, all_hi = lo[:rows].max(), hi[:rows].min()  # keys in [all_lo, all_hi) are seen by every row
-    kt = np.zeros((_BN, d), np.float32)
-    vt = np.zeros((_BN, dvp), np.float32)
-    s = np.empty((_BN, mp), np.float32)
-    o = np.zeros((dvp, mp), np.float32)
-    m = np.full(mp, -np.inf, np.float32)
-    l = np.zeros(mp, np.float32)
-    alpha = np.empty(mp, np.float32)
+    kt, vt, s, o, m, l, alpha = _tile_state(d, dvp, mp)
     for j0 in range(k_lo, k_hi, _BN):
         n = min(_BN, k_hi - j0)
         _widen_rows(k, ks0 + j0, kvh, n, kt)
@@ -522,13 +524,7 @@ def _mla_task(q_nope, q_pe, latent, k_pe, table, part, scale, m_out, l_out, o_ou
     lo = np.zeros(mp, np.int64)
     hi = np.zeros(mp, np.int64)
     hi[:heads] = j1
-    kt = np.zeros((_BN, d), np.float32)
-    vt = np.zeros((_BN, dvp), np.float32)
-    s = np.empty((_BN, mp), np.float32)
-    o = np.zeros((dvp, mp), np.float32)
-    m = np.full(mp, -np.inf, np.float32)
-    l = np.zeros(mp, np.float32)
-    alpha = np.empty(mp, np.float32)
+    kt, vt, s, o, m, l, alpha = _tile_state(d, dvp, mp)
     for c0 in range(j0, j1, _BN):
         n = min(_BN, j1 - c0)
         _widen_paged(latent.reshape(latent.shape[0], latent.shape[1], 1, dl), table, b, 0, c0, n, j1, kt)
