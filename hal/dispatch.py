@@ -205,15 +205,14 @@ def dispatch(op, a, requested=None):
     op.validate(a)
     kernel, be = select(op, a, requested)
     like = a[op.primary]
-    native = {}
+    native = dict(a)  # attributes pass as they are; tensors go through the backend
     for t in op.tensors:
-        x = a[t.name]
-        native[t.name] = None if x is None else be.to_native(x, kernel.contiguous)
-    for p in op.attrs:
-        native[p.name] = a[p.name]
+        x = native[t.name]
+        if x is not None:
+            native[t.name] = be.to_native(x, kernel.contiguous)
     make = be.poisoned if _poison[0] else be.empty
-    outs = tuple(make(shape, dtype) for shape, dtype in op.outputs(a))
+    outs = tuple([make(shape, dtype) for shape, dtype in op.outputs(a)])
     kernel.fn(outs, **native)
     if len(outs) == 1:
         return be.from_native(outs[0], like)
-    return tuple(be.from_native(y, like) for y in outs)
+    return tuple([be.from_native(y, like) for y in outs])

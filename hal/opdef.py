@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .arrays import device_type, is_tensor
+from .arrays import DLPACK_CPU, device_type, is_tensor
+from .dispatch import dispatch
 from .dtypes import FLOATS, name_of
 from .errors import SchemaError
 
@@ -128,8 +129,6 @@ class OpDef:
         return f"<hal op {self.name}{self.__signature__}>"
 
     def __call__(self, *args, backend=None, **kwargs):
-        from .dispatch import dispatch
-
         return dispatch(self, self.bind(args, kwargs), backend)
 
     def bind(self, args, kwargs):
@@ -153,7 +152,7 @@ class OpDef:
                 if not t.optional:
                     raise SchemaError(self.name, t.name, "a tensor", "None")
                 continue
-            if not is_tensor(x):
+            if type(x) is not np.ndarray and not is_tensor(x):  # the common case first: this runs on every call
                 raise SchemaError(self.name, t.name, "a NumPy array, torch tensor, CuPy array or DLPack producer", type(x).__name__)
             dtype = name_of(x.dtype)
             if dtype not in t.dtypes:
@@ -163,7 +162,7 @@ class OpDef:
                 raise SchemaError(self.name, t.name, f"rank {t.rank}", f"rank {ndim} with shape {_shape(x)}")
             if ndim < t.min_rank:
                 raise SchemaError(self.name, t.name, f"rank >= {t.min_rank}", f"rank {ndim}")
-            dev = device_type(x)
+            dev = DLPACK_CPU if type(x) is np.ndarray else device_type(x)
             if first_device is None:
                 first_device = dev
             elif dev != first_device:
