@@ -28,14 +28,10 @@ BACKEND_ITEMS = {
     "fp8": "fp8 flavour",
     "toolchain": "compiler toolchain",
 }
-STATUS_ORDER = ("native", "failing", "falls back", "missing", "untested")
 
 
-def _resources(kernel):
+def _resources(report, kernel):
     """Compile-report rows of the kernel file a GPU kernel was built from (empty for others)."""
-    from .backends.gpu import matrix
-
-    report, _ = matrix.load()
     if report is None or not kernel.source.endswith((".cu", ".hip")):
         return []
     name = os.path.basename(kernel.source)
@@ -56,8 +52,11 @@ def _resource_summary(rows):
 
 def build(backend, run_suite=True, seed=None, ops=None):
     """The checklist of one backend as a dict (the JSON format); `ops` limits the conformance run."""
+    from .backends.gpu import matrix
+
     reg = registry()
     entry = reg.entry(backend)
+    report, _ = matrix.load()
     available, reason = entry.status
     info = entry.backend.info() if available else {}
     info.setdefault("dlpack_device", entry.backend.device_type)
@@ -84,7 +83,7 @@ def build(backend, run_suite=True, seed=None, ops=None):
                 row["failures"] = [f"{r.case.sample.label}: {r.message}" for r in failed[:3]]
                 row["conditions"] = [k.requires for k in mine if k.requires]
                 row["sources"] = sorted({os.path.basename(k.source) for k in mine if k.source})
-                row["resources"] = _resource_summary([r for k in mine for r in _resources(k)])
+                row["resources"] = _resource_summary([r for k in mine for r in _resources(report, k)])
             elif dtype in cpu and backend != FALLBACK_BACKEND:
                 have = sorted({d for k in kernels for d in k.dtypes})
                 row["status"] = "falls back"
@@ -106,7 +105,7 @@ def build(backend, run_suite=True, seed=None, ops=None):
     }
 
 
-def _detail(p):
+def detail(p):
     if p["status"] == "falls back":
         return p["fallback"]
     if p["status"] == "missing":
@@ -127,14 +126,14 @@ def markdown(c):
              "a conformance run and the compile report", "", "| item | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in c["items"].items()]
     lines += ["", "| op | dtype | status | details |", "|---|---|---|---|"]
-    lines += [f"| {p['op']} | {p['dtype']} | {p['status']} | {_detail(p)} |" for p in c["pairs"]]
+    lines += [f"| {p['op']} | {p['dtype']} | {p['status']} | {detail(p)} |" for p in c["pairs"]]
     return "\n".join(lines) + "\n"
 
 
 def html_page(c):
     colors = {"native": "#d4f4d4", "failing": "#f8c8c8", "falls back": "#fbeec0", "missing": "#eeeeee", "untested": "#e0e8f8"}
     rows = "".join(f"<tr style='background:{colors[p['status']]}'><td>{html.escape(p['op'])}</td><td>{p['dtype']}</td>"
-                   f"<td>{p['status']}</td><td>{html.escape(_detail(p))}</td></tr>" for p in c["pairs"])
+                   f"<td>{p['status']}</td><td>{html.escape(detail(p))}</td></tr>" for p in c["pairs"])
     items = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in c["items"].items())
     return ("<!doctype html><html><head><meta charset='utf-8'><title>hal checklist: " + html.escape(c["backend"]) + "</title>"
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"

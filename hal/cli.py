@@ -17,9 +17,9 @@ def _print_json(data):
 def cmd_backends(args):
     import hal
 
-    rows = hal.list_backends()
     if args.kernels:
         return show_kernels(args.json)
+    rows = hal.list_backends()
     if args.json:
         return _print_json(rows)
     table = Table(title="hal backends")
@@ -225,7 +225,7 @@ def cmd_checklist(args):
     for col in ("op", "dtype", "status", "details"):
         table.add_column(col)
     for p in c["pairs"]:
-        table.add_row(p["op"], p["dtype"], f"[{colors[p['status']]}]{p['status']}[/]", checklist._detail(p))
+        table.add_row(p["op"], p["dtype"], f"[{colors[p['status']]}]{p['status']}[/]", checklist.detail(p))
     console.print(table)
     console.print(f"[bold]{c['summary']}[/]")
     return 0

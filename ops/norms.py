@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from hal.dtypes import FLOATS, name_of
+from hal.dtypes import name_of
 from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 

@@ -7,7 +7,7 @@ Dimensions from rotary_dim on pass through unchanged.
 """
 import numpy as np
 
-from hal.dtypes import FLOATS, INTS, name_of
+from hal.dtypes import INTS, name_of
 from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 

@@ -39,7 +39,6 @@ import shlex
 import shutil
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time

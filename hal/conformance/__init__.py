@@ -200,8 +200,9 @@ def evaluate_candidate(backend, op, path, seed=None):
     plugin = f"candidate:{stand_in.name}:{op.name}"
     register_plugin(Candidate(), plugin)
     try:
-        results = [run(c) for c in cases(stand_in.name, [op.name], seed)]
-        samples = [c.sample.args for c in cases(stand_in.name, [op.name], seed) if c.kind == "ordinary" and c.dtype == dtypes[0]]
+        suite = cases(stand_in.name, [op.name], seed)
+        results = [run(c) for c in suite]
+        samples = [c.sample.args for c in suite if c.kind == "ordinary" and c.dtype == dtypes[0]]
         largest = max(samples, key=lambda a: sum(v.nbytes for v in a.values() if isinstance(v, np.ndarray)))
         timings = {}
         with poisoned_outputs():
