@@ -11,10 +11,9 @@ import json
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 import hal
-from hal.bench import bench_op, roofline
+from hal.bench import bench_op, comparison_table, roofline
 from hal.ops.linear import _bench as gemm_args
 
 SHAPES = {
@@ -44,15 +43,7 @@ def main():
         for dtype in dtypes[:1] if args.quick else dtypes:
             op_args = build(rng, dtype) if build else op.bench(rng, dtype)
             rows.append({"shape": label, **bench_op(op, dtype, "cpu", vs_torch=True, args=op_args)})
-    table = Table(title=f"hal cpu vs torch {__import__('torch').__version__} (this machine: {peak['bandwidth_gbs']:.1f} GB/s copy, "
-                        f"{peak['gemm_tflops']:.3f} TFLOP/s fp32 BLAS)")
-    for col in ("op / shape", "dtype", "hal ms", "torch ms", "torch/hal", "hal throughput", "% roofline"):
-        table.add_column(col, justify="left" if col == "op / shape" else "right")
-    for r in rows:
-        ratio = r["speedup_vs_torch"]
-        table.add_row(r["shape"], r["dtype"], f"{r['ms']:.3f}", f"{r['torch_ms']:.3f}",
-                      f"[{'green' if ratio >= 1 else 'red'}]{ratio:.2f}x[/]", r["throughput"], f"{r['roofline_pct']:.0f}%")
-    Console().print(table)
+    Console().print(comparison_table(rows, f"hal cpu vs torch {__import__('torch').__version__}"))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"roofline": peak, "rows": rows}, f, indent=2)

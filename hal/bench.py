@@ -52,22 +52,43 @@ def roofline():
 def bench_op(op, dtype="float32", backend=None, vs_torch=False, args=None, seed=0):
     """Time one op at its benchmark shape (or `args`): median, throughput, % roofline, ratio vs torch."""
     args = args if args is not None else op.bench(np.random.default_rng(seed), dtype)
-    seconds = median_time(lambda: op(**args, backend=backend))
-    flops, nbytes = op.cost(args)
+    peer = None
+    if vs_torch:
+        from .opdef import as_torch
+
+        peer = op.torch_peer(as_torch(op.validate(op.bind((), args))))  # rotary_dim filled in, dim made non-negative, ...
+    return {"op": op.name, **bench_pair(lambda: op(**args, backend=backend), peer, *op.cost(args)), "dtype": dtype, "backend": backend or "auto"}
+
+
+def bench_pair(hal_fn, torch_fn, flops, nbytes):
+    """Median times of a hal callable (and its torch peer), with throughput and % of the roofline:
+    TFLOP/s of the fp32 GEMM peak when the work is above the machine balance, else GB/s of the copy bandwidth."""
+    seconds = median_time(hal_fn)
     peak = roofline()
-    compute_bound = flops / max(nbytes, 1) > peak["gemm_tflops"] * 1e3 / peak["bandwidth_gbs"]
-    row = {"op": op.name, "dtype": dtype, "backend": backend or "auto", "ms": seconds * 1e3}
-    if compute_bound:
+    row = {"ms": seconds * 1e3}
+    if flops / max(nbytes, 1) > peak["gemm_tflops"] * 1e3 / peak["bandwidth_gbs"]:
         row["throughput"] = f"{flops / seconds / 1e12:.3f} TFLOP/s"
         row["roofline_pct"] = 100 * flops / seconds / 1e12 / peak["gemm_tflops"]
     else:
         row["throughput"] = f"{nbytes / seconds / 1e9:.1f} GB/s"
         row["roofline_pct"] = 100 * nbytes / seconds / 1e9 / peak["bandwidth_gbs"]
-    if vs_torch:
-        from .opdef import as_torch
-
-        normalized = op.validate(op.bind((), args))  # rotary_dim filled in, dim made non-negative, ...
-        torch_seconds = median_time(op.torch_peer(as_torch(normalized)))
+    if torch_fn is not None:
+        torch_seconds = median_time(torch_fn)
         row["torch_ms"] = torch_seconds * 1e3
         row["speedup_vs_torch"] = torch_seconds / seconds
     return row
+
+
+def comparison_table(rows, title):
+    """A rich table of bench rows (with a "shape" label each) against torch, titled with the roofline."""
+    from rich.table import Table
+
+    peak = roofline()
+    table = Table(title=f"{title} (this machine: {peak['bandwidth_gbs']:.1f} GB/s copy, {peak['gemm_tflops']:.3f} TFLOP/s fp32 BLAS)")
+    for col in ("op / shape", "dtype", "hal ms", "torch ms", "torch/hal", "hal throughput", "% roofline"):
+        table.add_column(col, justify="left" if col == "op / shape" else "right")
+    for r in rows:
+        ratio = r["speedup_vs_torch"]
+        table.add_row(r["shape"], r["dtype"], f"{r['ms']:.3f}", f"{r['torch_ms']:.3f}",
+                      f"[{'green' if ratio >= 1 else 'red'}]{ratio:.2f}x[/]", r["throughput"], f"{r['roofline_pct']:.0f}%")
+    return table

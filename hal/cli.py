@@ -245,6 +245,15 @@ def cmd_new_backend(args):
     return 0
 
 
+def _default_bench_dtypes(op):
+    """float32 and bfloat16 where the op's cpu kernels take them, else the first dtype they declare
+    (the fp8 GEMMs dispatch on float8_e4m3fn, int8_gemm on int8)."""
+    import hal
+
+    declared = sorted({d for k in hal.registry().kernels.get((op.name, "cpu"), []) for d in k.dtypes})
+    return [d for d in ("float32", "bfloat16") if d in declared] or declared[:1]
+
+
 def cmd_bench(args):
     import hal
     from hal.bench import bench_op, roofline
@@ -253,7 +262,8 @@ def cmd_bench(args):
     if op is None:
         console.print(f"[red]unknown op {args.op!r}; ops: {', '.join(hal.ops.ALL)}[/]")
         return 2
-    rows = [bench_op(op, dtype, args.backend, args.vs == "torch") for dtype in args.dtype]
+    dtypes = args.dtype or _default_bench_dtypes(op)
+    rows = [bench_op(op, dtype, args.backend, args.vs == "torch") for dtype in dtypes]
     peak = roofline()
     if args.json:
         return _print_json({"roofline": peak, "results": rows})
@@ -272,13 +282,14 @@ def cmd_bench(args):
 def cmd_demo(args):
     from hal import demo
 
-    layer = demo.Layer(args.hidden, args.heads, args.kv_heads, args.head_dim, args.ffn)
+    layer = demo.Layer(args.hidden, args.heads, args.kv_heads, args.head_dim, args.ffn, args.experts, args.top_k)
     rows = demo.run(backend=args.backend, dtype=args.dtype, tokens=args.tokens, decode=args.decode, layer=layer, seed=args.seed)
     if args.json:
         _print_json(rows)
     else:
         table = Table(title=f"hal demo: decoder layer, {args.tokens} tokens prefill + {args.decode} decode, hidden {args.hidden}, "
-                            f"{args.heads}/{args.kv_heads} heads x {args.head_dim}, ffn {args.ffn}, {args.dtype}")
+                            f"{args.heads}/{args.kv_heads} heads x {args.head_dim}, shared ffn {args.ffn}, "
+                            f"{args.experts} experts top-{args.top_k} in fp8, {args.dtype}")
         for col in ("step", "ran on", "ms", "max |err|", "err/tol", "check", "fallback"):
             table.add_column(col)
         for r in rows:
@@ -292,7 +303,7 @@ def cmd_demo(args):
 
 
 def main(argv=None):
-    from hal.dtypes import FLOATS
+    from hal.dtypes import DTYPES, FLOATS
 
     parser = argparse.ArgumentParser(prog="hal", description="hal: one op API, hand-written kernels per backend, a conformance suite.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -327,11 +338,11 @@ def main(argv=None):
     p = sub.add_parser("bench", help="time an op: median, throughput, % of the measured roofline, ratio vs torch")
     p.add_argument("op")
     p.add_argument("--vs", choices=["torch"], help="also time the same computation in PyTorch")
-    p.add_argument("--dtype", action="append", choices=FLOATS, help="repeatable; default float32 and bfloat16")
+    p.add_argument("--dtype", action="append", choices=DTYPES, help="repeatable; default float32 and bfloat16 where the op takes them")
     p.add_argument("--backend", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_bench)
-    p = sub.add_parser("demo", help="the main job: a decoder layer (prefill + paged decode) checked step by step against float64")
+    p = sub.add_parser("demo", help="the main job: a decoder layer (attention, paged decode, fp8 MoE) checked step by step against float64")
     p.add_argument("--backend", default=None, help="default: the best available for host arrays")
     p.add_argument("--dtype", default="bfloat16", choices=FLOATS)
     p.add_argument("--tokens", type=int, default=512, help="prefill length")
@@ -340,13 +351,13 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--ffn", type=int, default=5632)
+    p.add_argument("--ffn", type=int, default=5632, help="shared expert's hidden size")
+    p.add_argument("--experts", type=int, default=64, help="routed experts (a multiple of 8: 8 expert groups)")
+    p.add_argument("--top-k", type=int, default=6, help="experts per token")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_demo)
     args = parser.parse_args(argv)
-    if args.command == "bench" and not args.dtype:
-        args.dtype = ["float32", "bfloat16"]
     from hal.errors import HalError
 
     try:

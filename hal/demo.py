@@ -9,8 +9,16 @@ Prefill over `tokens` positions, then `decode` generated positions against a pag
     o     = paged_decode_attention(q, k_cache, ...)    # decode: one token against the paged cache
     y     = gemm(o, w_o, c=s, beta=1)                  # output projection + residual epilogue
     h2    = rms_norm(y, w_mlp_norm)
-    a     = silu_and_mul(gemm(h2, w_gate_up))          # SwiGLU
-    out   = gemm(a, w_down, c=y, beta=1)               # down projection + residual epilogue
+    # MoE MLP, DeepSeek-V3 style: routed experts in fp8 with 128x128 block scales ...
+    w, ids = moe_route(gemm(h2, w_router), k, scoring="sigmoid", n_group, topk_group, bias)
+    sorted_ids, block_experts, offsets, total = moe_align(ids, experts, block_m)
+    xs    = moe_permute(h2, ids, sorted_ids)           # tokens in expert order, segments padded
+    g     = fp8_grouped_gemm_blockscale(*quantize(xs, fp8, "group"), w13_fp8, w13_scales, offsets, activation="silu_and_mul")
+    ys    = fp8_grouped_gemm_blockscale(*quantize(g, fp8, "group"), w2_fp8, w2_scales, offsets)
+    routed = moe_unpermute(ys, sorted_ids, w)          # weighted combine back to token order
+    # ... plus a shared expert (the dense SwiGLU), whose down projection adds residual and routed output
+    a     = silu_and_mul(gemm(h2, w_gate_up))
+    out   = gemm(a, w_down, c=y + routed, beta=1)
 
 Each step runs on the selected backend (default: the best available for the inputs), is timed,
 and its outputs are compared with the op's float64 reference on the same inputs with the
@@ -31,6 +39,7 @@ from .ops.attention import paged_cache
 from .ops.rotary import rope_cache
 
 BLOCK_SIZE = 16  # tokens per KV-cache block
+FP8 = "float8_e4m3fn"  # DeepSeek-V3's fp8 format (an MI300 port would pick float8_e4m3fnuz)
 
 
 @dataclass
@@ -39,7 +48,13 @@ class Layer:
     heads: int = 16
     kv_heads: int = 4
     head_dim: int = 128
-    ffn: int = 5632
+    ffn: int = 5632  # the shared expert
+    experts: int = 64
+    top_k: int = 6
+    expert_groups: int = 8  # DeepSeek-V3's node-limited routing: best 4 of 8 groups
+    top_groups: int = 4
+    expert_ffn: int = 512
+    block_m: int = 64  # rows per grouped-GEMM tile: each expert's segment is padded to it
 
     def weights(self, rng, dtype):
         def w(shape, fan_in):
@@ -49,7 +64,12 @@ class Layer:
         norm = lambda: (1.0 + 0.1 * rng.standard_normal(self.hidden)).astype(to_numpy(dtype))  # noqa: E731
         return {"attn_norm": norm(), "mlp_norm": norm(), "qkv": w((self.hidden, qkv), self.hidden),
                 "o": w((self.heads * self.head_dim, self.hidden), self.heads * self.head_dim),
-                "gate_up": w((self.hidden, 2 * self.ffn), self.hidden), "down": w((self.ffn, self.hidden), self.ffn)}
+                "gate_up": w((self.hidden, 2 * self.ffn), self.hidden), "down": w((self.ffn, self.hidden), self.ffn),
+                "router": w((self.hidden, self.experts), self.hidden),
+                "router_bias": (0.1 * rng.standard_normal(self.experts)).astype(np.float32),
+                # expert weights in nn.Linear layout [experts, out, in], as checkpoints store them
+                "w13": w((self.experts, 2 * self.expert_ffn, self.hidden), self.hidden),
+                "w2": w((self.experts, self.hidden, self.expert_ffn), self.expert_ffn)}
 
 
 class Run:
@@ -118,15 +138,35 @@ def run(backend=None, dtype="bfloat16", tokens=512, decode=4, layer=None, repeat
                          block_table=table, seq_lens=lens)
         return run.step("o-proj gemm + residual", ops.gemm, a=o.reshape(n, hq * d), b=w["o"], c=s, beta=1.0)
 
+    def routed_experts(h2):
+        logits = run.step("router gemm", ops.gemm, a=h2, b=w["router"], out_dtype="float32")
+        weights, ids = run.step("moe_route (grouped top-k)", ops.moe_route, logits=logits, k=layer.top_k, scoring="sigmoid",
+                                n_group=layer.expert_groups, topk_group=layer.top_groups, bias=w["router_bias"], scaling=2.5)
+        sorted_ids, _, offsets, _ = run.step("moe_align", ops.moe_align, topk_ids=ids, num_experts=layer.experts, block_m=layer.block_m)
+        xs = run.step("moe_permute", ops.moe_permute, x=h2, topk_ids=ids, sorted_ids=sorted_ids)
+        xq, x_scales = run.step("quantize tokens fp8 1x128", ops.quantize, x=xs, fmt=FP8, granularity="group")
+        g = run.step("fp8 grouped gemm + silu_and_mul", ops.fp8_grouped_gemm_blockscale, a=xq, a_scales=x_scales, b=w13[0], b_scales=w13[1],
+                     expert_offsets=offsets, activation="silu_and_mul", out_dtype=dtype)
+        gq, g_scales = run.step("quantize gated fp8 1x128", ops.quantize, x=g, fmt=FP8, granularity="group")
+        ys = run.step("fp8 grouped gemm (down)", ops.fp8_grouped_gemm_blockscale, a=gq, a_scales=g_scales, b=w2[0], b_scales=w2[1],
+                      expert_offsets=offsets, out_dtype=dtype)
+        return run.step("moe_unpermute", ops.moe_unpermute, y=ys, sorted_ids=sorted_ids, topk_weights=weights)
+
     def mlp_block(y):
         h2 = run.step("rms_norm", ops.rms_norm, x=y, weight=w["mlp_norm"])
-        gu = run.step("gate/up gemm", ops.gemm, a=h2, b=w["gate_up"])
-        act = run.step("silu_and_mul", ops.silu_and_mul, x=gu)
-        return run.step("down gemm + residual", ops.gemm, a=act, b=w["down"], c=y, beta=1.0)
+        routed = routed_experts(h2)
+        gu = run.step("shared expert: gate/up gemm", ops.gemm, a=h2, b=w["gate_up"])
+        act = run.step("shared expert: silu_and_mul", ops.silu_and_mul, x=gu)
+        c = (y.astype(np.float32) + routed.astype(np.float32)).astype(y.dtype)  # residual + routed experts
+        return run.step("shared expert: down gemm + residual", ops.gemm, a=act, b=w["down"], c=c, beta=1.0)
 
     def hidden(n):
         return rng.standard_normal((n, layer.hidden)).astype(to_numpy(dtype))
 
+    run.phase = "setup"  # expert weights to fp8 with 128x128 block scales, once
+    w13 = run.step("quantize w13 fp8 128x128", ops.quantize, x=w["w13"], fmt=FP8, granularity="block")
+    w2 = run.step("quantize w2 fp8 128x128", ops.quantize, x=w["w2"], fmt=FP8, granularity="block")
+    run.phase = "prefill"
     mlp_block(attention_block(hidden(tokens), hidden(tokens), np.arange(tokens), prefill=True))
     run.phase = f"decode x{decode}"
     for position in range(tokens, tokens + decode):

@@ -19,6 +19,8 @@ _NUMPY = {
     "float8_e4m3fnuz": np.dtype(ml_dtypes.float8_e4m3fnuz),
 }
 
+DTYPES = tuple(_NUMPY)
+
 
 def to_numpy(name):
     """The NumPy dtype for a hal dtype name."""

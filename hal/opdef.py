@@ -100,6 +100,8 @@ class OpDef:
     bench: object = None
     cost: object = None
     torch_peer: object = None
+    dispatch_on: str = None
+    formats: object = None
     tensors: list = field(init=False)
     attrs: list = field(init=False)
 
@@ -108,7 +110,7 @@ class OpDef:
         entries = [p for p in self.params if p != "*"]
         self.tensors = [p for p in entries if isinstance(p, Tensor)]
         self.attrs = [p for p in entries if isinstance(p, Attr)]
-        self.primary = self.tensors[0].name
+        self.primary = self.dispatch_on or self.tensors[0].name
         self._positional = tuple(p.name for p in self.params[:star])
         self._defaults = {p.name: (None if isinstance(p, Tensor) else p.default) for p in entries}
         self.__name__ = self.__qualname__ = self.name
@@ -195,10 +197,12 @@ def random(rng, shape, dtype, scale=1.0):
 def strided(x, axis=-1):
     """A non-contiguous view with the values of `x`: every other element of a twice larger array.
 
-    The elements in between hold NaN (or -1 for integers), so a kernel that reads them shows it."""
+    The elements in between hold NaN (-1 for signed integers, all ones for unsigned), so a kernel
+    that reads them shows it."""
     shape = list(x.shape)
     shape[axis] *= 2
-    big = np.full(shape, -1 if x.dtype.kind in "iu" else np.nan, x.dtype)
+    fill = {"i": -1, "u": np.iinfo(x.dtype).max if x.dtype.kind == "u" else 0}.get(x.dtype.kind, np.nan)
+    big = np.full(shape, fill, x.dtype)
     index = [slice(None)] * x.ndim
     index[axis] = slice(None, None, 2)
     view = big[tuple(index)]

@@ -80,8 +80,12 @@ class Backend:
         return np.empty(shape, to_numpy(dtype))
 
     def poisoned(self, shape, dtype):
-        """An output buffer filled with NaN, so that elements a kernel forgot to write show up."""
-        return np.full(shape, np.nan, to_numpy(dtype))
+        """An output buffer filled with NaN, so that elements a kernel forgot to write show up; integer
+        buffers (ids, packed 4-bit codes) get fresh random bits instead, which no kernel can expect."""
+        np_type = to_numpy(dtype)
+        if np_type.kind in "iu":
+            return np.random.default_rng().integers(0, 256, (*shape, np_type.itemsize), np.uint8).view(np_type).reshape(shape)
+        return np.full(shape, np.nan, np_type)
 
 
 @dataclass

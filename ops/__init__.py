@@ -6,7 +6,9 @@ from .attention import attention, mla_decode, paged_decode_attention
 from .linear import gemm
 from .norms import layer_norm, rms_norm
 from .rotary import rope
+from . import moe, qgemm, quant, sparse
 
-ALL = {op.name: op for op in (gemm, softmax, rms_norm, layer_norm, silu_and_mul, rope, attention, paged_decode_attention, mla_decode)}
-
+ALL = {op.name: op for op in (gemm, softmax, rms_norm, layer_norm, silu_and_mul, rope, attention, paged_decode_attention, mla_decode,
+                                   *moe.OPS, *quant.OPS, *qgemm.OPS, *sparse.OPS)}
+globals().update(ALL)  # hal.ops.moe_route, ... for the families that list their ops in OPS
 __all__ = list(ALL)

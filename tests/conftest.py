@@ -41,3 +41,42 @@ def fresh_dispatch_settings():
     hal.use(None)
     yield
     hal.use(None)
+
+
+@pytest.fixture(scope="module")
+def sim_on():
+    """sim_on(vendor, arch=None, mode="release", kernels=None) -> (name, launched): an extra emulated
+    backend presenting `arch`, registered through the plugin path like the built-in ones, kept for the
+    test module; `launched` collects the template names of the kernels it runs."""
+    from hal.backends.gpu.backend import SimBackend, register
+
+    made = {}
+
+    def make(vendor, arch=None, mode="release", kernels=None):
+        key = (vendor.name, arch, mode, None if kernels is None else tuple(map(id, kernels)))
+        if key not in made:
+            backend = SimBackend(vendor, arch, name=f"{vendor.name}-sim-{arch or vendor.sim_arch}-{mode}-{len(made)}", mode=mode)
+            launched, launch = set(), backend.executor.launch
+
+            def recording_launch(family, name, *args):
+                launched.add(name.split("<")[0])
+                launch(family, name, *args)
+
+            backend.executor.launch = recording_launch
+
+            class Plugin:
+                @hal.hookimpl
+                def hal_register(self, registry):
+                    register(registry, backend, kernels)
+
+            hal.register_plugin(Plugin(), name=f"test-{backend.name}")
+            ok, reason = hal.registry().entry(backend.name).status
+            if not ok:
+                pytest.skip(f"{backend.name} unavailable: {reason}")
+            made[key] = (backend.name, launched)
+        return made[key]
+
+    yield make
+    for name, _ in made.values():
+        hal.unregister_plugin(f"test-{name}")
+    hal.fallbacks(clear=True)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from hal.backends.gpu import matrix
-from hal.backends.gpu.launch import FAMILIES, instantiations
+from hal.backends.gpu.catalog import FAMILIES, instantiations
 from hal.backends.gpu.vendor import VENDORS
 
 

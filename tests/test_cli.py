@@ -56,7 +56,10 @@ def test_check_unknown_backend(capsys):
     assert main(["check", "nonexistent"]) == 2
 
 
-SMALL_LAYER = ["--tokens", "33", "--decode", "2", "--hidden", "96", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--ffn", "160"]
+SMALL_LAYER = ["--tokens", "33", "--decode", "2", "--hidden", "96", "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--ffn", "160",
+               "--experts", "16", "--top-k", "4"]
+MOE = ["rms_norm", "gemm", "moe_route", "moe_align", "moe_permute", "quantize", "fp8_grouped_gemm_blockscale", "quantize",
+       "fp8_grouped_gemm_blockscale", "moe_unpermute", "gemm", "silu_and_mul", "gemm"]
 
 
 def test_demo_small_passes(capsys):
@@ -65,8 +68,9 @@ def test_demo_small_passes(capsys):
     ops = {r["step"].split(": ")[0]: [] for r in rows}
     for r in rows:
         ops[r["step"].split(": ")[0]].append(r["op"])
-    assert ops["prefill"] == ["rms_norm", "gemm", "rope", "attention", "gemm", "rms_norm", "gemm", "silu_and_mul", "gemm"]
-    assert ops["decode x2"] == ["rms_norm", "gemm", "rope", "paged_decode_attention", "gemm", "rms_norm", "gemm", "silu_and_mul", "gemm"]
+    assert ops["setup"] == ["quantize", "quantize"]
+    assert ops["prefill"] == ["rms_norm", "gemm", "rope", "attention", "gemm", *MOE]
+    assert ops["decode x2"] == ["rms_norm", "gemm", "rope", "paged_decode_attention", "gemm", *MOE]
     assert all(r["calls"] == 2 for r in rows if r["step"].startswith("decode"))
 
 

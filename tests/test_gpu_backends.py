@@ -5,7 +5,6 @@ import pytest
 
 import hal
 from hal import conformance
-from hal.backends.gpu.backend import SimBackend, register
 from hal.backends.gpu.vendor import CUDA, ROCM
 from hal.conformance.pytest_plugin import check_case, parametrize_cases
 from hal.dispatch import explain
@@ -22,39 +21,9 @@ def test_sim_conformance(case):
     check_case(case)
 
 
-def _available(name):
-    ok, reason = hal.registry().entry(name).status
-    if not ok:
-        pytest.skip(f"{name} unavailable: {reason}")
-
-
-@pytest.fixture
-def sim_backend():
-    """sim_backend(vendor, arch, mode): an extra emulated backend registered like the built-in ones."""
-    names = []
-
-    def make(vendor, arch=None, mode="release", kernels=None):
-        backend = SimBackend(vendor, arch, name=f"{vendor.name}-sim-{arch or vendor.sim_arch}-{mode}", mode=mode)
-
-        class Plugin:
-            @hal.hookimpl
-            def hal_register(self, registry):
-                register(registry, backend, kernels)
-
-        hal.register_plugin(Plugin(), name=f"test-{backend.name}")
-        names.append(f"test-{backend.name}")
-        _available(backend.name)
-        return backend.name
-
-    yield make
-    for name in names:
-        hal.unregister_plugin(name)
-    hal.fallbacks(clear=True)
-
-
 @pytest.mark.parametrize("vendor, old_arch", [(CUDA, "sm_75"), (ROCM, "gfx1030")], ids=["cuda", "rocm"])
-def test_without_matrix_units_half_gemm_runs_the_simt_kernel(sim_backend, vendor, old_arch):
-    name = sim_backend(vendor, old_arch)
+def test_without_matrix_units_half_gemm_runs_the_simt_kernel(sim_on, vendor, old_arch):
+    name = sim_on(vendor, old_arch)[0]
     rng = np.random.default_rng()
     a = rng.standard_normal((33, 70)).astype(np.float16)
     args = hal.ops.gemm.validate(hal.ops.gemm.bind((a, a.T), {}))
@@ -63,11 +32,11 @@ def test_without_matrix_units_half_gemm_runs_the_simt_kernel(sim_backend, vendor
     assert results and all(r.status == "pass" for r in results), [r.message for r in results if r.status != "pass"][:3]
 
 
-def test_a_kernel_needing_newer_hardware_falls_back_with_the_reason(sim_backend):
-    from hal.backends.gpu.launch import KERNELS
+def test_a_kernel_needing_newer_hardware_falls_back_with_the_reason(sim_on):
+    from hal.backends.gpu.catalog import KERNELS
 
-    matrix_only = [k for k in KERNELS if k.needs_matrix_units]
-    name = sim_backend(CUDA, "sm_75", kernels=matrix_only)
+    matrix_only = tuple(k for k in KERNELS if k.needs_matrix_units)
+    name = sim_on(CUDA, "sm_75", kernels=matrix_only)[0]
     a = np.random.default_rng().standard_normal((16, 16)).astype(np.float16)
     with pytest.warns(hal.FallbackWarning, match=r"matrix units \(mma.sync.m16n8k16\): sm_80"):
         out = hal.ops.gemm(a, a, backend=name)
@@ -81,8 +50,8 @@ SANITIZED_OPS = ["rms_norm", "softmax", "gemm"]
 
 @pytest.mark.parametrize("vendor", [CUDA, ROCM], ids=["cuda", "rocm"])
 @pytest.mark.parametrize("mode", ["tsan", "asan"])
-def test_real_kernels_run_clean_under_sanitizers(sim_backend, vendor, mode):
-    name = sim_backend(vendor, mode=mode)
+def test_real_kernels_run_clean_under_sanitizers(sim_on, vendor, mode):
+    name = sim_on(vendor, mode=mode)[0]
     cases = [c for c in conformance.cases(name, SANITIZED_OPS) if c.kind != "error" and c.dtype in ("float32", "bfloat16")]
     results = [conformance.run(c) for c in cases[::3]]
     bad = [f"{r.case.id}: {r.message[:2000]}" for r in results if r.status != "pass"]

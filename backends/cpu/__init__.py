@@ -66,7 +66,7 @@ def _install_compile_notice():
 @hookimpl
 def hal_register(registry):
     _install_compile_notice()
-    from . import attention, kernels
+    from . import attention, kernels, moe, qgemm, quant, sparse
 
     registry.add_backend(CpuBackend())
     for op in ("softmax", "rms_norm", "layer_norm", "silu_and_mul", "rope"):
@@ -75,3 +75,5 @@ def hal_register(registry):
     registry.add_kernel("gemm", "cpu", kernels.gemm, dtypes=FLOATS, contiguous=False, source=kernels.__file__)
     for op in ("attention", "paged_decode_attention", "mla_decode"):
         registry.add_kernel(op, "cpu", getattr(attention, op), dtypes=FLOATS, source=attention.__file__)
+    for family in (moe, quant, qgemm, sparse):
+        family.register(registry)

@@ -121,15 +121,6 @@ gemm_simt(const T* __restrict__ a, const T* __restrict__ b, const float* __restr
 #define MMA_B_ROW_UINT4 9
 #define MMA_B_ROW_HALVES 72
 
-// Eight consecutive 16-bit elements as one uint4, the first `valid` of them from p, the rest zero
-// (zero bits are +0.0 in f16 and bf16): the scalar path for tails and unaligned rows.
-__device__ __forceinline__ uint4 load8_bits(const unsigned short* p, int valid) {
-    unsigned w[4] = {0u, 0u, 0u, 0u};
-    for (int e = 0; e < 8; ++e)
-        if (e < valid) w[e >> 1] |= (unsigned)p[e] << (16 * (e & 1));
-    return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
 // Warps are 2 x 2 over the 64 x 64 tile, 32 x 32 each = 2 (m) x 4 (n) mma tiles of 16 x 8:
 // 32 fp32 accumulators per lane. With the fragments (8 + 8 registers) and the prefetched global
 // data (4 x uint4 = 16 registers) that stays around 100 registers: spill-free at 128 threads.

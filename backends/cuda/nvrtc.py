@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hal.backends.gpu.launch import FAMILIES, block_threads, instantiations
+from hal.backends.gpu.catalog import FAMILIES, block_threads, instantiations
 from hal.backends.gpu.vendor import CUDA
 from hal.errors import BackendUnavailable, KernelCompileError
 

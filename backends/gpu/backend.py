@@ -1,6 +1,6 @@
 """The GPU backends: a real device through CuPy (`cuda`, `rocm`) and the host emulator of the
 same kernel files (`cuda-sim`, `rocm-sim`). They differ only in where memory lives and in the
-executor's final launch; the launch glue (launch.py) and the kernel files are shared.
+executor's final launch; the launch glue (launch*.py, gathered by catalog.py) and the kernel files are shared.
 """
 from functools import partial
 from pathlib import Path
@@ -12,12 +12,40 @@ from hal.dtypes import name_of, to_numpy
 from hal.errors import KernelCompileError, KernelLaunchError
 from hal.registry import Backend
 
-from .launch import KERNELS, instantiations
+from .catalog import KERNELS, instantiations
 
 BF16_NAN_BITS = 0x7FC0
 # CuPy has no bfloat16 or fp8 dtypes: on the device those live as same-width integers, one per format.
-DEVICE_STAND_INS = {"uint16": "bfloat16", "uint8": "float8_e4m3fn", "int8": "float8_e4m3fnuz"}
-STAND_IN_OF = {v: k for k, v in DEVICE_STAND_INS.items()}
+# CuPy has no bfloat16 or fp8 dtypes: on the device those live as same-width unsigned integers. A uint8
+# array may then be e4m3fn, e4m3fnuz, e5m2 or real bytes (packed int4 / fp4), so DeviceBackend records
+# the hal dtype of every array it hands to a kernel (DeviceDtypes); bfloat16 is the only uint16 meaning.
+STAND_IN_OF = {"bfloat16": "uint16", "float8_e4m3fn": "uint8", "float8_e4m3fnuz": "uint8", "float8_e5m2": "uint8"}
+
+
+class DeviceDtypes:
+    """The hal dtype of the device arrays of the current calls, keyed by (pointer, shape, strides, stand-in type).
+
+    Every array a kernel sees was recorded by to_native or empty during its own call, so an entry is
+    rewritten before it is read and a stale one (freed memory reused) is never consulted; the table is
+    cleared when it grows, and holds no references to the arrays."""
+
+    LIMIT = 4096
+
+    def __init__(self):
+        self._names = {}
+
+    @staticmethod
+    def _key(x):
+        return (x.data.ptr, x.shape, x.strides, x.dtype.str)
+
+    def record(self, x, name):
+        if len(self._names) > self.LIMIT:
+            self._names.clear()
+        self._names[self._key(x)] = name
+        return x
+
+    def name(self, x):
+        return self._names.get(self._key(x)) or ("bfloat16" if x.dtype.name == "uint16" else name_of(x.dtype))
 
 
 class Sources:
@@ -115,9 +143,8 @@ class DeviceExecutor:
             self._modules[key] = module
         return module
 
-    @staticmethod
-    def dtype_name(x):
-        return DEVICE_STAND_INS.get(x.dtype.name) or name_of(x.dtype)  # see DeviceBackend
+    def dtype_name(self, x):
+        return self.backend.dtypes.name(x)  # see DeviceDtypes
 
     @staticmethod
     def as_bytes(x):
@@ -143,6 +170,8 @@ class DeviceExecutor:
         source = self.dtype_name(x)
         if source == dtype:
             return x
+        if x.dtype.kind in "iu" and to_numpy(dtype).kind in "iu":  # index arrays (int64 offsets -> int32): directly, exact
+            return self.backend.dtypes.record(x.astype(to_numpy(dtype)), dtype)
         wide = (x.astype(cupy.uint32) << 16).view(cupy.float32) if source == "bfloat16" else x.astype(cupy.float32)
         if dtype != "bfloat16":
             return wide.astype(to_numpy(dtype))
@@ -192,8 +221,8 @@ class SimBackend(Backend):
 class DeviceBackend(Backend):
     """`cuda` / `rocm`: CuPy arrays on the device; torch.cuda tensors come in through DLPack without copies.
 
-    CuPy has no bfloat16 or fp8 dtypes, so those live on the device as bit patterns in the integer
-    type DEVICE_STAND_INS names (bfloat16 as uint16, e4m3fn as uint8, e4m3fnuz as int8)."""
+    CuPy has no bfloat16 or fp8 dtypes, so those live on the device as bit patterns in the unsigned
+    integer type STAND_IN_OF names; the hal dtype of each array goes with it in `dtypes`."""
 
     priority = 100
 
@@ -202,6 +231,7 @@ class DeviceBackend(Backend):
         self.name = vendor.name
         self.device_type = vendor.dlpack_device
         self.executor = DeviceExecutor(vendor, self)
+        self.dtypes = DeviceDtypes()
         self._arch = None
 
     def probe(self):
@@ -252,56 +282,67 @@ class DeviceBackend(Backend):
             x = to_host(x)
             x = x.view(STAND_IN_OF[name]) if name in STAND_IN_OF else x
         x = cupy.asarray(x) if isinstance(x, np.ndarray) else cupy.from_dlpack(x)
-        return cupy.ascontiguousarray(x) if contiguous else x
+        return self.dtypes.record(cupy.ascontiguousarray(x) if contiguous else x, name)
 
     def from_native(self, y, like):
         kind = kind_of(like)
-        name = DEVICE_STAND_INS.get(y.dtype.name)  # outputs are allocated by empty(): integers are stand-ins
+        name = self.dtypes.name(y)  # outputs come from empty(), which recorded their dtype
+        stand_in = name in STAND_IN_OF
         if kind == "torch":
             import torch
 
             t = torch.from_dlpack(y)
-            return t.view(getattr(torch, name)) if name else t
+            return t.view(getattr(torch, name)) if stand_in else t
         if kind == "cupy":
             return y
         host = y.get()
-        return from_host(host.view(to_numpy(name)) if name else host, like)
+        return from_host(host.view(to_numpy(name)) if stand_in else host, like)
 
     def empty(self, shape, dtype):
         import cupy
 
-        return cupy.empty(shape, STAND_IN_OF.get(dtype) or to_numpy(dtype))
+        return self.dtypes.record(cupy.empty(shape, STAND_IN_OF.get(dtype) or to_numpy(dtype)), dtype)
 
     def poisoned(self, shape, dtype):
         import cupy
 
-        if dtype == "bfloat16":
-            return cupy.full(shape, BF16_NAN_BITS, np.uint16)
-        return cupy.full(shape, np.nan, to_numpy(dtype))
+        if dtype in STAND_IN_OF:  # the format's NaN bit pattern in the stand-in integer type
+            nan_bits = np.full((), np.nan, to_numpy(dtype)).view(STAND_IN_OF[dtype])
+            return self.dtypes.record(cupy.full(shape, nan_bits, STAND_IN_OF[dtype]), dtype)
+        np_type = to_numpy(dtype)
+        if np_type.kind in "iu":
+            bits = cupy.random.randint(0, 256, (*shape, np_type.itemsize), dtype=np.uint8)
+            return self.dtypes.record(bits.view(np_type).reshape(shape), dtype)
+        return cupy.full(shape, np.nan, np_type)
 
 
 def register(registry, backend, kernels=None):
-    """Add a GPU backend and its kernels (default: all of launch.KERNELS, in their preference order)."""
+    """Add a GPU backend and its kernels (default: all of catalog.KERNELS, in their preference order)."""
     registry.add_backend(backend)
     ex, vendor = backend.executor, backend.vendor
     matrix_archs = ", ".join(a for a in vendor.compile_archs if vendor.has_matrix_units(a))
+    fp8_archs = ", ".join(a for a in vendor.compile_archs if vendor.has_fp8_matrix_units(a))
     for entry in KERNELS if kernels is None else kernels:
         conditions, reasons = [], []
         if entry.needs_matrix_units:
             conditions.append(lambda a: vendor.has_matrix_units(ex.arch))
             reasons.append(f"matrix units ({vendor.matrix_instruction}): {matrix_archs}")
+        if entry.needs_fp8_units:
+            conditions.append(lambda a: vendor.has_fp8_matrix_units(ex.arch))
+            reasons.append(f"fp8 matrix units: {fp8_archs}")
         if entry.supports is not None:
             conditions.append(entry.supports)
             reasons.append(entry.requires)
         supports = (lambda a, conditions=tuple(conditions): all(c(a) for c in conditions)) if conditions else None
-        registry.add_kernel(entry.op, backend.name, partial(entry.glue, ex), dtypes=entry.dtypes, supports=supports,
+        dtypes = entry.dtypes[vendor.name] if isinstance(entry.dtypes, dict) else entry.dtypes
+        registry.add_kernel(entry.op, backend.name, partial(entry.glue, ex), dtypes=dtypes, supports=supports,
                             requires="; ".join(reasons), source=str(vendor.source(entry.family)))
 
 
 def candidate_kernel(vendor, registry, backend, op, path):
     """`op`'s kernel built from the candidate source `path`, for a backend of `vendor`: the file
     stands in for the op's kernel file and must define the templates of the op's general variant
-    (the last in launch.KERNELS: gemm_simt, softmax, flash_attention_simt, ...) with the ABI of
+    (the last in catalog.KERNELS: gemm_simt, softmax, flash_attention_simt, ...) with the ABI of
     docs/gpu-kernels.md. None when `backend` is not one of this vendor's."""
     entry = registry.backends.get(backend)
     if entry is None or not isinstance(entry.backend, (SimBackend, DeviceBackend)) or entry.backend.vendor is not vendor:

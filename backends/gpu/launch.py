@@ -4,7 +4,8 @@ One function per kernel, called as `glue(executor, outs, **arguments)` by the di
 backend binds the executor). The executor is either a CuPy device executor or the host
 emulator; both take the same `launch(family, name_expression, grid, block, shared_bytes, args)`,
 so nothing here knows which one runs. `KERNELS` lists what a GPU backend registers, and
-`instantiations` the template instantiations each kernel file is built with.
+`instantiations` the template instantiations each kernel file is built with. The MoE, quantization,
+quantized-GEMM and sparse families keep the same tables in launch_<family>.py; catalog.py gathers them.
 """
 import math
 from dataclasses import dataclass
@@ -209,8 +210,9 @@ class KernelEntry:
     family: str
     glue: object
     kernels: tuple  # the templates the glue launches ("{matrix}" stands for the vendor's mma / mfma)
-    dtypes: tuple = FLOATS
+    dtypes: object = FLOATS  # a tuple, or {vendor name: tuple} when the vendors' hardware differs
     needs_matrix_units: bool = False
+    needs_fp8_units: bool = False  # matrix instructions with fp8 inputs (Vendor.has_fp8_matrix_units)
     supports: object = None  # a condition on the arguments besides the architecture
     requires: str = ""
 

@@ -36,6 +36,14 @@ class Vendor:
             return bool(match) and int(match.group(1)) >= 80
         return arch in ("gfx90a", "gfx940", "gfx941", "gfx942")
 
+    def has_fp8_matrix_units(self, arch):
+        """Whether the fp8 form of the matrix instruction runs on fp8 tensor cores: mma.sync with e4m3
+        inputs on Ada (sm_89; Hopper and Blackwell accept it but ptxas lowers it to f16 conversions and
+        an f16 mma, their fp8 units being reached through wgmma / tcgen05), fp8 MFMA (FNUZ) on gfx94x."""
+        if self.name == "cuda":
+            return arch == "sm_89"
+        return arch in ("gfx940", "gfx941", "gfx942")
+
 
 CUDA = Vendor(
     name="cuda", suffix=".cu", types={"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16"}, warp=32,

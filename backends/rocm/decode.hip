@@ -33,49 +33,6 @@
 #define DECODE_MAX_D 1024  // longest q / value row held in LDS
 #define DECODE_GROUP 8     // lanes per token in the score pass
 
-// 4 consecutive cache elements as fp32; `vec` when the address is 4-element aligned (one 16 /
-// 8 / 4-byte load), otherwise element by element; elements at or past `n` read as 0.
-template <typename C> struct Load4;
-template <> struct Load4<float> {
-    typedef float4 raw;
-    static __device__ __forceinline__ void f32(const raw& v, float o[4], int) { o[0] = v.x, o[1] = v.y, o[2] = v.z, o[3] = v.w; }
-};
-template <> struct Load4<__half> {
-    typedef uint2 raw;
-    static __device__ __forceinline__ void f32(const raw& v, float o[4], int) {
-        __half h[4];
-        __builtin_memcpy(h, &v, sizeof(v));
-        for (int e = 0; e < 4; ++e) o[e] = __half2float(h[e]);
-    }
-};
-template <> struct Load4<hip_bfloat16> {
-    typedef uint2 raw;
-    static __device__ __forceinline__ void f32(const raw& v, float o[4], int) {
-        o[0] = __builtin_bit_cast(float, v.x << 16), o[1] = __builtin_bit_cast(float, v.x & 0xffff0000u);
-        o[2] = __builtin_bit_cast(float, v.y << 16), o[3] = __builtin_bit_cast(float, v.y & 0xffff0000u);
-    }
-};
-template <> struct Load4<unsigned char> {
-    typedef unsigned raw;
-    static __device__ __forceinline__ void f32(const raw& v, float o[4], int fmt) {
-        for (int e = 0; e < 4; ++e) o[e] = kv_to_f32((unsigned char)(v >> (8 * e)), fmt);
-    }
-};
-
-template <typename C>
-__device__ __forceinline__ void load4(const C* p, int n, bool vec, int fmt, float o[4]) {
-    if (vec && n >= 4) {
-        Load4<C>::f32(*reinterpret_cast<const typename Load4<C>::raw*>(p), o, fmt);
-    } else {
-        for (int e = 0; e < 4; ++e) o[e] = e < n ? kv_to_f32(p[e], fmt) : 0.0f;
-    }
-}
-
-template <typename C>
-__device__ __forceinline__ bool aligned4(const C* p) {
-    return (reinterpret_cast<unsigned long long>(p) & (4 * sizeof(C) - 1)) == 0;
-}
-
 // Dot of q_s[q_off .. q_off + n) with row[0 .. n): this lane's part (lane g of the 8-lane
 // group takes elements 4 g + 32 i .. + 3).
 template <typename C>

@@ -120,14 +120,6 @@ __global__ __launch_bounds__(256) void gemm_simt(const T* __restrict__ a, const 
 #define MFMA_BK 32
 #define MFMA_LDS_ROW (MFMA_BK + 4)  // halves per LDS row
 
-// The instruction for the element type, chosen by overload.
-__device__ __forceinline__ void mfma_32x32x8(float d[16], const __half a[4], const __half b[4], const float c[16]) {
-    mfma_f32_32x32x8_f16(d, a, b, c);
-}
-__device__ __forceinline__ void mfma_32x32x8(float d[16], const hip_bfloat16 a[4], const hip_bfloat16 b[4], const float c[16]) {
-    mfma_f32_32x32x8_bf16(d, a, b, c);
-}
-
 template <typename T, typename To>
 __global__ __launch_bounds__(256) void gemm_mfma(const T* __restrict__ a, const T* __restrict__ b, const float* __restrict__ bias,
                                                  const To* __restrict__ c, To* __restrict__ out, int M, int N, int K, float alpha,

@@ -26,7 +26,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from hal.backends.gpu.launch import FAMILIES, instantiations
+from hal.backends.gpu.catalog import FAMILIES, instantiations
 from hal.backends.gpu.vendor import ROCM
 from hal.errors import KernelCompileError
 

@@ -93,11 +93,17 @@ def compare(op, a, outs, refs, mags, naive=None):
     twice the naive computation's largest error in that row, plus the dtype's atol and the fp32
     noise floor relative to the op's magnitude."""
     growth = op.growth(a) if op.growth else 1.0
+    formats = op.formats(a) if op.formats else [None] * len(refs)
     worst, largest, message = 0.0, 0.0, ""
-    for i, (out, ref, mag) in enumerate(zip(outs, refs, mags)):
+    for i, (out, ref, mag, fmt) in enumerate(zip(outs, refs, mags, formats)):
         dtype = name_of(out.dtype)
         if tuple(out.shape) != tuple(ref.shape):
             return math.inf, math.inf, f"output {i}: shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+        if fmt is not None:
+            ulps, where, text = compare_codes(np.asarray(out), np.asarray(ref), fmt)
+            if ulps > worst:
+                worst, message = ulps, f"output {i} ({fmt}) at {where}: {text}" if ulps > 1 else ""
+            continue
         got = np.asarray(out).astype(np.float64)
         expected_nan = np.isnan(ref)
         unwritten = np.isnan(got) & ~expected_nan
@@ -106,9 +112,11 @@ def compare(op, a, outs, refs, mags, naive=None):
             return math.inf, math.inf, f"output {i}: {int(unwritten.sum())} of {got.size} elements NaN (unwritten or wrong), first at {where}"
         if (expected_nan & ~np.isnan(got)).any():
             return math.inf, math.inf, f"output {i}: NaN expected at {int((expected_nan & ~np.isnan(got)).sum())} elements"
-        rounded = ref.astype(out.dtype).astype(np.float64)  # a result that overflows its dtype is inf
+        with np.errstate(over="ignore"):
+            rounded = ref.astype(out.dtype).astype(np.float64)  # a result that overflows its dtype is inf
         same_inf = np.isinf(rounded) & (got == rounded)
         rtol, atol = TOLERANCE[dtype]
+        ref, mag = np.where(expected_nan, 0.0, ref), np.where(np.isnan(mag), 0.0, mag)  # NaN where NaN is due: no tolerance needed
         if naive is not None:
             naive_err = np.abs(naive[i].astype(np.float64) - ref).max(axis=-1, keepdims=True, initial=0.0)
             tol = 2.0 * naive_err + atol + TOLERANCE["float32"][0] * growth * np.abs(mag)
@@ -126,6 +134,38 @@ def compare(op, a, outs, refs, mags, naive=None):
             worst = r
             message = f"output {i} ({dtype}) at {tuple(int(x) for x in j)}: got {got[j]!r}, expected {ref[j]!r}, |err| {err[j]:.3g} > tol {tol[j]:.3g}" if r > 1 else ""
     return worst, largest, message
+
+
+def compare_codes(out, ref, fmt):
+    """(worst distance in units in the last place, where, what) between low-precision or integer outputs.
+
+    `fmt` "exact" wants equal integers (distance inf otherwise); a hal.formats name compares codes by
+    how many representable values lie between them (packed 4-bit outputs are unpacked first; "e8m0"
+    scale codes count powers of two); NaN must meet NaN."""
+    from .. import formats as F
+
+    if out.size == 0:
+        return 0.0, (), ""
+    if fmt == "exact":
+        bad = out.astype(np.int64) != ref.astype(np.int64)
+        if not bad.any():
+            return 0.0, (), ""
+        j = tuple(int(x) for x in np.argwhere(bad)[0])
+        return math.inf, j, f"{int(bad.sum())} of {out.size} differ; got {out[j]!r}, expected {ref[j]!r}"
+    if fmt == "e8m0":
+        o, r = out.astype(np.int64), ref.astype(np.int64)
+        o_nan, r_nan = o == 0xFF, r == 0xFF
+    else:
+        if F.FORMATS[fmt].packed:
+            out, ref = F.unpack_nibbles(out), F.unpack_nibbles(ref)
+        o, r = F.ordinal(out, fmt), F.ordinal(ref, fmt)
+        o_nan, r_nan = np.isnan(F.decode(out, fmt)), np.isnan(F.decode(ref, fmt))
+    if (o_nan != r_nan).any():
+        j = tuple(int(x) for x in np.argwhere(o_nan != r_nan)[0])
+        return math.inf, j, f"NaN mismatch ({int((o_nan != r_nan).sum())} elements): got code {int(o[j])}, expected {int(r[j])}"
+    dist = np.where(o_nan, 0, np.abs(o - r))
+    j = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return float(dist[j]), tuple(int(x) for x in j), f"{int(dist[j])} ulp of {fmt} apart (ordinal {int(o[j])} vs {int(r[j])}); at most 1 allowed"
 
 
 def run(case):

@@ -1,0 +1,185 @@
+"""Low-precision formats as data, and their float64 reference conversions.
+
+Every format hal quantizes to is described here once: bit layout, largest finite value, special
+codes, storage. The conversions below are written from the bit layouts (not through ml_dtypes), so
+that tests can cast the same values through ml_dtypes as an independent check.
+
+hal's cast convention, the same on every backend: round to nearest, ties to the even code; a
+finite value beyond the largest finite one, and +-inf, saturate to +-max (NVIDIA's "satfinite";
+ml_dtypes instead gives NaN from 465 up for e4m3fn and inf for e5m2); NaN stays NaN where the
+format has one (fp4 has none: a NaN element becomes +0 and its block's scale carries the NaN);
+negative zero is kept where the format has it (e4m3fnuz and the integers have none).
+
+Scales have one entry per quantization group; for x of shape [..., M, K]:
+  "tensor" [..., 1, 1], "row" (per token) [..., M, 1], "group" (1 x g along K) [..., M, ceil(K/g)],
+  "block" (g x g) [..., ceil(M/g), ceil(K/g)], "channel" (per column) [..., 1, K].
+Packed 4-bit formats hold two codes per byte along K, the first in the low nibble.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    storage: str  # hal dtype of the stored codes / values
+    max: float  # largest finite magnitude
+    exponent_bits: int = 0  # 0 for the integer formats
+    mantissa_bits: int = 0
+    bias: int = 0
+    nan: tuple = ()  # codes that are NaN
+    inf: int = None  # code of +inf (-inf is it with the sign bit)
+    negative_zero: bool = True
+    packed: bool = False  # two 4-bit codes per byte
+    min: float = None  # integer formats: smallest value
+
+    @property
+    def bits(self):
+        return 4 if self.name in ("e2m1", "int4", "uint4") else 8
+
+    @property
+    def is_float(self):
+        return self.exponent_bits > 0
+
+    @property
+    def sign_bit(self):
+        return 1 << (self.bits - 1)
+
+
+FORMATS = {f.name: f for f in (
+    Format("float8_e4m3fn", "float8_e4m3fn", 448.0, 4, 3, 7, nan=(0x7F, 0xFF)),
+    Format("float8_e4m3fnuz", "float8_e4m3fnuz", 240.0, 4, 3, 8, nan=(0x80,), negative_zero=False),
+    Format("float8_e5m2", "float8_e5m2", 57344.0, 5, 2, 15, nan=(0x7D, 0x7E, 0x7F, 0xFD, 0xFE, 0xFF), inf=0x7C),
+    Format("e2m1", "uint8", 6.0, 2, 1, 1, packed=True),  # fp4 elements of mxfp4 / nvfp4
+    Format("int8", "int8", 127.0, min=-128.0, negative_zero=False),
+    Format("int4", "uint8", 7.0, min=-8.0, negative_zero=False, packed=True),
+    Format("uint4", "uint8", 15.0, min=0.0, negative_zero=False, packed=True),
+)}
+
+
+def _magnitude(code, f):
+    """Value of a non-negative minifloat code (sign bit clear), from the bit fields."""
+    e = code >> f.mantissa_bits
+    m = code & ((1 << f.mantissa_bits) - 1)
+    if e == 0:
+        return m * 2.0 ** (1 - f.bias - f.mantissa_bits)
+    return (1 + m / 2**f.mantissa_bits) * 2.0 ** (e - f.bias)
+
+
+def _table(f):
+    """float64 value of every code of a float format."""
+    values = np.empty(1 << f.bits)
+    for code in range(1 << f.bits):
+        mag = _magnitude(code & (f.sign_bit - 1), f)
+        values[code] = -mag if code & f.sign_bit else mag
+    if f.inf is not None:
+        values[f.inf], values[f.inf | f.sign_bit] = np.inf, -np.inf
+    values[list(f.nan)] = np.nan
+    if not f.negative_zero:
+        values[f.sign_bit] = np.nan if f.sign_bit in f.nan else 0.0
+    return values
+
+
+_TABLES = {name: _table(f) for name, f in FORMATS.items() if f.is_float}
+
+
+def decode(codes, fmt):
+    """float64 values of unpacked codes (uint8 codes of a float format, or integers)."""
+    f = FORMATS[fmt]
+    codes = np.asarray(codes)
+    if f.is_float:
+        return _TABLES[fmt][codes.view(np.uint8) if codes.dtype.itemsize == 1 else codes.astype(np.uint8)]
+    if fmt == "int4":
+        c = codes.astype(np.int64) & 0xF
+        return np.where(c >= 8, c - 16, c).astype(np.float64)
+    return codes.astype(np.float64)
+
+
+def encode(x, fmt):
+    """Codes (uint8; int8 for "int8") of float64 values under hal's convention (module docstring)."""
+    f = FORMATS[fmt]
+    x = np.asarray(x, np.float64)
+    if not f.is_float:
+        q = np.clip(np.rint(np.nan_to_num(x, nan=0.0, posinf=f.max, neginf=f.min)), f.min, f.max)
+        return q.astype(np.int8) if fmt == "int8" else (q.astype(np.int64) & 0xF).astype(np.uint8)
+    finite = _TABLES[fmt][: f.sign_bit]
+    top = int(np.nanargmax(np.where(np.isinf(finite), -1.0, finite)))  # code of +max
+    grid = finite[: top + 1]  # ascending magnitudes, codes 0..top
+    a = np.minimum(np.abs(x), f.max)  # saturate (inf included); NaN stays NaN
+    hi = np.clip(np.searchsorted(grid, np.nan_to_num(a), side="left"), 0, top)
+    lo = np.maximum(hi - 1, 0)
+    d_lo, d_hi = np.abs(np.nan_to_num(a) - grid[lo]), np.abs(grid[hi] - np.nan_to_num(a))
+    code = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
+    negative = np.signbit(x) & (f.negative_zero | (code != 0))
+    code = np.where(negative, code | f.sign_bit, code)
+    if f.nan:
+        code = np.where(np.isnan(x), f.nan[0], code)
+    else:
+        code = np.where(np.isnan(x), 0, code)
+    return code.astype(np.uint8)
+
+
+def ordinal(codes, fmt):
+    """Integers whose differences count representable values between codes (units in the last place).
+
+    NaN codes map to 0 here; callers compare NaN-ness separately."""
+    f = FORMATS[fmt]
+    if not f.is_float:
+        return decode(codes, fmt).astype(np.int64)
+    c = np.asarray(codes).view(np.uint8).astype(np.int64) if np.asarray(codes).dtype.itemsize == 1 else np.asarray(codes, np.int64)
+    mag = c & (f.sign_bit - 1)
+    return np.where(c & f.sign_bit, -mag, mag)
+
+
+def pack_nibbles(codes):
+    """uint8 codes (low 4 bits used) [..., 2n] -> bytes [..., n], first code in the low nibble."""
+    c = np.asarray(codes).astype(np.uint8) & 0xF
+    if c.shape[-1] % 2:
+        raise ValueError("packing two codes per byte needs an even last dimension")
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)
+
+
+def unpack_nibbles(packed):
+    """bytes [..., n] -> uint8 codes [..., 2n]."""
+    p = np.asarray(packed).astype(np.uint8)
+    out = np.empty(p.shape[:-1] + (2 * p.shape[-1],), np.uint8)
+    out[..., 0::2], out[..., 1::2] = p & 0xF, p >> 4
+    return out
+
+
+GRANULARITIES = ("tensor", "row", "group", "block", "channel")
+
+
+def scale_shape(shape, granularity, group_size=128):
+    """Shape of the scales of an [..., M, K] tensor (module docstring)."""
+    *lead, m, k = shape
+    g = group_size
+    return tuple(lead) + {"tensor": (1, 1), "row": (m, 1), "group": (m, math.ceil(k / g)),
+                          "block": (math.ceil(m / g), math.ceil(k / g)), "channel": (1, k)}[granularity]
+
+
+def group_tile(granularity, m, k, group_size=128):
+    """(rows, columns) of an [..., M, K] tensor that one scale covers, at least 1 each."""
+    g = group_size
+    rows, cols = {"tensor": (m, k), "row": (1, k), "group": (1, g), "block": (g, g), "channel": (m, 1)}[granularity]
+    return max(rows, 1), max(cols, 1)
+
+
+def expand_scales(scales, shape, granularity, group_size=128):
+    """Scales [..., sr, sc] repeated to one per element of an [..., M, K] tensor."""
+    *_, m, k = shape
+    s = np.asarray(scales)
+    rows, cols = group_tile(granularity, m, k, group_size)
+    return np.repeat(np.repeat(s, rows, axis=-2)[..., :m, :], cols, axis=-1)[..., :k]
+
+
+def e8m0_decode(codes):
+    """float64 values of E8M0 scale codes: 2^(code - 127), 0xFF is NaN."""
+    c = np.asarray(codes).astype(np.int64)
+    return np.where(c == 0xFF, np.nan, np.ldexp(1.0, c - 127))
+
+
+# Block sizes and scale formats of the two fp4 schemes.
+MXFP4_GROUP, NVFP4_GROUP = 32, 16

@@ -1,0 +1,730 @@
+"""Quantized GEMMs: out = a @ b.T with low-precision operands and their scales.
+
+Weights b are [N, K] (nn.Linear layout, K contiguous). Every reference is the float64 product of
+the dequantized operands (hal.formats); the tolerance is the output dtype's rounding plus fp32
+noise growing with sqrt(K) relative to |a| @ |b|.T of the dequantized operands, whatever order
+a kernel sums in (DeepSeek's promotion to fp32 every 128 K, integer accumulation, ...).
+
+- fp8_gemm_blockscale: fp8 activations scaled per token per 128 K, fp8 weights per 128 x 128 block.
+- fp8_grouped_gemm_blockscale: the same per expert over the MoE contiguous layout, optional silu_and_mul.
+- int8_gemm: W8A8, int32-exact products, per-token / per-tensor x per-channel / per-tensor scales, bias.
+- w4a16_gemm: int4 weights (two per byte, low nibble first) with a scale (and zero point) per group.
+- fp4_gemm: E2M1 weights with MX (E8M0 per 32) or NVFP4 (E4M3 per 16, fp32 tensor scale) scales.
+"""
+import math
+
+import numpy as np
+
+from hal import formats as F
+from hal.dtypes import FLOATS, name_of, to_numpy
+from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, random, strided
+
+from .activations import ACTIVATIONS
+
+FP8 = ("float8_e4m3fn", "float8_e4m3fnuz")
+BLOCK = 128  # DeepSeek's block: activations 1 x 128, weights 128 x 128
+W4_GROUPS = (32, 64, 128)
+FP4_GROUP = {"mxfp4": F.MXFP4_GROUP, "nvfp4": F.NVFP4_GROUP}
+
+
+# ---------------------------------------------------------------- dequantized operands (float64)
+
+
+def _values(x):
+    """float64 values of a float array (fp8 included: ml_dtypes widens exactly)."""
+    return np.asarray(x).astype(np.float64)
+
+
+def _fp8_operand(q, scales, granularity):
+    x = _values(q)
+    return x * F.expand_scales(_values(scales), x.shape, granularity, BLOCK)
+
+
+def _int4_weights(packed, scales, zeros, group):
+    """w = (q - zero) * scale with uint4 codes and zero points, or q * scale with signed int4 codes."""
+    codes = F.unpack_nibbles(packed)
+    if zeros is None:
+        q = F.decode(codes, "int4")
+    else:
+        q = codes.astype(np.float64) - F.expand_scales(_values(zeros), codes.shape, "group", group)
+    return q * F.expand_scales(_values(scales), codes.shape, "group", group)
+
+
+def _fp4_weights(packed, scales, fmt, tensor_scale):
+    w = F.decode(F.unpack_nibbles(packed), "e2m1")
+    if fmt == "mxfp4":
+        s = F.e8m0_decode(scales)
+    else:
+        s = _values(scales) * _values(tensor_scale).reshape(())
+    return w * F.expand_scales(s, w.shape, "group", FP4_GROUP[fmt])
+
+
+def _product_magnitude(a, b):
+    """|a| @ |b|.T: what fp32 dot-product rounding is relative to."""
+    return np.abs(a) @ np.abs(b).T
+
+
+def _growth(a):
+    return math.sqrt(max(a["a"].shape[1], 1))
+
+
+def _cost(a, n, *inputs, n_out=None):
+    """(flops, bytes) of an [M, K] x [K, n] product reading `inputs` and writing [M, n_out or n]."""
+    m, k = a["a"].shape
+    out_dtype = a.get("out_dtype") or name_of(a["a"].dtype)
+    return 2 * m * n * k, sum(x.nbytes for x in inputs if x is not None) + m * (n_out or n) * to_numpy(out_dtype).itemsize
+
+
+# ---------------------------------------------------------------- random operands for samples
+
+
+def _scales(rng, shape, unit=1.0):
+    """Positive float32 scales from unit / 8 to 4 unit (never all alike, so an ignored or misplaced
+    scale shows)."""
+    return (unit * np.exp2(rng.uniform(-3.0, 1.0, shape)) * rng.uniform(1.0, 2.0, shape)).astype(np.float32)
+
+
+def _codes(rng, shape, fmt, spread):
+    """Codes of random values: encode(x / scale) for normal x / scale of std `spread`."""
+    return F.encode(rng.standard_normal(shape) * spread, fmt)
+
+
+def _fp8(rng, shape, fmt):
+    """fp8 codes using the format's range (std a quarter of its max)."""
+    return _codes(rng, shape, fmt, F.FORMATS[fmt].max / 4).view(to_numpy(fmt))
+
+
+def _fp8_scales(rng, shape, fmt):
+    """Scales that make the dequantized fp8 values of order 1, like amax / fmt max would."""
+    return _scales(rng, shape, 4 / F.FORMATS[fmt].max)
+
+
+# ---------------------------------------------------------------- checks shared by the ops
+
+
+def _want_shape(name, x, shape):
+    if tuple(x.shape) != tuple(shape):
+        raise Bad(name, f"shape {tuple(shape)}", f"shape {tuple(x.shape)}")
+
+
+def _want_same_dtype(name, x, like_name, like):
+    if name_of(x.dtype) != name_of(like.dtype):
+        raise Bad(name, f"the dtype of {like_name} ({name_of(like.dtype)})", name_of(x.dtype))
+
+
+def _check_k(a, b_name, k_b):
+    k = a["a"].shape[1]
+    if k_b != k:
+        raise Bad(b_name, f"K = {k} (a's columns)", f"shape {tuple(a[b_name].shape)}")
+
+
+def _check_packed_k(a):
+    """4-bit weights: K even, b_packed [N, K / 2]."""
+    k = a["a"].shape[1]
+    if k % 2:
+        raise Bad("a", "an even K (two 4-bit weights per byte)", f"K = {k}")
+    if a["b_packed"].shape[1] != k // 2:
+        raise Bad("b_packed", f"{k // 2} bytes per row (K / 2, K = {k})", f"shape {tuple(a['b_packed'].shape)}")
+
+
+# ---------------------------------------------------------------- fp8_gemm_blockscale
+
+
+def _fp8_check(a):
+    (m, k), (n, k_b) = a["a"].shape, a["b"].shape
+    _check_k(a, "b", k_b)
+    _want_same_dtype("b", a["b"], "a", a["a"])
+    kb = -(-k // BLOCK)
+    _want_shape("a_scales", a["a_scales"], (m, kb))
+    _want_shape("b_scales", a["b_scales"], (-(-n // BLOCK), kb))
+
+
+def _fp8_reference(a):
+    x = _fp8_operand(a["a"], a["a_scales"], "group")
+    w = _fp8_operand(a["b"], a["b_scales"], "block")
+    return [x @ w.T]
+
+
+def _fp8_magnitude(a, refs):
+    return [_product_magnitude(_fp8_operand(a["a"], a["a_scales"], "group"), _fp8_operand(a["b"], a["b_scales"], "block"))]
+
+
+def _fp8_args(rng, fmt, m, k, n, out_dtype="bfloat16"):
+    kb = -(-k // BLOCK)
+    return {"a": _fp8(rng, (m, k), fmt), "a_scales": _fp8_scales(rng, (m, kb), fmt),
+            "b": _fp8(rng, (n, k), fmt), "b_scales": _fp8_scales(rng, (-(-n // BLOCK), kb), fmt), "out_dtype": out_dtype}
+
+
+def _fp8_samples(rng, fmt):
+    yield Sample(_fp8_args(rng, fmt, 1, 128, 1), "1x1x128: one block")
+    yield Sample(_fp8_args(rng, fmt, 7, 200, 13), "7x200x13: K = 128 + 72")
+    yield Sample(_fp8_args(rng, fmt, 33, 300, 130, "float32"), "33x300x130 out float32")
+    yield Sample(_fp8_args(rng, fmt, 97, 515, 257, "float16"), "97x515x257 out float16: 3 N blocks, 5 K blocks")
+    yield Sample(_fp8_args(rng, fmt, 1, 1000, 259), "M = 1 decode, K = 1000")
+    yield Sample(_fp8_args(rng, fmt, 16, 384, 384), "16x384x384: whole blocks")
+    yield Sample(_fp8_args(rng, fmt, 5, 1, 3), "K = 1", "edge")
+    s = _fp8_args(rng, fmt, 19, 260, 23)
+    s["a"] = strided(s["a"])
+    yield Sample(s, "strided a", "edge")
+    yield Sample(_fp8_args(rng, fmt, 0, 256, 33), "M = 0", "edge")
+    yield Sample(_fp8_args(rng, fmt, 9, 130, 0), "N = 0", "edge")
+
+
+def _fp8_errors(rng):
+    fmt = FP8[0]
+    yield ErrorSample(_fp8_args(rng, fmt, 4, 130, 6) | {"b": _fp8(rng, (6, 129), fmt)}, "K mismatch", match="b")
+    yield ErrorSample(_fp8_args(rng, fmt, 4, 130, 6) | {"b": _fp8(rng, (6, 130), "float8_e4m3fnuz")}, "mixed fp8 flavours", match="dtype")
+    yield ErrorSample(_fp8_args(rng, fmt, 4, 130, 6) | {"a_scales": _scales(rng, (4, 1))}, "a_scales not per 128 K", match="a_scales")
+    yield ErrorSample(_fp8_args(rng, fmt, 4, 130, 6) | {"b_scales": _scales(rng, (6, 2))}, "b_scales per row, not per block", match="b_scales")
+    yield ErrorSample(_fp8_args(rng, fmt, 4, 130, 6) | {"a_scales": _scales(rng, (4, 2)).astype(np.float16)}, "float16 scales", match="dtype")
+    yield ErrorSample(_fp8_args(rng, fmt, 4, 130, 6) | {"a": random(rng, (4, 130), "bfloat16")}, "bfloat16 a", match="dtype")
+    yield ErrorSample(_fp8_args(rng, "float8_e4m3fn", 4, 130, 6, "int8"), "integer out_dtype", match="out_dtype")
+    yield ErrorSample(_fp8_args(rng, fmt, 4, 130, 6) | {"a": _fp8(rng, (2, 4, 130), fmt)}, "rank-3 a", match="rank")
+
+
+def _torch_fp8(q, scales, rows_per_scale):
+    """Dequantize in torch the way a user would: widen to fp32, multiply by the expanded scales."""
+    s = scales.repeat_interleave(BLOCK, dim=-1)[..., : q.shape[-1]]
+    if rows_per_scale > 1:
+        s = s.repeat_interleave(rows_per_scale, dim=-2)[..., : q.shape[-2], :]
+    return q.float() * s
+
+
+def _fp8_peer(t):
+    import torch
+
+    out_dtype = getattr(torch, t["out_dtype"])
+
+    def run():
+        x = _torch_fp8(t["a"], t["a_scales"], 1)
+        w = _torch_fp8(t["b"], t["b_scales"], BLOCK)
+        return torch.matmul(x, w.T).to(out_dtype)
+
+    return run
+
+
+def _fp8_bench(rng, fmt, m=4096, k=2048, n=2048):
+    return _fp8_args(rng, fmt, m, k, n)
+
+
+fp8_gemm_blockscale = OpDef(
+    name="fp8_gemm_blockscale",
+    doc="fp8_gemm_blockscale(a, a_scales, b, b_scales, *, out_dtype='bfloat16'): DeepSeek-style fp8 GEMM "
+    "a @ b.T; a [M, K] and b [N, K] in float8_e4m3fn or float8_e4m3fnuz, a_scales [M, ceil(K/128)] per token per "
+    "128 K, b_scales [ceil(N/128), ceil(K/128)] per 128 x 128 block (float32); fp32 accumulation, each 128-K "
+    "partial sum promoted with a_scale * b_scale.",
+    params=[
+        Tensor("a", FP8, rank=2),
+        Tensor("a_scales", ("float32",), rank=2),
+        Tensor("b", FP8, rank=2),
+        Tensor("b_scales", ("float32",), rank=2),
+        "*",
+        Attr("out_dtype", "bfloat16", choices=FLOATS),
+    ],
+    check=_fp8_check,
+    outputs=lambda a: [((a["a"].shape[0], a["b"].shape[0]), a["out_dtype"])],
+    reference=_fp8_reference,
+    samples=_fp8_samples,
+    error_samples=_fp8_errors,
+    growth=_growth,
+    magnitude=_fp8_magnitude,
+    bench=_fp8_bench,
+    cost=lambda a: _cost(a, a["b"].shape[0], a["a"], a["b"], a["a_scales"], a["b_scales"]),
+    torch_peer=_fp8_peer,
+)
+
+
+# ---------------------------------------------------------------- fp8_grouped_gemm_blockscale
+
+
+def _grouped_check(a):
+    (r, k), (e, nw, k_b) = a["a"].shape, a["b"].shape
+    _check_k(a, "b", k_b)
+    _want_same_dtype("b", a["b"], "a", a["a"])
+    kb = -(-k // BLOCK)
+    _want_shape("a_scales", a["a_scales"], (r, kb))
+    _want_shape("b_scales", a["b_scales"], (e, -(-nw // BLOCK), kb))
+    _want_shape("expert_offsets", a["expert_offsets"], (e + 1,))
+    if a["activation"] == "silu_and_mul" and nw % 2:
+        raise Bad("b", "an even number of rows per expert (gate and up halves) for silu_and_mul", f"shape {tuple(a['b'].shape)}")
+    offsets = a["expert_offsets"]
+    if isinstance(offsets, np.ndarray) and offsets.size:  # device arrays are not read back to check
+        if offsets[0] < 0 or np.any(np.diff(offsets) < 0) or offsets[-1] > r:
+            raise Bad("expert_offsets", f"non-decreasing offsets in [0, {r}] (rows of a)", offsets.tolist())
+
+
+def _experts(a):
+    """(expert, first row, end row) of every expert."""
+    offsets = np.asarray(a["expert_offsets"]).astype(np.int64)
+    return [(e, int(offsets[e]), int(offsets[e + 1])) for e in range(len(offsets) - 1)]
+
+
+def _grouped_products(a):
+    """Per expert: (row range, h [rows, Nw] float64, |a| @ |b|.T)."""
+    x = _fp8_operand(a["a"], a["a_scales"], "group")
+    out = []
+    for e, lo, hi in _experts(a):
+        w = _fp8_operand(a["b"][e], a["b_scales"][e], "block")
+        out.append((slice(lo, hi), x[lo:hi] @ w.T, _product_magnitude(x[lo:hi], w)))
+    return out
+
+
+def _grouped_out_columns(a):
+    nw = a["b"].shape[1]
+    return nw // 2 if a["activation"] == "silu_and_mul" else nw
+
+
+def _grouped_reference_and_magnitude(a):
+    r, n = a["a"].shape[0], _grouped_out_columns(a)
+    ref, mag = np.zeros((r, n)), np.zeros((r, n))
+    silu = ACTIVATIONS["silu"]
+    for rows, h, m in _grouped_products(a):
+        if a["activation"] == "silu_and_mul":
+            gate, up = h[:, :n], h[:, n:]
+            ref[rows] = silu(gate) * up
+            # d silu / d gate is at most 1.1: errors of gate and up reach the output through the product
+            mag[rows] = 1.1 * m[:, :n] * np.abs(up) + np.abs(silu(gate)) * m[:, n:] + np.abs(ref[rows])
+        else:
+            ref[rows], mag[rows] = h, m
+    return ref, mag
+
+
+def _grouped_args(rng, fmt, counts, k, nw, activation=None, lead=0, tail=0, index="int32", out_dtype="bfloat16"):
+    """Experts with `counts` rows each, after `lead` rows no expert owns and before `tail` such rows."""
+    offsets = (lead + np.concatenate([[0], np.cumsum(counts)])).astype(index)
+    r, e, kb = int(offsets[-1]) + tail, len(counts), -(-k // BLOCK)
+    return {"a": _fp8(rng, (r, k), fmt), "a_scales": _fp8_scales(rng, (r, kb), fmt), "b": _fp8(rng, (e, nw, k), fmt),
+            "b_scales": _fp8_scales(rng, (e, -(-nw // BLOCK), kb), fmt), "expert_offsets": offsets,
+            "activation": activation, "out_dtype": out_dtype}
+
+
+def _grouped_samples(rng, fmt):
+    yield Sample(_grouped_args(rng, fmt, [1], 128, 1), "1 expert, 1x1x128")
+    yield Sample(_grouped_args(rng, fmt, [5, 0, 17, 3], 200, 33), "4 experts, one empty, K = 200")
+    yield Sample(_grouped_args(rng, fmt, [9, 30, 0, 2, 11], 300, 2 * 70, "silu_and_mul"), "silu_and_mul N = 70, empty expert")
+    yield Sample(_grouped_args(rng, fmt, [40, 1, 77], 130, 2 * 129, "silu_and_mul", out_dtype="float32"),
+                 "silu_and_mul N = 129 (gate/up blocks straddle), out float32")
+    yield Sample(_grouped_args(rng, fmt, [3, 8, 2], 384, 257, lead=4, tail=6, index="int64", out_dtype="float16"),
+                 "rows outside the experts are 0, int64 offsets, out float16")
+    yield Sample(_grouped_args(rng, fmt, [0, 0, 0], 256, 64), "every expert empty", "edge")
+    yield Sample(_grouped_args(rng, fmt, [], 128, 16, tail=5), "no experts: all rows 0", "edge")
+    s = _grouped_args(rng, fmt, [6, 7], 140, 2 * 24, "silu_and_mul")
+    s["a"] = strided(s["a"])
+    yield Sample(s, "strided a", "edge")
+    yield Sample(_grouped_args(rng, fmt, [0, 0], 130, 20), "R = 0", "edge")
+
+
+def _grouped_errors(rng):
+    fmt = FP8[0]
+
+    def args(**kw):
+        return _grouped_args(rng, fmt, [3, 2], 130, 6) | kw
+
+    yield ErrorSample(args(b=_fp8(rng, (2, 6, 129), fmt)), "K mismatch", match="b")
+    yield ErrorSample(args(b=_fp8(rng, (6, 130), fmt)), "b not [E, N, K]", match="rank")
+    yield ErrorSample(args(b_scales=_scales(rng, (1, 2))), "b_scales not per expert", match="b_scales")
+    yield ErrorSample(args(a_scales=_scales(rng, (5, 1))), "a_scales not per 128 K", match="a_scales")
+    yield ErrorSample(args(expert_offsets=np.array([0, 3], np.int32)), "offsets for 1 of 2 experts", match="expert_offsets")
+    yield ErrorSample(args(expert_offsets=np.array([0, 4, 3], np.int32)), "decreasing offsets", match="expert_offsets")
+    yield ErrorSample(args(expert_offsets=np.array([0, 3, 9], np.int64)), "offsets past the rows", match="expert_offsets")
+    yield ErrorSample(args(expert_offsets=np.array([0, 3, 5], np.float32)), "float offsets", match="dtype")
+    yield ErrorSample(_grouped_args(rng, fmt, [3, 2], 130, 7, "silu_and_mul"), "odd rows with silu_and_mul", match="even")
+    yield ErrorSample(args(activation="gelu"), "unknown activation", match="activation")
+    yield ErrorSample(args(b=_fp8(rng, (2, 6, 130), "float8_e4m3fnuz")), "mixed fp8 flavours", match="dtype")
+
+
+def _grouped_peer(t):
+    """A Python loop over experts: dequantize a once, each expert's weights, matmul, activation."""
+    import torch
+    import torch.nn.functional as Fn
+
+    out_dtype = getattr(torch, t["out_dtype"])
+    nw = t["b"].shape[1]
+    n = nw // 2 if t["activation"] == "silu_and_mul" else nw
+    offsets = t["expert_offsets"].tolist()
+
+    def run():
+        x = _torch_fp8(t["a"], t["a_scales"], 1)
+        out = torch.zeros(x.shape[0], n, dtype=out_dtype)
+        for e in range(len(offsets) - 1):
+            lo, hi = offsets[e], offsets[e + 1]
+            if hi == lo:
+                continue
+            h = torch.matmul(x[lo:hi], _torch_fp8(t["b"][e], t["b_scales"][e], BLOCK).T)
+            if t["activation"] == "silu_and_mul":
+                h = Fn.silu(h[:, :n]) * h[:, n:]
+            out[lo:hi] = h.to(out_dtype)
+        return out
+
+    return run
+
+
+def _grouped_bench(rng, fmt, tokens=1024, top_k=8, experts=32, k=2048, n=1024):
+    """DeepSeek-like gate/up projection scaled to a small machine: hidden 2048, expert dim 1024,
+    1024 tokens x top-8 over 32 experts (256 rows each, uneven)."""
+    counts = rng.multinomial(tokens * top_k, np.full(experts, 1.0 / experts))
+    return _grouped_args(rng, fmt, counts, k, 2 * n, "silu_and_mul")
+
+
+fp8_grouped_gemm_blockscale = OpDef(
+    name="fp8_grouped_gemm_blockscale",
+    doc="fp8_grouped_gemm_blockscale(a, a_scales, b, b_scales, expert_offsets, *, activation=None, out_dtype='bfloat16'): "
+    "fp8_gemm_blockscale per expert over the MoE contiguous layout: a [R, K], a_scales [R, ceil(K/128)], b [E, Nw, K], "
+    "b_scales [E, ceil(Nw/128), ceil(K/128)]; rows offsets[e]..offsets[e+1] use expert e, rows outside "
+    "[offsets[0], offsets[E]) are 0; activation 'silu_and_mul' gives silu(h[:, :N]) * h[:, N:] for Nw = 2N.",
+    params=[
+        Tensor("a", FP8, rank=2),
+        Tensor("a_scales", ("float32",), rank=2),
+        Tensor("b", FP8, rank=3),
+        Tensor("b_scales", ("float32",), rank=3),
+        Tensor("expert_offsets", ("int32", "int64"), rank=1),
+        "*",
+        Attr("activation", None, choices=(None, "silu_and_mul")),
+        Attr("out_dtype", "bfloat16", choices=FLOATS),
+    ],
+    check=_grouped_check,
+    outputs=lambda a: [((a["a"].shape[0], _grouped_out_columns(a)), a["out_dtype"])],
+    reference=lambda a: [_grouped_reference_and_magnitude(a)[0]],
+    samples=_grouped_samples,
+    error_samples=_grouped_errors,
+    growth=_growth,
+    magnitude=lambda a, refs: [_grouped_reference_and_magnitude(a)[1]],
+    bench=_grouped_bench,
+    cost=lambda a: _cost(a, a["b"].shape[1], a["a"], a["b"], a["a_scales"], a["b_scales"], n_out=_grouped_out_columns(a)),
+    torch_peer=_grouped_peer,
+)
+
+
+# ---------------------------------------------------------------- int8_gemm
+
+
+def _int8_check(a):
+    m, (n, k_b) = a["a"].shape[0], a["b"].shape
+    _check_k(a, "b", k_b)
+    if tuple(a["a_scales"].shape) not in ((m, 1), (1, 1)):
+        raise Bad("a_scales", f"shape ({m}, 1) per token or (1, 1) per tensor", f"shape {tuple(a['a_scales'].shape)}")
+    if tuple(a["b_scales"].shape) not in ((n, 1), (1, 1)):
+        raise Bad("b_scales", f"shape ({n}, 1) per channel or (1, 1) per tensor", f"shape {tuple(a['b_scales'].shape)}")
+    if a["bias"] is not None:
+        _want_shape("bias", a["bias"], (n,))
+
+
+def _int8_scaled(a):
+    """(a @ b.T) * a_scales * b_scales.T, the int8 values as float64 (exact), and its magnitude."""
+    s = _values(a["a_scales"]) * _values(a["b_scales"]).T
+    x, w = _values(a["a"]), _values(a["b"])
+    return (x @ w.T) * s, (np.abs(x) @ np.abs(w).T) * np.abs(s)
+
+
+def _int8_reference(a):
+    y = _int8_scaled(a)[0]
+    return [y if a["bias"] is None else y + _values(a["bias"])]
+
+
+def _int8_magnitude(a, refs):
+    m = _int8_scaled(a)[1]
+    return [m if a["bias"] is None else m + np.abs(_values(a["bias"]))]
+
+
+def _int8_args(rng, m, k, n, per_token=True, per_channel=True, bias=None, out_dtype="bfloat16"):
+    return {"a": _codes(rng, (m, k), "int8", 50.0), "b": _codes(rng, (n, k), "int8", 50.0),
+            "a_scales": _scales(rng, (m if per_token else 1, 1), 0.02), "b_scales": _scales(rng, (n if per_channel else 1, 1), 0.02),
+            "bias": None if bias is None else random(rng, (n,), bias, 10.0), "out_dtype": out_dtype}
+
+
+def _int8_samples(rng, dtype):
+    yield Sample(_int8_args(rng, 1, 1, 1), "1x1x1")
+    yield Sample(_int8_args(rng, 7, 13, 5, bias="float32"), "7x13x5 per token x per channel, bias")
+    yield Sample(_int8_args(rng, 33, 300, 97, per_token=False, bias="bfloat16", out_dtype="float32"),
+                 "per tensor x per channel, bfloat16 bias, out float32")
+    yield Sample(_int8_args(rng, 65, 1029, 130, per_channel=False, out_dtype="float16"), "per token x per tensor, K = 1029, out float16")
+    yield Sample(_int8_args(rng, 1, 2500, 257, per_token=False, per_channel=False, bias="float16"), "M = 1 decode, per tensor both, K = 2500")
+    saturated = _int8_args(rng, 3, 2500, 4, out_dtype="float32")
+    saturated["a"][:] = -128  # every product 2^14: sums pass 2^24, where fp32 accumulation is inexact
+    saturated["b"][:] = -128
+    yield Sample(saturated, "a = b = -128, K = 2500: sums past 2^24", "edge")
+    s = _int8_args(rng, 21, 200, 19, bias="float32")
+    s["a"] = strided(s["a"])
+    yield Sample(s, "strided a", "edge")
+    yield Sample(_int8_args(rng, 0, 64, 9, bias="float32"), "M = 0", "edge")
+    yield Sample(_int8_args(rng, 4, 0, 9, bias="float32"), "K = 0: bias only", "edge")
+
+
+def _int8_errors(rng):
+    def args(**kw):
+        return _int8_args(rng, 4, 6, 5) | kw
+
+    yield ErrorSample(args(b=_codes(rng, (5, 7), "int8", 9.0)), "K mismatch", match="b")
+    yield ErrorSample(args(b=_codes(rng, (5, 6), "uint4", 9.0)), "uint8 b", match="dtype")
+    yield ErrorSample(args(a_scales=_scales(rng, (1, 6))), "a_scales per column", match="a_scales")
+    yield ErrorSample(args(b_scales=_scales(rng, (5,))), "rank-1 b_scales", match="rank")
+    yield ErrorSample(args(b_scales=_scales(rng, (4, 1))), "b_scales for 4 of 5 channels", match="b_scales")
+    yield ErrorSample(args(bias=random(rng, (4,), "float32")), "bias length", match="bias")
+    yield ErrorSample(args(a_scales=np.ones((4, 1), np.float16)), "float16 scales", match="dtype")
+    yield ErrorSample(args(a=random(rng, (4, 6), "float32")), "float a", match="dtype")
+    yield ErrorSample(args(out_dtype="int32"), "int32 out_dtype", match="out_dtype")
+
+
+def _int8_peer(t):
+    import torch
+
+    out_dtype = getattr(torch, t["out_dtype"])
+
+    def run():
+        y = torch.matmul(t["a"].float() * t["a_scales"], (t["b"].float() * t["b_scales"]).T)
+        if t["bias"] is not None:
+            y = y + t["bias"]
+        return y.to(out_dtype)
+
+    return run
+
+
+int8_gemm = OpDef(
+    name="int8_gemm",
+    doc="int8_gemm(a, b, a_scales, b_scales, *, bias=None, out_dtype='bfloat16'): W8A8 GEMM a @ b.T with a [M, K] "
+    "and b [N, K] int8, exact int32 accumulation, then * a_scales ([M, 1] per token or [1, 1]) * b_scales ([N, 1] "
+    "per channel or [1, 1]) + bias in fp32.",
+    params=[
+        Tensor("a", ("int8",), rank=2),
+        Tensor("b", ("int8",), rank=2),
+        Tensor("a_scales", ("float32",), rank=2),
+        Tensor("b_scales", ("float32",), rank=2),
+        "*",
+        Tensor("bias", FLOATS, rank=1, optional=True),
+        Attr("out_dtype", "bfloat16", choices=FLOATS),
+    ],
+    check=_int8_check,
+    outputs=lambda a: [((a["a"].shape[0], a["b"].shape[0]), a["out_dtype"])],
+    reference=_int8_reference,
+    samples=_int8_samples,
+    error_samples=_int8_errors,
+    growth=_growth,
+    magnitude=_int8_magnitude,
+    bench=lambda rng, dtype, m=4096, k=2048, n=2048: _int8_args(rng, m, k, n, bias="float32"),
+    cost=lambda a: _cost(a, a["b"].shape[0], a["a"], a["b"], a["bias"]),
+    torch_peer=_int8_peer,
+)
+
+
+# ---------------------------------------------------------------- w4a16_gemm
+
+
+def _w4_check(a):
+    k = a["a"].shape[1]
+    n = a["b_packed"].shape[0]
+    _check_packed_k(a)
+    g = a["group_size"]
+    if k % g:
+        raise Bad("a", f"K a multiple of group_size {g}", f"K = {k}")
+    _want_shape("scales", a["scales"], (n, k // g))
+    if a["zeros"] is not None:
+        _want_shape("zeros", a["zeros"], (n, k // g))
+
+
+def _w4_weights(a):
+    return _int4_weights(a["b_packed"], a["scales"], a["zeros"], a["group_size"])
+
+
+def _w4_args(rng, dtype, m, k, n, group=128, zeros=False, scale_dtype=None):
+    g = k // group
+    s = _scales(rng, (n, g), 0.3).astype(to_numpy(scale_dtype or dtype))
+    if zeros:
+        z = rng.integers(0, 16, (n, g)).astype(np.uint8)
+        # uint4 codes around each group's zero point
+        codes = F.encode(rng.standard_normal((n, k)) * 3.0 + F.expand_scales(z, (n, k), "group", group), "uint4")
+    else:
+        z, codes = None, _codes(rng, (n, k), "int4", 3.0)
+    return {"a": random(rng, (m, k), dtype), "b_packed": F.pack_nibbles(codes), "scales": s, "zeros": z, "group_size": group}
+
+
+def _w4_samples(rng, dtype):
+    yield Sample(_w4_args(rng, dtype, 1, 32, 1, 32), "1x32x1 group 32")
+    yield Sample(_w4_args(rng, dtype, 7, 96, 13, 32, zeros=True), "7x96x13 group 32 zeros")
+    yield Sample(_w4_args(rng, dtype, 33, 320, 97, 64), "33x320x97 group 64")
+    yield Sample(_w4_args(rng, dtype, 17, 192, 130, 64, zeros=True, scale_dtype="float32"), "group 64 zeros, float32 scales")
+    yield Sample(_w4_args(rng, dtype, 65, 384, 129, 128, scale_dtype="bfloat16"), "65x384x129 group 128, bfloat16 scales")
+    yield Sample(_w4_args(rng, dtype, 1, 1024, 259, 128, zeros=True), "M = 1 decode, group 128 zeros")
+    s = _w4_args(rng, dtype, 11, 128, 21, 32, zeros=True)
+    s["a"] = strided(s["a"])
+    yield Sample(s, "strided a", "edge")
+    yield Sample(_w4_args(rng, dtype, 0, 64, 7, 32), "M = 0", "edge")
+
+
+def _w4_errors(rng):
+    f32 = "float32"
+
+    def args(**kw):
+        return _w4_args(rng, f32, 3, 128, 5, 64, zeros=True) | kw
+
+    yield ErrorSample(args(b_packed=np.zeros((5, 128), np.uint8)), "b unpacked (K bytes per row)", match="b_packed")
+    yield ErrorSample(args(group_size=48), "group_size 48", match="group_size")
+    yield ErrorSample(_w4_args(rng, f32, 3, 96, 5, 32) | {"group_size": 64}, "K not a multiple of the group", match="group_size")
+    yield ErrorSample(args(scales=np.ones((5, 1), np.float32)), "scales per row", match="scales")
+    yield ErrorSample(args(zeros=np.ones((5, 2), np.int8)), "int8 zeros", match="dtype")
+    yield ErrorSample(args(zeros=np.ones((2, 5), np.uint8)), "zeros transposed", match="zeros")
+    yield ErrorSample(args(a=np.ones((3, 128), np.int8)), "int8 a", match="dtype")
+    yield ErrorSample(args(a=random(rng, (3, 127), f32)), "odd K", match="even")
+
+
+def _torch_nibbles(b):
+    """[N, K/2] bytes -> [N, K] codes 0..15, low nibble first (torch)."""
+    import torch
+
+    return torch.stack([b & 0xF, b >> 4], dim=-1).reshape(b.shape[0], 2 * b.shape[1])
+
+
+def _w4_peer(t):
+    import torch
+
+    g = t["group_size"]
+
+    def run():
+        q = _torch_nibbles(t["b_packed"]).float()
+        if t["zeros"] is None:
+            q = torch.where(q >= 8, q - 16, q)
+        else:
+            q = q - t["zeros"].float().repeat_interleave(g, dim=1)
+        w = q * t["scales"].float().repeat_interleave(g, dim=1)
+        return torch.matmul(t["a"].float(), w.T).to(t["a"].dtype)
+
+    return run
+
+
+w4a16_gemm = OpDef(
+    name="w4a16_gemm",
+    doc="w4a16_gemm(a, b_packed, scales, zeros=None, *, group_size=128): a [M, K] float @ dequantized int4 "
+    "weights.T; b_packed [N, K/2] (two codes per byte, low nibble first: signed int4, or uint4 with zeros), "
+    "scales / zeros [N, K/group_size], w = (q - zero) * scale; fp32 accumulation, out in a's dtype.",
+    params=[
+        Tensor("a", FLOATS, rank=2),
+        Tensor("b_packed", ("uint8",), rank=2),
+        Tensor("scales", FLOATS, rank=2),
+        Tensor("zeros", ("uint8",), rank=2, optional=True),
+        "*",
+        Attr("group_size", 128, int, choices=W4_GROUPS),
+    ],
+    check=_w4_check,
+    outputs=lambda a: [((a["a"].shape[0], a["b_packed"].shape[0]), name_of(a["a"].dtype))],
+    reference=lambda a: [a["a"] @ _w4_weights(a).T],
+    samples=_w4_samples,
+    error_samples=_w4_errors,
+    growth=_growth,
+    magnitude=lambda a, refs: [_product_magnitude(a["a"], _w4_weights(a))],
+    bench=lambda rng, dtype, m=4096, k=2048, n=2048: _w4_args(rng, dtype, m, k, n, 128),
+    cost=lambda a: _cost(a, a["b_packed"].shape[0], a["a"], a["b_packed"], a["scales"], a["zeros"]),
+    torch_peer=_w4_peer,
+)
+
+
+# ---------------------------------------------------------------- fp4_gemm
+
+
+def _fp4_check(a):
+    k = a["a"].shape[1]
+    n = a["b_packed"].shape[0]
+    _check_packed_k(a)
+    fmt, groups = a["fmt"], -(-k // FP4_GROUP[a["fmt"]])
+    want = "uint8" if fmt == "mxfp4" else "float8_e4m3fn"
+    if name_of(a["b_scales"].dtype) != want:
+        raise Bad("b_scales", f"dtype {want} for {fmt}", name_of(a["b_scales"].dtype))
+    _want_shape("b_scales", a["b_scales"], (n, groups))
+    ts = a["tensor_scale"]
+    if fmt == "nvfp4":
+        if ts is None:
+            raise Bad("tensor_scale", "a float32 [1, 1] tensor scale for nvfp4", "None")
+        _want_shape("tensor_scale", ts, (1, 1))
+    elif ts is not None:
+        raise Bad("tensor_scale", "None for mxfp4 (its E8M0 scales are the whole scale)", f"shape {tuple(ts.shape)}")
+
+
+def _fp4_w(a):
+    return _fp4_weights(a["b_packed"], a["b_scales"], a["fmt"], a["tensor_scale"])
+
+
+def _fp4_args(rng, dtype, m, k, n, fmt="mxfp4"):
+    groups = -(-k // FP4_GROUP[fmt])
+    codes = _codes(rng, (n, k), "e2m1", 2.0)
+    if fmt == "mxfp4":
+        scales, ts = rng.integers(127 - 9, 127 + 2, (n, groups)).astype(np.uint8), None
+    else:  # block scales spread over the e4m3 range, one fp32 tensor scale
+        scales = F.encode(np.exp2(rng.uniform(-6, 8, (n, groups))), "float8_e4m3fn").view(to_numpy("float8_e4m3fn"))
+        ts = _scales(rng, (1, 1), 0.01)
+    return {"a": random(rng, (m, k), dtype), "b_packed": F.pack_nibbles(codes), "b_scales": scales, "fmt": fmt, "tensor_scale": ts}
+
+
+def _fp4_samples(rng, dtype):
+    for fmt in ("mxfp4", "nvfp4"):
+        g = FP4_GROUP[fmt]
+        yield Sample(_fp4_args(rng, dtype, 1, 2, 1, fmt), f"{fmt} 1x2x1")
+        yield Sample(_fp4_args(rng, dtype, 7, 3 * g + 6, 13, fmt), f"{fmt} 7x{3 * g + 6}x13: partial last group")
+        yield Sample(_fp4_args(rng, dtype, 33, 512, 130, fmt), f"{fmt} 33x512x130")
+        yield Sample(_fp4_args(rng, dtype, 1, 1000, 259, fmt), f"{fmt} M = 1 decode, K = 1000")
+        s = _fp4_args(rng, dtype, 11, 96, 17, fmt)
+        s["a"] = strided(s["a"])
+        yield Sample(s, f"{fmt} strided a", "edge")
+        yield Sample(_fp4_args(rng, dtype, 0, 64, 5, fmt), f"{fmt} M = 0", "edge")
+
+
+def _fp4_errors(rng):
+    f32 = "float32"
+    mx = _fp4_args(rng, f32, 3, 64, 5, "mxfp4")
+    nv = _fp4_args(rng, f32, 3, 64, 5, "nvfp4")
+    yield ErrorSample(nv | {"tensor_scale": None}, "nvfp4 without tensor_scale", match="tensor_scale")
+    yield ErrorSample(mx | {"tensor_scale": np.ones((1, 1), np.float32)}, "mxfp4 with tensor_scale", match="tensor_scale")
+    yield ErrorSample(mx | {"fmt": "nvfp4", "tensor_scale": np.ones((1, 1), np.float32)}, "E8M0 scales for nvfp4", match="b_scales")
+    yield ErrorSample(nv | {"fmt": "mxfp4", "tensor_scale": None}, "e4m3 scales for mxfp4", match="b_scales")
+    yield ErrorSample(mx | {"b_scales": mx["b_scales"][:, :1]}, "scales per 64, not 32", match="b_scales")
+    yield ErrorSample(mx | {"b_packed": mx["b_packed"][:, :31]}, "b_packed for K = 62", match="b_packed")
+    yield ErrorSample(mx | {"fmt": "fp4"}, "unknown fmt", match="fmt")
+    yield ErrorSample(nv | {"tensor_scale": np.ones((1,), np.float32)}, "rank-1 tensor_scale", match="rank")
+    yield ErrorSample(mx | {"a": random(rng, (3, 64), "float32").astype(np.float64)}, "float64 a", match="dtype")
+
+
+_E2M1 = F.decode(np.arange(16, dtype=np.uint8), "e2m1")
+
+
+def _fp4_peer(t):
+    import torch
+
+    g = FP4_GROUP[t["fmt"]]
+    lut = torch.tensor(_E2M1, dtype=torch.float32)
+
+    def run():
+        w = lut[_torch_nibbles(t["b_packed"]).long()]
+        if t["fmt"] == "mxfp4":
+            s = torch.exp2(t["b_scales"].float() - 127)
+        else:
+            s = t["b_scales"].float() * t["tensor_scale"]
+        w = w * s.repeat_interleave(g, dim=1)[:, : w.shape[1]]
+        return torch.matmul(t["a"].float(), w.T).to(t["a"].dtype)
+
+    return run
+
+
+fp4_gemm = OpDef(
+    name="fp4_gemm",
+    doc="fp4_gemm(a, b_packed, b_scales, *, fmt='mxfp4', tensor_scale=None): a [M, K] float @ fp4 weights.T; b_packed "
+    "[N, K/2] E2M1 codes (low nibble first); mxfp4: b_scales [N, ceil(K/32)] uint8 E8M0; nvfp4: b_scales "
+    "[N, ceil(K/16)] float8_e4m3fn times tensor_scale [1, 1] float32. fp32 accumulation, out in a's dtype.",
+    params=[
+        Tensor("a", FLOATS, rank=2),
+        Tensor("b_packed", ("uint8",), rank=2),
+        Tensor("b_scales", ("uint8", "float8_e4m3fn"), rank=2),
+        "*",
+        Attr("fmt", "mxfp4", choices=tuple(FP4_GROUP)),
+        Tensor("tensor_scale", ("float32",), rank=2, optional=True),
+    ],
+    check=_fp4_check,
+    outputs=lambda a: [((a["a"].shape[0], a["b_packed"].shape[0]), name_of(a["a"].dtype))],
+    reference=lambda a: [a["a"] @ _fp4_w(a).T],
+    samples=_fp4_samples,
+    error_samples=_fp4_errors,
+    growth=_growth,
+    magnitude=lambda a, refs: [_product_magnitude(a["a"], _fp4_w(a))],
+    bench=lambda rng, dtype, m=4096, k=2048, n=2048, fmt="mxfp4": _fp4_args(rng, dtype, m, k, n, fmt),
+    cost=lambda a: _cost(a, a["b_packed"].shape[0], a["a"], a["b_packed"], a["b_scales"]),
+    torch_peer=_fp4_peer,
+)
+
+
+OPS = (fp8_gemm_blockscale, fp8_grouped_gemm_blockscale, int8_gemm, w4a16_gemm, fp4_gemm)
