@@ -82,6 +82,7 @@ def moe_cost(a):
 # Ops benchmarked at their own OpDef `bench` shapes (see ops/qgemm.py, ops/quant.py, ops/sparse.py, ops/moe.py).
 OP_ROWS = ("grouped_gemm", "fp8_gemm_blockscale", "fp8_grouped_gemm_blockscale", "int8_gemm", "w4a16_gemm", "fp4_gemm",
            "quantize", "dequantize", "embedding_bag", "spmm_csr")
+TORCH_DTYPES = {"spmm_csr": ("float32",)}  # torch CPU has no half-precision sparse CSR matmul
 
 
 def shapes(op, args):
@@ -106,7 +107,7 @@ def main():
         del a
     for name in OP_ROWS:
         op = hal.ops.ALL[name]
-        for dtype in _default_bench_dtypes(op)[: 1 if args.quick else None]:
+        for dtype in TORCH_DTYPES.get(name, _default_bench_dtypes(op))[: 1 if args.quick else None]:
             op_args = op.bench(rng, dtype)
             rows.append({"shape": f"{name} {shapes(op, op_args)}", **bench_op(op, dtype, "cpu", vs_torch=True, args=op_args)})
     Console().print(comparison_table(rows, f"hal cpu vs torch {__import__('torch').__version__}: MoE, low precision, sparse"))
