@@ -201,7 +201,7 @@ def strided(x, axis=-1):
     that reads them shows it."""
     shape = list(x.shape)
     shape[axis] *= 2
-    fill = {"i": -1, "u": np.iinfo(x.dtype).max if x.dtype.kind == "u" else 0}.get(x.dtype.kind, np.nan)
+    fill = np.iinfo(x.dtype).max if x.dtype.kind == "u" else -1 if x.dtype.kind == "i" else np.nan
     big = np.full(shape, fill, x.dtype)
     index = [slice(None)] * x.ndim
     index[axis] = slice(None, None, 2)

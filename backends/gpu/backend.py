@@ -15,7 +15,6 @@ from hal.registry import Backend
 from .catalog import KERNELS, instantiations
 
 BF16_NAN_BITS = 0x7FC0
-# CuPy has no bfloat16 or fp8 dtypes: on the device those live as same-width integers, one per format.
 # CuPy has no bfloat16 or fp8 dtypes: on the device those live as same-width unsigned integers. A uint8
 # array may then be e4m3fn, e4m3fnuz, e5m2 or real bytes (packed int4 / fp4), so DeviceBackend records
 # the hal dtype of every array it hands to a kernel (DeviceDtypes); bfloat16 is the only uint16 meaning.
@@ -154,11 +153,8 @@ class DeviceExecutor:
     def to_host(x):
         return x.get()
 
-    @staticmethod
-    def empty(shape, dtype):
-        import cupy
-
-        return cupy.empty(shape, to_numpy(dtype))
+    def empty(self, shape, dtype):
+        return self.backend.empty(shape, dtype)  # scratch buffers get their dtype recorded too
 
     @staticmethod
     def fill_zero(x):
