@@ -93,11 +93,20 @@ def _route_args(rng, dtype, t, e, k, scoring="softmax", bias=False, bias_dtype=N
     lo, hi, step = _SOFTMAX_GRID if scoring == "softmax" else _SIGMOID_GRID
     a = {"logits": _grid(rng, (t, e), lo, hi, step, dtype), "k": k, "scoring": scoring, "n_group": None,
          "topk_group": None, "bias": None, "renormalize": True, "scaling": 1.0}
+    a.update(attrs)
     if bias:
         values = np.array(_SOFTMAX_BIAS if scoring == "softmax" else _SIGMOID_BIAS)
-        a["bias"] = rng.choice(values, e).astype(to_numpy(bias_dtype or dtype))
-    a.update(attrs)
+        a["bias"] = _bias(rng, values, e, a["n_group"]).astype(to_numpy(bias_dtype or dtype))
     return a
+
+
+def _bias(rng, values, e, n_group):
+    """One bias per expert; with grouped routing one per group, repeated over its experts. Group scores
+    sum two (score + bias) terms, and (x + b1) + (y + b2) equals (x + b2) + (y + b1) in real arithmetic
+    but not always after fp32 rounding: per-group biases keep real ties bit-equal ties."""
+    if not n_group:
+        return rng.choice(values, e)
+    return np.repeat(rng.choice(values, n_group), e // n_group)
 
 
 def _route_samples(rng, dtype):
@@ -633,7 +642,7 @@ def _gg_peer(t):
 def moe_bench_shapes(rng, dtype, tokens=4096, experts=256, k=8, hidden=2048, inter=1024, block_m=1):
     """A DeepSeek-like MoE block scaled to a small machine: routing, the layout, weights (w13 [E, 2I, H], w2 [E, H, I])."""
     logits = _grid(rng, (tokens, experts), *_SIGMOID_GRID, "float32")
-    bias = rng.choice(np.array(_SIGMOID_BIAS), experts).astype(np.float32)
+    bias = _bias(rng, np.array(_SIGMOID_BIAS), experts, 8).astype(np.float32)
     w, ids = _route_reference({"logits": logits.astype(np.float64), "k": k, "scoring": "sigmoid", "n_group": 8,
                                "topk_group": 4, "bias": bias.astype(np.float64), "renormalize": True, "scaling": 2.5})
     sid, _, offsets, _ = align(ids, experts, block_m)

@@ -9,7 +9,7 @@ import pytest
 import hal
 from hal import ops
 from hal.errors import SchemaError
-from hal.ops.moe import OPS, align
+from hal.ops.moe import _SIGMOID_BIAS, OPS, _bias, align
 from hal.opdef import random
 from hal.registry import registry
 
@@ -60,7 +60,7 @@ def test_pipeline_equals_float64_moe_block(backend, dtype, block_m, rng):
     tokens, experts, k, hidden, inter = 37, 16, 4, 72, 40
     x = random(rng, (tokens, hidden), dtype)
     logits = (0.25 * rng.integers(1, 9, (tokens, experts))).astype(x.dtype)  # grid values: see ops/moe.py
-    bias = rng.choice([0.0, 0.5, 1.0], experts).astype(np.float32)
+    bias = _bias(rng, np.array(_SIGMOID_BIAS), experts, 4).astype(np.float32)  # per group: see ops/moe.py
     w13 = random(rng, (experts, 2 * inter, hidden), dtype, 1 / math.sqrt(hidden))
     w2 = random(rng, (experts, hidden, inter), dtype, 1 / math.sqrt(inter))
     route = dict(scoring="sigmoid", n_group=4, topk_group=2, bias=bias, scaling=2.5)
