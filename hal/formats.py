@@ -181,5 +181,22 @@ def e8m0_decode(codes):
     return np.where(c == 0xFF, np.nan, np.ldexp(1.0, c - 127))
 
 
+def code_values(fmt):
+    """float64 value of every stored code of an element format, indexed by the code: 256 for the byte
+    formats (int8 by its byte), 16 for the 4-bit ones (one nibble)."""
+    codes = np.arange(1 << FORMATS[fmt].bits, dtype=np.uint8)
+    return decode(codes.view(np.int8) if fmt == "int8" else codes, fmt)
+
+
+def scale_values(fmt, scales, tensor_scale=None):
+    """float64 multipliers of stored scales: 2^(code - 127) of E8M0 codes (mxfp4), the e4m3 value times
+    the fp32 tensor scale (nvfp4; exact: 4 + 24 significant bits), the scales themselves otherwise."""
+    s = np.asarray(scales)
+    if fmt == "mxfp4":
+        return e8m0_decode(s)
+    values = decode(s, "float8_e4m3fn") if fmt == "nvfp4" and s.dtype.itemsize == 1 else s.astype(np.float64)  # codes, or already values
+    return values * np.asarray(tensor_scale, np.float64) if fmt == "nvfp4" else values
+
+
 # Block sizes and scale formats of the two fp4 schemes.
 MXFP4_GROUP, NVFP4_GROUP = 32, 16

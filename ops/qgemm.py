@@ -52,11 +52,7 @@ def _int4_weights(packed, scales, zeros, group):
 
 def _fp4_weights(packed, scales, fmt, tensor_scale):
     w = F.decode(F.unpack_nibbles(packed), "e2m1")
-    if fmt == "mxfp4":
-        s = F.e8m0_decode(scales)
-    else:
-        s = _values(scales) * _values(tensor_scale).reshape(())
-    return w * F.expand_scales(s, w.shape, "group", FP4_GROUP[fmt])
+    return w * F.expand_scales(F.scale_values(fmt, scales, tensor_scale), w.shape, "group", FP4_GROUP[fmt])
 
 
 def _product_magnitude(a, b):

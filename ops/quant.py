@@ -235,13 +235,7 @@ def _dequantize_values(q, scales, fmt, granularity, group_size, zeros=None, tens
             v = codes - F.expand_scales(_values(zeros), shape, granularity, group_size)
     else:
         v = _values(q)
-    if fmt == "mxfp4":
-        s = F.e8m0_decode(scales)
-    elif fmt == "nvfp4":
-        s = _values(scales) * _values(tensor_scale)
-    else:
-        s = _values(scales)
-    return v * F.expand_scales(s, shape, granularity, group_size)
+    return v * F.expand_scales(F.scale_values(fmt, scales, tensor_scale), shape, granularity, group_size)
 
 
 def _dequantize_reference(a):

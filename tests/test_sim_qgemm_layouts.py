@@ -1,5 +1,5 @@
 """The mma.sync m16n8k32 wrappers with 8-bit inputs (backends/cuda/common.cuh) as cuda-sim emulates
-them (e4m3 -> f32 and s8 -> s32), checked against the lane layouts of /work/shared/gpu-facts.md
+them (e4m3 -> f32 and s8 -> s32), checked against the lane layouts of shared/gpu-facts.md
 ("NVIDIA m16n8k32"); then the CUDA quantized GEMMs (backends/cuda/qgemm.cu) on emulated sm_75 (SIMT
 only), sm_80 (f16 / s8 matrix variants), sm_89 (mma with e4m3 inputs) and sm_90a (f16 variant): every fp8 code decodes
 exactly in every variant, the conformance suite passes, and each architecture runs the variant

@@ -49,12 +49,8 @@ Fp8Rows = namedtuple("Fp8Rows", "codes scales rows_per_scale table")  # codes ui
 NibbleRows = namedtuple("NibbleRows", "packed table scales zeros group")  # packed uint8 [R, K / 2], scales / zeros [R, K / group]
 Int8Rows = namedtuple("Int8Rows", "codes")  # int8 [R, K]
 
-_FP8_TABLES = {fmt: F.decode(np.arange(256, dtype=np.uint8), fmt).astype(np.float32) for fmt in ("float8_e4m3fn", "float8_e4m3fnuz")}
-_NIBBLE_TABLES = {
-    "int4": F.decode(np.arange(16, dtype=np.uint8), "int4").astype(np.float32),  # codes 8..15 are -8..-1
-    "uint4": np.arange(16, dtype=np.float32),
-    "e2m1": F.decode(np.arange(16, dtype=np.uint8), "e2m1").astype(np.float32),
-}
+_FP8_TABLES = {fmt: F.code_values(fmt).astype(np.float32) for fmt in ("float8_e4m3fn", "float8_e4m3fnuz")}
+_NIBBLE_TABLES = {fmt: F.code_values(fmt).astype(np.float32) for fmt in ("int4", "uint4", "e2m1")}  # int4 codes 8..15 are -8..-1
 
 
 # ---------------------------------------------------------------- dequantizing one row
@@ -289,10 +285,8 @@ def w4a16_gemm(outs, a, b_packed, scales, zeros, *, group_size):
 
 def fp4_gemm(outs, a, b_packed, b_scales, tensor_scale, *, fmt):
     """E2M1 weights; group scale 2^(code - 127) (mxfp4, per 32) or e4m3 * tensor_scale in fp32 (nvfp4, per 16)."""
-    if fmt == "mxfp4":
-        scales, group = F.e8m0_decode(b_scales).astype(np.float32), F.MXFP4_GROUP  # powers of two: exact
-    else:
-        scales, group = _FP8_TABLES["float8_e4m3fn"][b_scales.view(np.uint8)] * tensor_scale.reshape(()), F.NVFP4_GROUP
+    scales = F.scale_values(fmt, b_scales, tensor_scale).astype(np.float32)  # exact products, rounded once
+    group = F.MXFP4_GROUP if fmt == "mxfp4" else F.NVFP4_GROUP
     zeros = np.zeros(scales.shape, np.uint8)
     _float_gemm(outs[0], _as_f32(a), NibbleRows(b_packed, _NIBBLE_TABLES["e2m1"], scales, zeros, group))
 

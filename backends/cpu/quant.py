@@ -271,21 +271,8 @@ def quantize(outs, x, fmt, granularity, group_size, zero_point):
 
 def _value_table(fmt, zeros):
     """float32 value of every code (every byte; every nibble for the packed formats)."""
-    if fmt in ("mxfp4", "nvfp4"):
-        return F.decode(np.arange(16, dtype=np.uint8), "e2m1").astype(np.float32)
-    if fmt == "int4":
-        return np.arange(16, dtype=np.float32) if zeros is not None else F.decode(np.arange(16), "int4").astype(np.float32)
-    return F.decode(np.arange(256, dtype=np.uint8).view(np.int8) if fmt == "int8" else np.arange(256, dtype=np.uint8), fmt).astype(np.float32)
-
-
-def _scale_values(fmt, scales, tensor_scale):
-    """The scales as float32 multipliers (E8M0 codes -> 2^(code - 127); nvfp4: e4m3 value * tensor scale in fp32)."""
-    if fmt == "mxfp4":
-        return F.e8m0_decode(scales).astype(np.float32)
-    if fmt == "nvfp4":
-        s = F.decode(scales.view(np.uint8), "float8_e4m3fn").astype(np.float32)
-        return s * tensor_scale  # [..., 1, 1] broadcasts
-    return scales
+    element = "e2m1" if fmt in ("mxfp4", "nvfp4") else "uint4" if fmt == "int4" and zeros is not None else fmt
+    return F.code_values(element).astype(np.float32)
 
 
 @njit(**_KERNEL)
@@ -318,7 +305,7 @@ def dequantize(outs, q, scales, fmt, granularity, zeros, tensor_scale, group_siz
     if rows == 0:
         return
     batch = rows // m
-    s = np.ascontiguousarray(_scale_values(fmt, scales, tensor_scale), np.float32)
+    s = F.scale_values(fmt, scales, tensor_scale).astype(np.float32)  # a fresh contiguous array
     z = None if zeros is None else zeros.reshape(batch, *zeros.shape[-2:])
     gr, gc = F.group_tile(granularity, m, k, group_size)
     _dequantize_rows(q.reshape(rows, -1).view(np.uint8), _value_table(fmt, zeros), m, gr, gc,
