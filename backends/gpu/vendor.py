@@ -5,6 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BACKENDS_DIR = Path(__file__).resolve().parent.parent
+# Kernel files written once for both vendors (through the vendor shim header `hal_vendor.h` that
+# each vendor's kernel directory provides); a vendor file of the same family name takes precedence.
+SHARED_KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
 
 
 @dataclass(frozen=True)
@@ -27,8 +30,14 @@ class Vendor:
     def kernel_dir(self):
         return BACKENDS_DIR / self.name
 
+    @property
+    def include_dirs(self):
+        """Include path of every build of this vendor's kernels: its own directory (the shim) first."""
+        return (self.kernel_dir, SHARED_KERNEL_DIR)
+
     def source(self, family):
-        return self.kernel_dir / f"{family}{self.suffix}"
+        own = self.kernel_dir / f"{family}{self.suffix}"
+        return own if own.exists() else SHARED_KERNEL_DIR / f"{family}.cu"
 
     def has_matrix_units(self, arch):
         if self.name == "cuda":
