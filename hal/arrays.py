@@ -7,7 +7,7 @@ not copied. Arrays on another device are copied to the host only when an op fall
 import ml_dtypes
 import numpy as np
 
-DLPACK_CPU, DLPACK_CUDA, DLPACK_ROCM = 1, 2, 10
+DLPACK_CPU = 1  # the DLPack device type of host memory; device backends declare their own (2 CUDA, 10 ROCm)
 
 # torch cannot hand a bfloat16 or float8 tensor to NumPy directly: go through a same-width int view.
 _TORCH_VIA_INT = {

@@ -2,65 +2,46 @@
 
 Built from three sources: the registry (which kernels a backend has, their dtypes and
 conditions), a conformance run on the backend (pass / fail with the worst error against the
-tolerance), and the architecture matrix's compile report (registers, spills, shared memory per
-architecture for GPU kernels). Backend-level items come from the backend's `info()`; an item a
-backend does not declare shows as "not declared", which is itself a porting task.
+tolerance), and the backend's own compile report (`Backend.compile_report()`: registers, spills,
+shared memory per architecture, matched to kernels by source file name). The backend items are
+what the backend's `info()` says about itself, shown as given, after its DLPack device type and
+priority; the core knows no vendor and asks for no particular field.
 """
 import datetime
 import html
 import json
-import os
 from pathlib import Path
 
 from . import conformance
-from .dispatch import FALLBACK_BACKEND
 from .ops import ALL
-from .registry import registry
-
-BACKEND_ITEMS = {
-    "device": "device",
-    "dlpack_device": "DLPack device type",
-    "memory": "allocation",
-    "streams": "streams and synchronization",
-    "arch": "architecture detection",
-    "warp": "warp / wave size",
-    "shared_memory": "shared-memory limit",
-    "fp8": "fp8 flavour",
-    "toolchain": "compiler toolchain",
-}
-
-
-def _resources(report, kernel):
-    """Compile-report rows of the kernel file a GPU kernel was built from (empty for others)."""
-    if report is None or not kernel.source.endswith((".cu", ".hip")):
-        return []
-    name = os.path.basename(kernel.source)
-    return [r for r in report["kernels"] if r.get("file") == name and r["vendor"] == ("cuda" if name.endswith(".cu") else "rocm")]
+from .registry import FALLBACK_BACKEND, registry
 
 
 def _resource_summary(rows):
-    """Per architecture: the most registers (VGPRs on AMD), total spills, the most shared memory / LDS."""
+    """Per architecture: the kernels reported, the most registers, how many spill, the most shared memory."""
     out = {}
     for r in rows:
-        s = out.setdefault(r["arch"], {"kernels": 0, "max_registers": 0, "spilling": 0, "max_shared_bytes": 0})
+        s = out.setdefault(str(r["arch"]), {"kernels": 0, "max_registers": 0, "spilling": 0, "max_shared_bytes": 0})
         s["kernels"] += 1
-        s["max_registers"] = max(s["max_registers"], r.get("registers", r.get("vgprs", 0)))
+        s["max_registers"] = max(s["max_registers"], r.get("registers") or 0)
         s["spilling"] += bool(r.get("spills"))
-        s["max_shared_bytes"] = max(s["max_shared_bytes"], r.get("shared_bytes", r.get("lds_bytes", 0)))
+        s["max_shared_bytes"] = max(s["max_shared_bytes"], r.get("shared_bytes") or 0)
     return out
 
 
 def build(backend, run_suite=True, seed=None, ops=None):
     """The checklist of one backend as a dict (the JSON format); `ops` limits the conformance run."""
-    from .backends.gpu import matrix
-
     reg = registry()
     entry = reg.entry(backend)
-    report, _ = matrix.load()
     available, reason = entry.status
-    info = entry.backend.info() if available else {}
-    info.setdefault("dlpack_device", entry.backend.device_type)
-    items = {label: str(info.get(key, "not declared")) for key, label in BACKEND_ITEMS.items()}
+    report, report_error = entry.compile_report()
+    report_rows = report["rows"] if report else []
+    items = {"DLPack device type": str(entry.backend.device_type), "priority": str(entry.backend.priority)}
+    items.update(entry.info() if available else {"info": f"not asked: the backend is unavailable ({reason})"})
+    if report_error:
+        items["compile report"] = report_error
+    elif report:
+        items["compile report"] = f"{report['title']}: {len(report_rows)} row{'' if len(report_rows) == 1 else 's'}" + (f" ({report['note']})" if report["note"] else "")
     results = {}
     if run_suite and available:
         for result in map(conformance.run, conformance.cases(backend, ops, seed)):
@@ -82,8 +63,8 @@ def build(backend, run_suite=True, seed=None, ops=None):
                 row["cases"] = {s: sum(r.status == s for r in runs) for s in ("pass", "fail", "unsupported")}
                 row["failures"] = [f"{r.case.sample.label}: {r.message}" for r in failed[:3]]
                 row["conditions"] = [k.requires for k in mine if k.requires]
-                row["sources"] = sorted({os.path.basename(k.source) for k in mine if k.source})
-                row["resources"] = _resource_summary([r for k in mine for r in _resources(report, k)])
+                row["sources"] = sorted({Path(k.source).name for k in mine if k.source})
+                row["resources"] = _resource_summary([r for r in report_rows if r.get("file") in row["sources"]])
             elif dtype in cpu and backend != FALLBACK_BACKEND:
                 have = sorted({d for k in kernels for d in k.dtypes})
                 row["status"] = "falls back"
@@ -109,7 +90,7 @@ def detail(p):
     if p["status"] == "falls back":
         return p["fallback"]
     if p["status"] == "missing":
-        return "no kernel here or on cpu"
+        return f"no kernel here or on {FALLBACK_BACKEND}"
     parts = []
     if p.get("worst_error_over_tolerance") is not None:
         parts.append(f"worst err/tol {p['worst_error_over_tolerance']:.3f}")
@@ -121,12 +102,16 @@ def detail(p):
     return "; ".join(parts)
 
 
+def _cell(text):
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def markdown(c):
     lines = [f"# Porting checklist: {c['backend']}", "", f"**{c['summary']}**  ", f"generated {c['generated']} from the registry, "
              "a conformance run and the compile report", "", "| item | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in c["items"].items()]
+    lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in c["items"].items()]
     lines += ["", "| op | dtype | status | details |", "|---|---|---|---|"]
-    lines += [f"| {p['op']} | {p['dtype']} | {p['status']} | {detail(p)} |" for p in c["pairs"]]
+    lines += [f"| {p['op']} | {p['dtype']} | {p['status']} | {_cell(detail(p))} |" for p in c["pairs"]]
     return "\n".join(lines) + "\n"
 
 

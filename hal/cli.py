@@ -2,10 +2,13 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
 
 console = Console()
 
@@ -26,62 +29,75 @@ def cmd_backends(args):
     for col in ("backend", "available", "device", "arch", "priority", "kernels", "plugin", "why not"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], "[green]yes[/]" if r["available"] else "[red]no[/]", r["device"], r["arch"],
-                      str(r["priority"] if r["priority"] is not None else ""), str(r["kernels"]), r["plugin"], r["reason"])
+        table.add_row(escape(r["name"]), "[green]yes[/]" if r["available"] else "[red]no[/]", escape(r["device"]), escape(r["arch"]),
+                      str(r["priority"] if r["priority"] is not None else ""), str(r["kernels"]), escape(r["plugin"]), escape(r["reason"]))
     console.print(table)
 
 
-def show_kernels(as_json):
-    """Registered kernels per backend, and the compile report of the GPU kernels per architecture."""
+def compile_reports():
+    """[(backends, report, error)]: each backend's compile report (see hal.Backend.compile_report), one
+    entry per distinct report (an emulator that reports its device twin's kernels shares its entry)."""
     import hal
-    from hal.backends.gpu import matrix
+
+    out = {}
+    for name, entry in hal.registry().backends.items():
+        report, error = entry.compile_report()
+        if report is None and error is None:
+            continue
+        key = json.dumps([report, error], sort_keys=True, default=str)
+        out.setdefault(key, ([], report, error))[0].append(name)
+    return list(out.values())
+
+
+def show_kernels(as_json):
+    """Registered kernels per backend, and each backend's compile report with the backend's own columns."""
+    import hal
 
     reg = hal.registry()
     registered = [{"backend": k.backend, "op": k.op, "dtypes": sorted(k.dtypes), "requires": k.requires, "source": k.source}
                   for ks in reg.kernels.values() for k in ks]
-    report, path = matrix.load()
+    reports = compile_reports()
     if as_json:
-        return _print_json({"registered": registered, "report_path": str(path) if path else None, "compile_report": report})
+        return _print_json({"registered": registered,
+                            "compile_reports": [{"backends": names, "report": report, "error": error} for names, report, error in reports]})
     table = Table(title="registered kernels")
     for col in ("backend", "op", "dtypes", "requires", "source"):
         table.add_column(col)
     for k in registered:
-        table.add_row(k["backend"], k["op"], ", ".join(k["dtypes"]), k["requires"], k["source"].rsplit("/", 1)[-1])
+        table.add_row(k["backend"], k["op"], ", ".join(k["dtypes"]), k["requires"], Path(k["source"]).name if k["source"] else "")
     console.print(table)
-    if report is None:
-        console.print("no compile report yet: python -m hal.backends.gpu.matrix builds one")
-        return
-    for vendor, entry in report["toolchains"].items():
-        rows = [r for r in report["kernels"] if r["vendor"] == vendor]
-        if not rows:
-            console.print(f"{vendor}: no compile report ({entry.get('reason') or 'toolchain missing'})")
-            continue
-        cuda = vendor == "cuda"
-        cols = ("kernel", "arch", "registers", "spills", "shared_bytes", "occupancy_blocks_per_sm") if cuda else \
-               ("kernel", "arch", "vgprs", "sgprs", "agprs", "spills", "lds_bytes", "occupancy_waves_per_simd")
-        table = Table(title=f"{vendor} kernels per architecture ({path}, {report['generated']})")
-        for col in cols:
-            table.add_column(col.replace("_", " "))
-        for r in rows:
-            table.add_row(*[f"[red]{r[c]}[/]" if c == "spills" and r[c] else str(r.get(c, "")) for c in cols])
-        console.print(table)
+    for names, report, error in reports:
+        who = ", ".join(names)
+        if error is not None:
+            console.print(f"[red]{escape(who)}: {escape(error)}[/]")
+        elif not report["rows"]:
+            console.print(escape(f"{report['title']} ({who}): {report['note'] or 'no kernels in the report'}"))
+        else:
+            table = Table(title=escape(f"{report['title']} ({who})"), caption=escape(report["note"]) or None)
+            for _, header in report["columns"]:
+                table.add_column(escape(header))
+            for r in report["rows"]:
+                table.add_row(*[f"[red]{r[key]}[/]" if key == "spills" and r[key] else escape(str(r.get(key, "")))
+                                for key, _ in report["columns"]])
+            console.print(table)
 
 
-def op_matrix(per_dtype):
-    """{op: {backend: status}} (or {op/dtype: ...}); status native, fallback (to cpu) or missing."""
+def op_table(per_dtype):
+    """{op: {backend: status}} (or {"op dtype": ...}); status native, native: some dtypes, fallback -> cpu
+    or missing."""
     import hal
-    from hal.dispatch import FALLBACK_BACKEND
+    from hal.registry import FALLBACK_BACKEND
 
     reg = hal.registry()
     names = sorted(reg.backends, key=lambda b: -reg.backends[b].backend.priority)
-    matrix = {}
+    table = {}
     for op_name, op in hal.ops.ALL.items():
         dtypes = sorted({d for t in op.tensors[:1] for d in t.dtypes})
+        cpu = {d for k in reg.kernels.get((op_name, FALLBACK_BACKEND), []) for d in k.dtypes}
         for key, wanted in ([(f"{op_name} {d}", [d]) for d in dtypes] if per_dtype else [(op_name, dtypes)]):
-            row = matrix[key] = {}
+            row = table[key] = {}
             for b in names:
                 have = {d for k in reg.kernels.get((op_name, b), []) for d in k.dtypes}
-                cpu = {d for k in reg.kernels.get((op_name, FALLBACK_BACKEND), []) for d in k.dtypes}
                 native = [d for d in wanted if d in have]
                 if len(native) == len(wanted):
                     row[b] = "native"
@@ -91,21 +107,22 @@ def op_matrix(per_dtype):
                     row[b] = f"fallback -> {FALLBACK_BACKEND}"
                 else:
                     row[b] = "missing"
-    return names, matrix
+    return names, table
+
 
 
 def cmd_ops(args):
-    names, matrix = op_matrix(args.dtypes)
+    names, table = op_table(args.dtypes)
     if args.json:
-        return _print_json(matrix)
-    table = Table(title="hal ops: native kernels per backend")
-    table.add_column("op")
+        return _print_json(table)
+    out = Table(title="hal ops: native kernels per backend")
+    out.add_column("op")
     for b in names:
-        table.add_column(b)
+        out.add_column(b)
     colors = {"native": "green", "missing": "red"}
-    for key, row in matrix.items():
-        table.add_row(key, *[f"[{colors.get(row[b], 'yellow')}]{row[b]}[/]" for b in names])
-    console.print(table)
+    for key, row in table.items():
+        out.add_row(key, *[f"[{colors.get(row[b], 'yellow')}]{row[b]}[/]" for b in names])
+    console.print(out)
 
 
 def cmd_candidate(args):
@@ -214,18 +231,18 @@ def cmd_checklist(args):
         else:
             console.print(f"{c['summary']} -> {args.out}")
         return 0
-    items = Table(title=f"hal checklist {c['backend']} ({'available' if c['available'] else 'unavailable: ' + c['reason']})")
+    items = Table(title=escape(f"hal checklist {c['backend']} ({'available' if c['available'] else 'unavailable: ' + c['reason']})"))
     items.add_column("item")
     items.add_column("value")
     for k, v in c["items"].items():
-        items.add_row(k, v)
+        items.add_row(escape(k), escape(v))
     console.print(items)
     colors = {"native": "green", "failing": "red", "falls back": "yellow", "missing": "red", "untested": "blue"}
     table = Table()
     for col in ("op", "dtype", "status", "details"):
         table.add_column(col)
     for p in c["pairs"]:
-        table.add_row(p["op"], p["dtype"], f"[{colors[p['status']]}]{p['status']}[/]", checklist.detail(p))
+        table.add_row(p["op"], p["dtype"], f"[{colors[p['status']]}]{p['status']}[/]", escape(checklist.detail(p)))
     console.print(table)
     console.print(f"[bold]{c['summary']}[/]")
     return 0
@@ -239,8 +256,6 @@ def cmd_new_backend(args):
     except (ValueError, FileExistsError) as exc:
         console.print(f"[red]hal new-backend: {exc}[/]")
         return 2
-    from rich.markup import escape
-
     console.print(escape(f"wrote {root}: pip install -e '{root}[test]', then hal backends, hal checklist {args.name}, pytest {root}"))
     return 0
 
@@ -308,10 +323,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="hal", description="hal: one op API, hand-written kernels per backend, a conformance suite.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("backends", help="every known backend, its availability and the reason when unavailable")
-    p.add_argument("--kernels", action="store_true", help="registered kernels, and GPU kernels' resource use per architecture")
+    p.add_argument("--kernels", action="store_true", help="registered kernels, and each backend's compile report (resources per architecture)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_backends)
-    p = sub.add_parser("ops", help="op x backend matrix: native / fallback / missing")
+    p = sub.add_parser("ops", help="op x backend table: native / fallback / missing")
     p.add_argument("--dtypes", action="store_true", help="one row per op and dtype")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_ops)

@@ -1,12 +1,13 @@
 """Choosing the backend and kernel for a call, and the fallback policy.
 
-Backend choice, first match wins: the `backend=` keyword, `with hal.backend(...)`, `hal.use(...)`,
+Backend choice, first match wins: the `backend=` keyword, `with hal.use(...)`, `hal.use(...)`,
 the `HAL_BACKEND` environment variable, the device of the input arrays (their DLPack device
-type) and then the backends' priority. When the chosen backend cannot run the call (no kernel
-for the op and dtype, a kernel's `supports` refuses the arguments, the backend is unavailable),
-the policy decides: "warn" (default) runs it on `cpu`, warns once per (op, backend) and records
-the event for `hal.fallbacks()`; "error" (`hal.use(..., fallback="error")`, `HAL_FALLBACK=error`)
-raises. Resolved plans are cached per (op, backend asked for, device, dtype, policy).
+type) and then the backends' priority (`hal.registry.Priority`). When the chosen backend cannot
+run the call (no kernel for the op and dtype, a kernel's `supports` refuses the arguments, the
+backend is unavailable), the policy decides: "warn" (default) runs it on
+`hal.registry.FALLBACK_BACKEND` (cpu), warns once per (op, backend) and records the event for
+`hal.fallbacks()`; "error" (`hal.use(..., fallback="error")`, `HAL_FALLBACK=error`) raises.
+Resolved plans are cached per (op, backend asked for, device, dtype, policy).
 `HAL_BACKEND` and `HAL_FALLBACK` are read at the first call and again by every `hal.use()`.
 """
 import contextvars
@@ -19,10 +20,9 @@ from contextlib import contextmanager
 from .arrays import device_type
 from .dtypes import name_of
 from .errors import BackendUnavailable, FallbackWarning, KernelNotFound, SchemaError
-from .registry import registry
+from .registry import FALLBACK_BACKEND, registry
 
 POLICIES = ("warn", "error")
-FALLBACK_BACKEND = "cpu"
 
 _context = contextvars.ContextVar("hal_backend", default=(None, None))
 _global = [None, None]  # hal.use(name, fallback=...)
@@ -35,8 +35,36 @@ _lock = threading.Lock()
 _poison = [False]
 
 
-class backend:
-    """`with hal.backend("cuda", fallback="error"):` runs the ops inside on that backend."""
+class use:
+    """Choose the backend (None: decide per call from the arrays) and the fallback policy.
+
+    `hal.use("cuda", fallback="error")` sets them for the whole process; `with hal.use("cuda"):` sets
+    them only inside the block, for the current thread or task (a context variable), and leaves the
+    process-wide choice as it was. Both re-read HAL_BACKEND and HAL_FALLBACK.
+    """
+
+    def __init__(self, name=None, *, fallback=None):
+        _check_policy(fallback)
+        self.choice = (name, fallback)
+        self._previous = tuple(_global)
+        _global[:] = [name, fallback]
+        _read_env()
+
+    def __enter__(self):
+        _global[:] = self._previous  # used as a context manager: scoped to the block, not process-wide
+        self._token = _context.set(self.choice)
+        return self
+
+    def __exit__(self, *exc):
+        _context.reset(self._token)
+
+    def __repr__(self):
+        return f"hal.use({self.choice[0]!r}, fallback={self.choice[1]!r})"
+
+
+class scoped(use):
+    """`with scoped(name, fallback):` is `with hal.use(name, fallback=...):` without ever setting the
+    process-wide choice, not even between the call and the `with` (what other threads could see)."""
 
     def __init__(self, name, fallback=None):
         _check_policy(fallback)
@@ -46,15 +74,12 @@ class backend:
         self._token = _context.set(self.choice)
         return self
 
-    def __exit__(self, *exc):
-        _context.reset(self._token)
 
-
-def use(name=None, *, fallback=None):
-    """Set the process-wide backend (None: decide per call) and fallback policy."""
-    _check_policy(fallback)
-    _global[:] = [name, fallback]
-    _read_env()
+def backend(name, fallback=None):
+    """Deprecated alias (removed in hal 0.3): `with hal.use(name, fallback=...):` does the same."""
+    warnings.warn("hal.backend(...) is deprecated and will be removed in hal 0.3: use `with hal.use(...):`",
+                  DeprecationWarning, stacklevel=2)
+    return scoped(name, fallback)
 
 
 def _read_env():

@@ -1,4 +1,6 @@
-"""One error hierarchy for everything hal raises on purpose."""
+"""One error hierarchy for everything hal raises on purpose, and the warning old names give."""
+import sys
+import warnings
 
 
 class HalError(Exception):
@@ -35,3 +37,17 @@ class KernelLaunchError(HalError):
 
 class FallbackWarning(UserWarning):
     """An op ran on another backend than the one asked for (shown once per op and backend)."""
+
+
+def renamed(module, **old_to_new):
+    """A module `__getattr__` that keeps old names of `module`'s objects working for one more release
+    with a DeprecationWarning: `__getattr__ = renamed(__name__, Bad="InvalidArgument")`."""
+
+    def __getattr__(name):
+        if name not in old_to_new:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        new = old_to_new[name]
+        warnings.warn(f"{module}.{name} is deprecated and will be removed in hal 0.3: use {module}.{new}", DeprecationWarning, stacklevel=2)
+        return getattr(sys.modules[module], new)
+
+    return __getattr__

@@ -14,15 +14,19 @@ import numpy as np
 from .arrays import DLPACK_CPU, device_type, is_tensor
 from .dispatch import dispatch
 from .dtypes import FLOATS, name_of
-from .errors import SchemaError
+from .errors import SchemaError, renamed
 
 
-class Bad(Exception):
-    """Raised by an op's `check`; turned into a SchemaError that names the op."""
+class InvalidArgument(Exception):
+    """Raised by an op's `check` when an argument breaks a shape relation or a value rule; dispatch turns
+    it into a SchemaError that names the op: `raise InvalidArgument("b", "12 rows", "shape (5, 12)")`."""
 
     def __init__(self, arg, expected, got):
         super().__init__(arg, expected, got)
         self.arg, self.expected, self.got = arg, expected, got
+
+
+__getattr__ = renamed(__name__, Bad="InvalidArgument")  # the old name, kept for one release
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ class OpDef:
     """One op: signature, checks, output inference, reference, samples.
 
     params: Tensor/Attr entries in call order; the string "*" marks where keyword-only starts.
-    check(a): shape relations beyond rank and dtype; raises Bad(arg, expected, got).
+    check(a): shape relations beyond rank and dtype; raises InvalidArgument(arg, expected, got).
     outputs(a): [(shape, dtype_name)] of the results, `a` being the bound arguments.
     reference(a): float64 NumPy results from float64 NumPy arguments.
     samples(rng, dtype), error_samples(rng): generators of Sample / ErrorSample.
@@ -182,7 +186,7 @@ class OpDef:
                 raise SchemaError(self.name, p.name, f"one of {p.choices}", repr(value))
         try:
             self.check(a)
-        except Bad as bad:
+        except InvalidArgument as bad:
             raise SchemaError(self.name, bad.arg, bad.expected, bad.got) from None
         return a
 

@@ -4,9 +4,13 @@ Every backend, the built-in ones included, is a plugin found through the entry-p
 `hal.plugins`; its module (or object) implements the `hal_register(registry)` hook declared in
 `HookSpec`. A plugin that fails to import, or raises in its hook, leaves no half-registered
 kernels behind and shows in `hal backends` as unavailable with the reason.
+
+Two dispatch decisions are declared here, as data: `FALLBACK_BACKEND`, the backend a call runs on
+when the chosen one cannot run it, and `Priority`, the bands a backend's `priority` is taken from.
 """
+import math
+import numbers
 import threading
-import traceback
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
@@ -15,7 +19,7 @@ import pluggy
 
 from .arrays import DLPACK_CPU, from_host, to_host
 from .dtypes import to_numpy
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, HalError
 
 hookspec = pluggy.HookspecMarker("hal")
 hookimpl = pluggy.HookimplMarker("hal")
@@ -48,15 +52,38 @@ class Kernel:
     source: str = ""
 
 
-class Backend:
-    """A backend's identity and how it handles memory. Subclass it; the defaults suit host memory.
+FALLBACK_BACKEND = "cpu"
+"""The backend that runs a call the chosen backend cannot run (policy "warn"); it takes arrays of any
+device through `to_host`. Every op has a kernel on it."""
 
-    name: unique name; priority: which backend wins among those for the same device (higher wins);
-    device_type: the DLPack device type of the arrays it runs on natively.
+
+REPORT_KEYS = ("kernel", "arch", "file", "registers", "spills", "shared_bytes")
+"""The keys every row of a `Backend.compile_report()` has, whatever else the backend reports."""
+
+
+class Priority:
+    """The priority bands of backends. Priority only decides among the available backends that run
+    arrays of the same DLPack device type, when a call names no backend (higher wins); a backend
+    takes its `priority` from one of these bands rather than a number of its own."""
+
+    DEVICE = 100  # the native backend of a device's own memory (cuda, rocm): wins for that device's arrays
+    HOST = 10  # the native backend of host memory (cpu, the fallback target): wins for host arrays
+    OFFLOAD = 5  # takes host arrays but copies them to another device per call (opencl): by name only
+    EMULATOR = 1  # runs another device's kernels on the host (cuda-sim, rocm-sim): by name only
+    PORTING = 0  # the default: a backend being ported, chosen by name until its checklist is green
+    TEST = -10  # backends that tests register on the fly
+
+
+class Backend:
+    """A backend's identity, what it reports about itself and how it handles memory. Subclass it; the
+    defaults suit host memory.
+
+    name: unique name; priority: a `Priority` band, which backend wins among those for the same device
+    (higher wins); device_type: the DLPack device type of the arrays it runs on natively.
     """
 
     name = None
-    priority = 0
+    priority = Priority.PORTING
     device_type = DLPACK_CPU
 
     def probe(self):
@@ -64,8 +91,19 @@ class Backend:
         return True, ""
 
     def info(self):
-        """Descriptive facts for `hal backends`: device, arch and anything else worth showing."""
-        return {"device": "host", "arch": ""}
+        """What the backend reports about itself, as an ordered {label: value} of strings, chosen by
+        the backend: `hal backends` shows "device" and "arch" (when present), `hal checklist` every
+        field as given. Called only when the backend is available."""
+        return {"device": "host memory"}
+
+    def compile_report(self):
+        """What the backend's compiler reports about its kernels, or None when there is nothing to show:
+        {"title": str, "columns": [(key, header), ...], "rows": [dict, ...], "note": str}. Every row has
+        at least "kernel", "arch", "file" (the kernel source's file name, as `Path(Kernel.source).name`),
+        "registers", "spills" and "shared_bytes"; `columns` says which keys `hal backends --kernels`
+        shows and under which headers, `note` what to say when there are no rows (toolchain missing).
+        `hal checklist` matches rows to kernels by file name and summarises the common keys per arch."""
+        return None
 
     def to_native(self, x, contiguous):
         """`x` as an array this backend's kernels take (C-contiguous if asked)."""
@@ -88,6 +126,19 @@ class Backend:
         return np.full(shape, np.nan, np_type)
 
 
+def _check_backend(backend):
+    """Refuse a backend whose identity dispatch could not use, with what is wrong."""
+    if not isinstance(backend, Backend):
+        raise HalError(f"add_backend takes a hal.Backend instance, got {type(backend).__name__}")
+    if not isinstance(backend.name, str) or not backend.name:
+        raise HalError(f"{type(backend).__name__}: name must be a non-empty string, got {backend.name!r}")
+    p = backend.priority
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or math.isnan(p):
+        raise HalError(f"backend {backend.name!r}: priority must be a number (a hal.Priority band), got {p!r}")
+    if isinstance(backend.device_type, bool) or not isinstance(backend.device_type, numbers.Integral):
+        raise HalError(f"backend {backend.name!r}: device_type must be a DLPack device type (int), got {backend.device_type!r}")
+
+
 @dataclass
 class BackendEntry:
     backend: Backend
@@ -103,17 +154,49 @@ class BackendEntry:
                 self._status = (False, f"probe raised {exc!r}")
         return self._status
 
+    def info(self):
+        """The backend's info() with every label and value as a string ({} when unavailable); when info()
+        raises or returns something else than a mapping, {"error": what happened}, never an exception."""
+        if not self.status[0]:
+            return {}
+        try:
+            info = self.backend.info()
+            return {str(k): str(v) for k, v in dict(info).items()}
+        except Exception as exc:
+            return {"error": f"info() raised {exc!r}"}
+
+    def compile_report(self):
+        """(report, error): the backend's compile_report() normalised (columns as (key, header) pairs,
+        "rows" and "note" present), or (None, None) when it has none, or (None, what went wrong) when it
+        raises or returns a malformed report; never an exception."""
+        try:
+            report = self.backend.compile_report()
+        except Exception as exc:
+            return None, f"compile_report() raised {exc!r}"
+        if report is None:
+            return None, None
+        try:
+            columns = [(str(key), str(header)) for key, header in report["columns"]]
+            rows = [dict(r) for r in report.get("rows") or ()]
+            missing = sorted({k for r in rows for k in REPORT_KEYS if k not in r})
+            if missing:
+                raise ValueError(f"rows without {', '.join(missing)}")
+            return {"title": str(report.get("title") or f"{self.backend.name} kernels"), "columns": columns, "rows": rows,
+                    "note": str(report.get("note") or "")}, None
+        except Exception as exc:
+            return None, f"compile_report() returned a malformed report: {exc!r}"
+
 
 @dataclass
 class Registry:
     backends: dict = field(default_factory=dict)  # name -> BackendEntry
     kernels: dict = field(default_factory=dict)  # (op, backend) -> [Kernel]
     failures: dict = field(default_factory=dict)  # plugin name -> reason it is not usable
-    tracebacks: dict = field(default_factory=dict)  # plugin name -> traceback of its failure
     version: int = 0  # bumped on every change, so dispatch caches know when to forget
     _plugin: str = "<direct>"
 
     def add_backend(self, backend):
+        _check_backend(backend)
         if backend.name in self.backends:
             raise ValueError(f"backend {backend.name!r} registered twice")
         self.backends[backend.name] = BackendEntry(backend, self._plugin)
@@ -124,15 +207,6 @@ class Registry:
         self.kernels.setdefault((op, backend), []).append(kernel)
         self.version += 1
         return kernel
-
-    def kernel(self, op, backend, **options):
-        """Decorator form of add_kernel."""
-
-        def register(fn):
-            self.add_kernel(op, backend, fn, **options)
-            return fn
-
-        return register
 
     def entry(self, name):
         try:
@@ -154,7 +228,6 @@ class Registry:
         except Exception as exc:
             self.backends, self.kernels = before
             self.failures[name] = f"plugin {name!r} raised in hal_register: {exc!r}"
-            self.tracebacks[name] = traceback.format_exc()
         finally:
             self._plugin = "<direct>"
             self.version += 1

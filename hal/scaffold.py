@@ -31,6 +31,8 @@ packages = ["{module}"]
 '''
 
 MODULE = '''"""The {name} backend for hal: one example kernel so far; `hal checklist {name}` lists the rest."""
+from pathlib import Path
+
 import numpy as np
 
 import hal
@@ -38,7 +40,9 @@ import hal
 
 class {cls}(hal.Backend):
     name = "{name}"
-    priority = 0  # above 0 makes it win over cpu for host arrays; keep it low until the checklist is green
+    # A hal.Priority band: PORTING until the checklist is green (chosen only by name); then DEVICE for a
+    # backend on its own device memory, or HOST / OFFLOAD for one that takes host arrays.
+    priority = hal.Priority.PORTING
     # device_type = 1  # the DLPack device type of the arrays this backend runs on natively (1 = CPU)
 
     def probe(self):
@@ -46,16 +50,27 @@ class {cls}(hal.Backend):
         return True, ""
 
     def info(self):
-        """What `hal backends` and `hal checklist` show; answer every item for your hardware."""
+        """What `hal backends` (device, arch) and `hal checklist` (every field, as given) show about this
+        backend: choose the labels that describe your hardware; values are strings."""
         return {{
             "device": "example device (host memory)",
-            "arch": "",
-            "warp": "",
+            "arch": "example-arch",
             "memory": "host NumPy arrays",
             "streams": "synchronous",
-            "shared_memory": "",
-            "fp8": "",
-            "toolchain": "",
+            "toolchain": "NumPy (stand-in for the vendor compiler)",
+        }}
+
+    def compile_report(self):
+        """What your compiler says about each kernel per architecture, for `hal backends --kernels` and
+        the checklist; None until you have one. Rows need kernel, arch, file (the kernel source's file
+        name), registers, spills and shared_bytes; add your own columns."""
+        return {{
+            "title": "{name} kernels per architecture",
+            "columns": [("kernel", "kernel"), ("arch", "arch"), ("registers", "registers"), ("spills", "spills"),
+                        ("shared_bytes", "shared bytes")],
+            "rows": [{{"kernel": "silu_and_mul", "arch": "example-arch", "file": Path(__file__).name, "registers": 0,
+                      "spills": 0, "shared_bytes": 0}}],
+            "note": "example numbers: report what the {name} compiler says",
         }}
 
     # Device memory: override to_native / from_native / empty / poisoned (see hal.Backend).
@@ -66,7 +81,8 @@ def silu_and_mul(outs, x):
     d = x.shape[-1] // 2
     gate = x[..., :d].astype(np.float32)
     up = x[..., d:].astype(np.float32)
-    outs[0][...] = (gate / (1.0 + np.exp(-gate)) * up).astype(outs[0].dtype)
+    with np.errstate(over="ignore"):  # exp(-gate) overflows to inf for very negative gates: silu -> 0, as intended
+        outs[0][...] = (gate / (1.0 + np.exp(-gate)) * up).astype(outs[0].dtype)
 
 
 @hal.hookimpl
@@ -96,6 +112,15 @@ def test_conformance(case):
 
 def test_registered_through_the_entry_point():
     assert any(b["name"] == "{name}" and b["available"] for b in hal.list_backends())
+
+
+def test_checklist_shows_what_the_backend_reports():
+    from hal import checklist
+
+    c = checklist.build("{name}", run_suite=False)
+    assert c["items"]["device"] and "compile report" in c["items"]
+    silu = next(p for p in c["pairs"] if p["op"] == "silu_and_mul" and p["dtype"] == "float32")
+    assert silu["status"] == "untested" and silu["resources"]
 '''
 
 README = '''# hal-{name}
@@ -108,16 +133,18 @@ The {name} backend for [hal](https://pypi.org/project/hal). Install and check it
     python -m pytest -q          # the conformance suite on this backend
 
 Port one op at a time: write the kernel, register it in `{module}/__init__.py` with
-`registry.add_kernel(op, "{name}", fn, dtypes=...)`, and run `hal check {name} --op OP`.
+`registry.add_kernel(op, "{name}", fn, dtypes=...)`, and run `hal check {name} --op OP`. Describe the
+hardware in `info()` and the compiler's resource report in `compile_report()`; raise the backend's
+`priority` from `hal.Priority.PORTING` when the checklist is green.
 '''
 
 
 def new_backend(name, where="."):
     """Write the plugin package for backend `name` under `where`; returns its directory."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
-        raise ValueError(f"backend name {name!r}: use lowercase letters, digits and underscores, starting with a letter")
-    module = f"hal_{name}"
-    cls = "".join(part.capitalize() for part in name.split("_")) + "Backend"
+    if not re.fullmatch(r"[a-z][a-z0-9]*([_-][a-z0-9]+)*", name) or keyword.iskeyword(name):
+        raise ValueError(f"backend name {name!r}: use lowercase letters, digits, '-' and '_', starting with a letter")
+    module = "hal_" + name.replace("-", "_")
+    cls = "".join(part.capitalize() for part in re.split("[_-]", name)) + "Backend"
     root = Path(where) / f"hal-{name}"
     if root.exists():
         raise FileExistsError(f"{root} exists")

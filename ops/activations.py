@@ -1,14 +1,25 @@
-"""Pointwise and row-wise activations: softmax, silu_and_mul, and the gemm epilogue activations."""
+"""Pointwise and row-wise activations: softmax, the gated elementwise ops (silu_and_mul), and the
+epilogue activations every fused kernel takes (gemm, grouped_gemm, the quantized grouped GEMMs).
+
+The activation names and their integer codes are hal.codes.ACTIVATIONS (plain) and
+hal.codes.GATED_ACTIVATIONS ("<name>_and_mul": act(h[..., :N]) * h[..., N:]); this module holds their
+float64 formulas and what every op with an epilogue derives from them: the attribute choices, the
+reference (`epilogue`), the error bound (`epilogue_magnitude`) and the torch peer (`torch_epilogue`).
+Adding an activation is one entry in hal.codes plus one formula here and one `activate` case per
+backend; a gated elementwise op "<name>_and_mul" is one more name in GATED_OP_NAMES.
+"""
+import functools
 import math
 
 import numpy as np
 
+from hal import codes
 from hal.dtypes import name_of, to_numpy
-from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, random, strided
+from hal.opdef import Attr, InvalidArgument, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 _erf = np.vectorize(math.erf, otypes=[np.float64])
 
-# float64 references of the activations a kernel may fuse (gemm epilogues, silu_and_mul).
+# float64 references of the activations, one per name of hal.codes.ACTIVATIONS.
 ACTIVATIONS = {
     None: lambda x: x,
     "relu": lambda x: np.maximum(x, 0.0),
@@ -16,6 +27,56 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))),
     "silu": lambda x: x / (1.0 + np.exp(-x)),
 }
+assert ACTIVATIONS.keys() == codes.ACTIVATIONS.keys(), "one float64 formula per activation of hal.codes"
+
+# Every epilogue an op with a fused activation accepts: None, the plain ones, the gated ones.
+EPILOGUES = tuple(codes.ACTIVATIONS) + tuple(codes.GATED_ACTIVATIONS)
+
+
+def is_gated(name):
+    return name in codes.GATED_ACTIVATIONS
+
+
+def _plain(name):
+    """The activation of an epilogue name: "silu_and_mul" -> "silu", "relu" -> "relu"."""
+    return name[: -len(codes.GATED_SUFFIX)] if is_gated(name) else name
+
+
+def epilogue_columns(name, n):
+    """Output columns of an epilogue over n products (gated: the gate and up halves make N = n / 2)."""
+    return n // 2 if is_gated(name) else n
+
+
+def epilogue(name, h):
+    """float64 epilogue `name` of products h [..., n]: act(h), or act(h[..., :N]) * h[..., N:] when gated."""
+    act = ACTIVATIONS[_plain(name)]
+    if not is_gated(name):
+        return act(h)
+    n = h.shape[-1] // 2
+    return act(h[..., :n]) * h[..., n:]
+
+
+@functools.cache
+def slope(name):
+    """An upper bound of |act'| (rounded up to 0.01), measured on the float64 formula: how much of an
+    error in the products an activation passes on (silu 1.1, gelu 1.13, relu 1)."""
+    x = np.linspace(-12.0, 12.0, 240001)
+    f, step = ACTIVATIONS[_plain(name)], 1e-6
+    steepest = float(np.max(np.abs(f(x + step) - f(x - step)))) / (2 * step)
+    return math.ceil(round(steepest, 6) * 100) / 100
+
+
+def epilogue_magnitude(name, h, bound):
+    """What the rounding error of the epilogue's output is relative to, given the products h [..., n]
+    and the scale `bound` their fp32 errors are relative to (|x| @ |w|.T): slope * bound, and for a
+    gated epilogue d(act(g) u) = act'(g) u dg + act(g) du."""
+    if name is None:
+        return bound
+    if not is_gated(name):
+        return slope(name) * bound
+    n = h.shape[-1] // 2
+    act = ACTIVATIONS[_plain(name)]
+    return slope(name) * np.abs(h[..., n:]) * bound[..., :n] + np.abs(act(h[..., :n])) * bound[..., n:]
 
 
 def torch_activation(name, t):
@@ -31,6 +92,14 @@ def torch_activation(name, t):
     }[name]()
 
 
+def torch_epilogue(name, h):
+    """epilogue() in torch."""
+    if not is_gated(name):
+        return torch_activation(name, h)
+    n = h.shape[-1] // 2
+    return torch_activation(_plain(name), h[..., :n]) * h[..., n:]
+
+
 # ---------------------------------------------------------------- softmax
 
 
@@ -38,7 +107,7 @@ def _softmax_check(a):
     ndim = len(a["x"].shape)
     dim = a["dim"]
     if not -ndim <= dim < ndim:
-        raise Bad("dim", f"an int in [{-ndim}, {ndim})", dim)
+        raise InvalidArgument("dim", f"an int in [{-ndim}, {ndim})", dim)
     a["dim"] = dim % ndim
 
 
@@ -84,13 +153,18 @@ softmax = OpDef(
     torch_peer=_softmax_peer,
 )
 
-# ---------------------------------------------------------------- silu_and_mul
+# ---------------------------------------------------------------- gated elementwise ops: silu_and_mul
+#
+# "<act>_and_mul"(x) = act(x[..., :d]) * x[..., d:] for a last dim of 2d, one OpDef per name of
+# GATED_OP_NAMES (hal.codes.GATED_ACTIVATIONS gives the kernels their activation code).
+
+GATED_OP_NAMES = ("silu_and_mul",)
 
 
-def _silu_and_mul_check(a):
+def _gated_check(a):
     last = a["x"].shape[-1]
     if last % 2:
-        raise Bad("x", "an even last dimension (gate and up halves)", last)
+        raise InvalidArgument("x", "an even last dimension (gate and up halves)", last)
 
 
 def _halves(x):
@@ -98,7 +172,7 @@ def _halves(x):
     return x[..., :d], x[..., d:]
 
 
-def _silu_and_mul_samples(rng, dtype):
+def _gated_samples(rng, dtype):
     for shape in [(1, 2), (7, 2 * 97), (33, 2 * 1025), (2, 5, 2 * 64), (3, 2 * 7)]:
         yield Sample({"x": random(rng, shape, dtype, 2.0)}, f"{shape}")
     yield Sample({"x": strided(random(rng, (11, 2 * 48), dtype), axis=0)}, "strided rows", "edge")
@@ -106,31 +180,30 @@ def _silu_and_mul_samples(rng, dtype):
     yield Sample({"x": random(rng, (0, 8), dtype)}, "empty batch", "edge")
 
 
-def _silu_and_mul_errors(rng):
+def _gated_errors(rng):
     yield ErrorSample({"x": random(rng, (4, 7), "float32")}, "odd last dim", match="even")
     yield ErrorSample({"x": np.array(1.5, np.float32)}, "0-d array", match="rank")
     yield ErrorSample({"x": np.ones((2, 4), np.int64)}, "int input", match="dtype")
 
 
-def _silu_and_mul_peer(t):
-    import torch.nn.functional as F
+def gated_op(name):
+    """The OpDef of the gated elementwise op `name` ("silu_and_mul", ...)."""
+    act = _plain(name)
+    return OpDef(
+        name=name,
+        doc=f"{name}(x): {'SwiGLU, ' if act == 'silu' else ''}{act}(x[..., :d]) * x[..., d:] for a last dim of 2d.",
+        params=[Tensor("x")],
+        check=_gated_check,
+        outputs=lambda a: [(tuple(a["x"].shape[:-1]) + (a["x"].shape[-1] // 2,), name_of(a["x"].dtype))],
+        reference=lambda a: [epilogue(name, a["x"])],
+        samples=_gated_samples,
+        error_samples=_gated_errors,
+        magnitude=lambda a, refs: [np.abs(_halves(a["x"])[0]) * np.abs(_halves(a["x"])[1]) + np.abs(refs[0])],
+        bench=lambda rng, dtype: {"x": random(rng, (4096, 2 * 5632), dtype)},
+        cost=lambda a: (5 * a["x"].size // 2, 3 * a["x"].nbytes // 2),
+        torch_peer=lambda t: lambda: torch_epilogue(name, t["x"]),
+    )
 
-    x = t["x"]
-    d = x.shape[-1] // 2
-    return lambda: F.silu(x[..., :d]) * x[..., d:]
 
-
-silu_and_mul = OpDef(
-    name="silu_and_mul",
-    doc="silu_and_mul(x): SwiGLU, silu(x[..., :d]) * x[..., d:] for a last dim of 2d.",
-    params=[Tensor("x")],
-    check=_silu_and_mul_check,
-    outputs=lambda a: [(tuple(a["x"].shape[:-1]) + (a["x"].shape[-1] // 2,), name_of(a["x"].dtype))],
-    reference=lambda a: [ACTIVATIONS["silu"](_halves(a["x"])[0]) * _halves(a["x"])[1]],
-    samples=_silu_and_mul_samples,
-    error_samples=_silu_and_mul_errors,
-    magnitude=lambda a, refs: [np.abs(_halves(a["x"])[0]) * np.abs(_halves(a["x"])[1]) + np.abs(refs[0])],
-    bench=lambda rng, dtype: {"x": random(rng, (4096, 2 * 5632), dtype)},
-    cost=lambda a: (5 * a["x"].size // 2, 3 * a["x"].nbytes // 2),
-    torch_peer=_silu_and_mul_peer,
-)
+GATED_OPS = tuple(gated_op(name) for name in GATED_OP_NAMES)
+silu_and_mul = GATED_OPS[0]

@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from hal.dtypes import FLOATS, name_of, to_numpy
-from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, random
+from hal.opdef import Attr, InvalidArgument, ErrorSample, OpDef, Sample, Tensor, random
 
 FP8_KV = ("float8_e4m3fn", "float8_e4m3fnuz")
 INDEX = ("int32",)
@@ -105,44 +105,44 @@ def _check_cu(name, cu, total):
     if cu is None:
         return
     if name_of(cu.dtype) != "int32" or len(cu.shape) != 1 or cu.shape[0] < 1:
-        raise Bad(name, "an int32 vector [num_sequences + 1]", f"{name_of(cu.dtype)} {tuple(cu.shape)}")
+        raise InvalidArgument(name, "an int32 vector [num_sequences + 1]", f"{name_of(cu.dtype)} {tuple(cu.shape)}")
     host = np.asarray(cu)
     if host[0] != 0 or host[-1] != total or (np.diff(host) < 0).any():
-        raise Bad(name, f"non-decreasing offsets from 0 to {total}", f"[{host[0]}, ..., {host[-1]}]")
+        raise InvalidArgument(name, f"non-decreasing offsets from 0 to {total}", f"[{host[0]}, ..., {host[-1]}]")
 
 
 def _attention_check(a):
     q, k, v = a["q"], a["k"], a["v"]
     varlen = a["cu_seqlens_q"] is not None
     if varlen != (a["cu_seqlens_k"] is not None):
-        raise Bad("cu_seqlens_k", "given together with cu_seqlens_q", "only one of them")
+        raise InvalidArgument("cu_seqlens_k", "given together with cu_seqlens_q", "only one of them")
     rank = 3 if varlen else 4
     for name in ("q", "k", "v"):
         if len(a[name].shape) != rank:
-            raise Bad(name, f"rank {rank} ({'[tokens, heads, d]' if varlen else '[batch, seq, heads, d]'})", f"shape {tuple(a[name].shape)}")
+            raise InvalidArgument(name, f"rank {rank} ({'[tokens, heads, d]' if varlen else '[batch, seq, heads, d]'})", f"shape {tuple(a[name].shape)}")
     for name in ("k", "v"):
         if name_of(a[name].dtype) != name_of(q.dtype):
-            raise Bad(name, f"the dtype of q ({name_of(q.dtype)})", name_of(a[name].dtype))
+            raise InvalidArgument(name, f"the dtype of q ({name_of(q.dtype)})", name_of(a[name].dtype))
     if tuple(k.shape[:-1]) != tuple(v.shape[:-1]):
-        raise Bad("v", f"shape {tuple(k.shape[:-1])} + (d_v,) to match k", tuple(v.shape))
+        raise InvalidArgument("v", f"shape {tuple(k.shape[:-1])} + (d_v,) to match k", tuple(v.shape))
     if not varlen and k.shape[0] != q.shape[0]:
-        raise Bad("k", f"batch {q.shape[0]} like q", k.shape[0])
+        raise InvalidArgument("k", f"batch {q.shape[0]} like q", k.shape[0])
     if k.shape[-1] != q.shape[-1]:
-        raise Bad("k", f"head dim {q.shape[-1]} like q", k.shape[-1])
+        raise InvalidArgument("k", f"head dim {q.shape[-1]} like q", k.shape[-1])
     hq, hkv = q.shape[-2], k.shape[-2]
     if hkv == 0 or hq % hkv:
-        raise Bad("k", f"a number of heads dividing q's {hq}", hkv)
+        raise InvalidArgument("k", f"a number of heads dividing q's {hq}", hkv)
     if q.shape[-1] == 0 or v.shape[-1] == 0:
-        raise Bad("q", "non-empty head dims", f"{q.shape[-1]} and {v.shape[-1]}")
+        raise InvalidArgument("q", "non-empty head dims", f"{q.shape[-1]} and {v.shape[-1]}")
     if varlen:
         _check_cu("cu_seqlens_q", a["cu_seqlens_q"], q.shape[0])
         _check_cu("cu_seqlens_k", a["cu_seqlens_k"], k.shape[0])
         if a["cu_seqlens_q"].shape != a["cu_seqlens_k"].shape:
-            raise Bad("cu_seqlens_k", f"as many sequences as cu_seqlens_q ({a['cu_seqlens_q'].shape[0] - 1})", a["cu_seqlens_k"].shape[0] - 1)
+            raise InvalidArgument("cu_seqlens_k", f"as many sequences as cu_seqlens_q ({a['cu_seqlens_q'].shape[0] - 1})", a["cu_seqlens_k"].shape[0] - 1)
     if a["window"] is not None and a["window"] < 1:
-        raise Bad("window", "an int >= 1", a["window"])
+        raise InvalidArgument("window", "an int >= 1", a["window"])
     if a["softcap"] is not None and not a["softcap"] > 0:
-        raise Bad("softcap", "a float > 0", a["softcap"])
+        raise InvalidArgument("softcap", "a float > 0", a["softcap"])
 
 
 def _dense(rng, dtype, batch, sq, sk, hq, hkv, d, dv=None, **attrs):
@@ -267,35 +267,35 @@ def _check_paging(a, cache):
     table, lens = a["block_table"], a["seq_lens"]
     num_blocks, block_size = a[cache].shape[:2]
     if len(table.shape) != 2 or table.shape[0] != len(lens):
-        raise Bad("block_table", f"shape [{lens.shape[0]}, max_blocks]", tuple(table.shape))
+        raise InvalidArgument("block_table", f"shape [{lens.shape[0]}, max_blocks]", tuple(table.shape))
     host_lens, host_table = np.asarray(lens), np.asarray(table)
     if len(host_lens) and (host_lens.min() < 1 or host_lens.max() > table.shape[1] * block_size):
-        raise Bad("seq_lens", f"lengths in [1, {table.shape[1] * block_size}] (block_table width x block size)", f"[{host_lens.min()}, {host_lens.max()}]")
+        raise InvalidArgument("seq_lens", f"lengths in [1, {table.shape[1] * block_size}] (block_table width x block size)", f"[{host_lens.min()}, {host_lens.max()}]")
     for b, n in enumerate(host_lens):
         used = host_table[b, : -(-int(n) // block_size)]
         if used.size and (used.min() < 0 or used.max() >= num_blocks):
-            raise Bad("block_table", f"block ids in [0, {num_blocks}) for the blocks in use", f"row {b}: [{used.min()}, {used.max()}]")
+            raise InvalidArgument("block_table", f"block ids in [0, {num_blocks}) for the blocks in use", f"row {b}: [{used.min()}, {used.max()}]")
 
 
 def _paged_check(a):
     q, kc, vc = a["q"], a["k_cache"], a["v_cache"]
     b, hq, d = q.shape
     if len(kc.shape) != 4 or kc.shape[-1] != d:
-        raise Bad("k_cache", f"[num_blocks, block_size, heads_kv, {d}]", tuple(kc.shape))
+        raise InvalidArgument("k_cache", f"[num_blocks, block_size, heads_kv, {d}]", tuple(kc.shape))
     if tuple(vc.shape[:3]) != tuple(kc.shape[:3]) or len(vc.shape) != 4:
-        raise Bad("v_cache", f"[{kc.shape[0]}, {kc.shape[1]}, {kc.shape[2]}, d_v]", tuple(vc.shape))
+        raise InvalidArgument("v_cache", f"[{kc.shape[0]}, {kc.shape[1]}, {kc.shape[2]}, d_v]", tuple(vc.shape))
     if name_of(vc.dtype) != name_of(kc.dtype):
-        raise Bad("v_cache", f"the dtype of k_cache ({name_of(kc.dtype)})", name_of(vc.dtype))
+        raise InvalidArgument("v_cache", f"the dtype of k_cache ({name_of(kc.dtype)})", name_of(vc.dtype))
     fp8 = name_of(kc.dtype) in FP8_KV
     if not fp8 and name_of(kc.dtype) != name_of(q.dtype):
-        raise Bad("k_cache", f"the dtype of q ({name_of(q.dtype)}) or fp8 ({', '.join(FP8_KV)})", name_of(kc.dtype))
+        raise InvalidArgument("k_cache", f"the dtype of q ({name_of(q.dtype)}) or fp8 ({', '.join(FP8_KV)})", name_of(kc.dtype))
     if kc.shape[2] == 0 or hq % kc.shape[2]:
-        raise Bad("k_cache", f"a number of heads dividing q's {hq}", kc.shape[2])
+        raise InvalidArgument("k_cache", f"a number of heads dividing q's {hq}", kc.shape[2])
     if len(a["seq_lens"].shape) != 1 or a["seq_lens"].shape[0] != b:
-        raise Bad("seq_lens", f"shape ({b},)", tuple(a["seq_lens"].shape))
+        raise InvalidArgument("seq_lens", f"shape ({b},)", tuple(a["seq_lens"].shape))
     _check_paging(a, "k_cache")
     if a["softcap"] is not None and not a["softcap"] > 0:
-        raise Bad("softcap", "a float > 0", a["softcap"])
+        raise InvalidArgument("softcap", "a float > 0", a["softcap"])
 
 
 def _kv_scale(a, name):
@@ -400,16 +400,16 @@ def _mla_check(a):
     qn, qp, lat, kpe = a["q_nope"], a["q_pe"], a["kv_latent"], a["k_pe"]
     b, h, latent = qn.shape
     if tuple(qp.shape[:2]) != (b, h):
-        raise Bad("q_pe", f"[{b}, {h}, rope_dim]", tuple(qp.shape))
+        raise InvalidArgument("q_pe", f"[{b}, {h}, rope_dim]", tuple(qp.shape))
     if len(lat.shape) != 3 or lat.shape[-1] != latent:
-        raise Bad("kv_latent", f"[num_blocks, block_size, {latent}]", tuple(lat.shape))
+        raise InvalidArgument("kv_latent", f"[num_blocks, block_size, {latent}]", tuple(lat.shape))
     if len(kpe.shape) != 3 or tuple(kpe.shape[:2]) != tuple(lat.shape[:2]) or kpe.shape[-1] != qp.shape[-1]:
-        raise Bad("k_pe", f"[{lat.shape[0]}, {lat.shape[1]}, {qp.shape[-1]}]", tuple(kpe.shape))
+        raise InvalidArgument("k_pe", f"[{lat.shape[0]}, {lat.shape[1]}, {qp.shape[-1]}]", tuple(kpe.shape))
     for name in ("q_pe", "kv_latent", "k_pe"):
         if name_of(a[name].dtype) != name_of(qn.dtype):
-            raise Bad(name, f"the dtype of q_nope ({name_of(qn.dtype)})", name_of(a[name].dtype))
+            raise InvalidArgument(name, f"the dtype of q_nope ({name_of(qn.dtype)})", name_of(a[name].dtype))
     if len(a["seq_lens"].shape) != 1 or a["seq_lens"].shape[0] != b:
-        raise Bad("seq_lens", f"shape ({b},)", tuple(a["seq_lens"].shape))
+        raise InvalidArgument("seq_lens", f"shape ({b},)", tuple(a["seq_lens"].shape))
     _check_paging(a, "kv_latent")
 
 

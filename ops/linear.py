@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from hal.dtypes import FLOATS, name_of
-from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, random, strided
+from hal.opdef import Attr, InvalidArgument, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 from .activations import ACTIVATIONS, torch_activation
 
@@ -16,13 +16,13 @@ from .activations import ACTIVATIONS, torch_activation
 def _check(a):
     (m, k), (k2, n) = a["a"].shape, a["b"].shape
     if k2 != k:
-        raise Bad("b", f"{k} rows to match a's {k} columns", f"shape {tuple(a['b'].shape)}")
+        raise InvalidArgument("b", f"{k} rows to match a's {k} columns", f"shape {tuple(a['b'].shape)}")
     if name_of(a["b"].dtype) != name_of(a["a"].dtype):
-        raise Bad("b", f"the dtype of a ({name_of(a['a'].dtype)})", name_of(a["b"].dtype))
+        raise InvalidArgument("b", f"the dtype of a ({name_of(a['a'].dtype)})", name_of(a["b"].dtype))
     if a["bias"] is not None and tuple(a["bias"].shape) != (n,):
-        raise Bad("bias", f"shape ({n},)", tuple(a["bias"].shape))
+        raise InvalidArgument("bias", f"shape ({n},)", tuple(a["bias"].shape))
     if a["c"] is not None and tuple(a["c"].shape) != (m, n):
-        raise Bad("c", f"shape ({m}, {n})", tuple(a["c"].shape))
+        raise InvalidArgument("c", f"shape ({m}, {n})", tuple(a["c"].shape))
 
 
 def _reference(a):

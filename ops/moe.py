@@ -18,9 +18,9 @@ import math
 import numpy as np
 
 from hal.dtypes import INTS, name_of, to_numpy
-from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, random, strided
+from hal.opdef import Attr, InvalidArgument, ErrorSample, OpDef, Sample, Tensor, random, strided
 
-from .activations import ACTIVATIONS
+from .activations import EPILOGUES, epilogue, epilogue_columns, epilogue_magnitude, is_gated, torch_epilogue
 
 # ---------------------------------------------------------------- moe_route
 
@@ -50,19 +50,19 @@ def _route_check(a):
     k, groups, topk_group = a["k"], a["n_group"], a["topk_group"]
     if (groups is None) != (topk_group is None):
         missing = "topk_group" if topk_group is None else "n_group"
-        raise Bad(missing, "given together with " + ("n_group" if missing == "topk_group" else "topk_group"), None)
+        raise InvalidArgument(missing, "given together with " + ("n_group" if missing == "topk_group" else "topk_group"), None)
     limit = e
     if groups is not None:
         if groups < 1 or e % groups or e // groups < 2:
-            raise Bad("n_group", f"a divisor of the {e} experts leaving >= 2 experts per group", groups)
+            raise InvalidArgument("n_group", f"a divisor of the {e} experts leaving >= 2 experts per group", groups)
         if not 1 <= topk_group <= groups:
-            raise Bad("topk_group", f"an int in [1, n_group = {groups}]", topk_group)
+            raise InvalidArgument("topk_group", f"an int in [1, n_group = {groups}]", topk_group)
         limit = topk_group * (e // groups)
     if k is None or not 1 <= k <= limit:
         bound = f"topk_group * experts per group = {limit}" if groups is not None else f"the {e} experts"
-        raise Bad("k", f"an int in [1, {bound}]", k)
+        raise InvalidArgument("k", f"an int in [1, {bound}]", k)
     if a["bias"] is not None and tuple(a["bias"].shape) != (e,):
-        raise Bad("bias", f"shape ({e},), one per expert", tuple(a["bias"].shape))
+        raise InvalidArgument("bias", f"shape ({e},), one per expert", tuple(a["bias"].shape))
 
 
 def _route_reference(a):
@@ -241,10 +241,10 @@ def align(topk_ids, experts, block_m):
 def _align_check(a):
     for name in ("num_experts", "block_m"):
         if a[name] is None or a[name] < 1:
-            raise Bad(name, "an int >= 1", a[name])
+            raise InvalidArgument(name, "an int >= 1", a[name])
     t, k = a["topk_ids"].shape
     if align_capacity(t, k, a["num_experts"], a["block_m"]) >= 2**31:
-        raise Bad("topk_ids", "T*k + num_experts*(block_m - 1) < 2**31 (int32 row indices)", f"shape {tuple(a['topk_ids'].shape)}")
+        raise InvalidArgument("topk_ids", "T*k + num_experts*(block_m - 1) < 2**31 (int32 row indices)", f"shape {tuple(a['topk_ids'].shape)}")
 
 
 def _align_outputs(a):
@@ -363,7 +363,7 @@ def _scrambled(rng, t, k, extra):
 def _permute_check(a):
     t = a["x"].shape[0]
     if a["topk_ids"].shape[0] != t:
-        raise Bad("topk_ids", f"{t} rows, one per token of x", f"shape {tuple(a['topk_ids'].shape)}")
+        raise InvalidArgument("topk_ids", f"{t} rows, one per token of x", f"shape {tuple(a['topk_ids'].shape)}")
 
 
 def _permute_reference(a):
@@ -437,7 +437,7 @@ moe_permute = OpDef(
 def _unpermute_check(a):
     r = a["y"].shape[0]
     if a["sorted_ids"].shape[0] != r:
-        raise Bad("sorted_ids", f"{r} entries, one per row of y", f"shape {tuple(a['sorted_ids'].shape)}")
+        raise InvalidArgument("sorted_ids", f"{r} entries, one per row of y", f"shape {tuple(a['sorted_ids'].shape)}")
 
 
 def _gathered(a):
@@ -519,12 +519,8 @@ moe_unpermute = OpDef(
 
 # ---------------------------------------------------------------- grouped_gemm
 
-GROUPED_ACTIVATIONS = (None, "silu_and_mul")
-
-
 def _gg_out_features(a):
-    n = a["w"].shape[1]
-    return n // 2 if a["activation"] == "silu_and_mul" else n
+    return epilogue_columns(a["activation"], a["w"].shape[1])
 
 
 def _gg_check(a):
@@ -532,21 +528,16 @@ def _gg_check(a):
     rows, k = x.shape
     e = w.shape[0]
     if name_of(w.dtype) != name_of(x.dtype):
-        raise Bad("w", f"the dtype of x_sorted ({name_of(x.dtype)})", name_of(w.dtype))
+        raise InvalidArgument("w", f"the dtype of x_sorted ({name_of(x.dtype)})", name_of(w.dtype))
     if w.shape[2] != k:
-        raise Bad("w", f"[E, N, {k}] to match x_sorted's {k} columns", f"shape {tuple(w.shape)}")
-    if a["activation"] == "silu_and_mul" and w.shape[1] % 2:
-        raise Bad("w", "an even N (gate and up halves) for silu_and_mul", f"shape {tuple(w.shape)}")
+        raise InvalidArgument("w", f"[E, N, {k}] to match x_sorted's {k} columns", f"shape {tuple(w.shape)}")
+    if is_gated(a["activation"]) and w.shape[1] % 2:
+        raise InvalidArgument("w", f"an even N (gate and up halves) for {a['activation']}", f"shape {tuple(w.shape)}")
     if tuple(off.shape) != (e + 1,):
-        raise Bad("expert_offsets", f"shape ({e + 1},), E + 1 for w's {e} experts", tuple(off.shape))
+        raise InvalidArgument("expert_offsets", f"shape ({e + 1},), E + 1 for w's {e} experts", tuple(off.shape))
     if isinstance(off, np.ndarray) and off.size:  # device arrays are not read back to check values
         if off[0] < 0 or (np.diff(off) < 0).any() or off[-1] > rows:
-            raise Bad("expert_offsets", f"non-decreasing values in [0, {rows}] (rows of x_sorted)", off.tolist())
-
-
-def _silu_and_mul(h):
-    n = h.shape[-1] // 2
-    return ACTIVATIONS["silu"](h[..., :n]) * h[..., n:]
+            raise InvalidArgument("expert_offsets", f"non-decreasing values in [0, {rows}] (rows of x_sorted)", off.tolist())
 
 
 def _gg_products(a, x, w):
@@ -559,26 +550,23 @@ def _gg_products(a, x, w):
 
 
 def _gg_reference(a):
-    h = _gg_products(a, a["x_sorted"], a["w"])
-    return [_silu_and_mul(h) if a["activation"] == "silu_and_mul" else h]
+    return [epilogue(a["activation"], _gg_products(a, a["x_sorted"], a["w"]))]
 
 
 def _gg_magnitude(a, refs):
-    # The fp32 dot products err relative to |x| @ |w|.T; silu_and_mul carries that error through
-    # d(silu(g) u) = silu'(g) u dg + silu(g) du, with |silu'| <= 1.1.
+    # The fp32 dot products err relative to |x| @ |w|.T; the activation carries that error on
+    # (ops/activations.py: epilogue_magnitude).
     bound = _gg_products(a, np.abs(a["x_sorted"]), np.abs(a["w"]))
-    if a["activation"] != "silu_and_mul":
+    if a["activation"] is None:
         return [bound]
-    h = _gg_products(a, a["x_sorted"], a["w"])
-    n = h.shape[1] // 2
-    return [1.1 * np.abs(h[:, n:]) * bound[:, :n] + np.abs(ACTIVATIONS["silu"](h[:, :n])) * bound[:, n:]]
+    return [epilogue_magnitude(a["activation"], _gg_products(a, a["x_sorted"], a["w"]), bound)]
 
 
 def _gg_args(rng, dtype, offsets, k, n, rows=None, activation=None, offset_dtype="int32"):
     offsets = np.asarray(offsets)
     e = offsets.size - 1
     rows = int(offsets[-1]) if rows is None else rows
-    wn = 2 * n if activation == "silu_and_mul" else n
+    wn = 2 * n if is_gated(activation) else n
     return {"x_sorted": random(rng, (rows, k), dtype), "w": random(rng, (e, wn, k), dtype),
             "expert_offsets": offsets.astype(to_numpy(offset_dtype)), "activation": activation}
 
@@ -601,6 +589,10 @@ def _gg_samples(rng, dtype):
     yield Sample(_gg_args(rng, dtype, [0, 0, 0], 16, 8, rows=0), "R=0", "edge")
     yield Sample(_gg_args(rng, dtype, [2, 2, 2, 2], 16, 8, rows=5), "every expert empty: zeros", "edge")
     yield Sample(_gg_args(rng, dtype, [1, 4, 9], 0, 8, rows=10, activation="silu_and_mul"), "K=0: zeros", "edge")
+    # Every other epilogue once, small: gated ones over two experts (one empty), plain ones over one.
+    for act in EPILOGUES:
+        if act is not None and act != "silu_and_mul":
+            yield Sample(_gg_args(rng, dtype, [0, 11, 11, 20], 40, 19, activation=act), f"E=3 N=19 {act}")
 
 
 def _gg_errors(rng):
@@ -614,7 +606,8 @@ def _gg_errors(rng):
     yield ErrorSample(a | {"expert_offsets": np.array([-1, 3, 7], np.int32)}, "negative offset", match="expert_offsets")
     yield ErrorSample(a | {"expert_offsets": np.array([0, 3, 7], np.float32)}, "float offsets", match="dtype")
     yield ErrorSample(a | {"w": random(rng, (2, 7, 8), f32), "activation": "silu_and_mul"}, "odd 2N for silu_and_mul", match="even")
-    yield ErrorSample(a | {"activation": "gelu"}, "unknown activation", match="activation")
+    yield ErrorSample(a | {"w": random(rng, (2, 7, 8), f32), "activation": "gelu_and_mul"}, "odd 2N for gelu_and_mul", match="even")
+    yield ErrorSample(a | {"activation": "tanh"}, "unknown activation", match="activation")
     yield ErrorSample(a | {"w": random(rng, (6, 8), f32)}, "rank-2 w", match="rank")
 
 
@@ -622,9 +615,8 @@ def _gg_peer(t):
     """The loop over experts a user writes: one F.linear per expert on its rows."""
     import torch.nn.functional as F
 
-    x, w, off = t["x_sorted"], t["w"], t["expert_offsets"]
-    silu = t["activation"] == "silu_and_mul"
-    n = w.shape[1] // 2 if silu else w.shape[1]
+    x, w, off, act = t["x_sorted"], t["w"], t["expert_offsets"], t["activation"]
+    n = epilogue_columns(act, w.shape[1])
 
     def run():
         bounds = off.tolist()
@@ -632,8 +624,7 @@ def _gg_peer(t):
         for e in range(w.shape[0]):
             lo, hi = bounds[e], bounds[e + 1]
             if hi > lo:
-                h = F.linear(x[lo:hi], w[e])
-                out[lo:hi] = F.silu(h[:, :n]) * h[:, n:] if silu else h
+                out[lo:hi] = torch_epilogue(act, F.linear(x[lo:hi], w[e]))
         return out
 
     return run
@@ -674,13 +665,14 @@ grouped_gemm = OpDef(
     name="grouped_gemm",
     doc="grouped_gemm(x_sorted, w, expert_offsets, *, activation=None) -> out [R, N]: out[r] = x_sorted[r] @ w[e].T "
     "for expert_offsets[e] <= r < expert_offsets[e + 1], zeros outside every segment, fp32 accumulation; "
-    "activation 'silu_and_mul' takes w [E, 2N, K] and returns silu(h[:, :N]) * h[:, N:].",
+    "activation: None, relu, gelu, gelu_tanh or silu applied to h, or a gated '<act>_and_mul' (silu_and_mul, "
+    "gelu_and_mul, ...) that takes w [E, 2N, K] and returns act(h[:, :N]) * h[:, N:].",
     params=[
         Tensor("x_sorted", rank=2),
         Tensor("w", rank=3),
         Tensor("expert_offsets", dtypes=INTS, rank=1),
         "*",
-        Attr("activation", None, choices=GROUPED_ACTIVATIONS),
+        Attr("activation", None, choices=EPILOGUES),
     ],
     check=_gg_check,
     outputs=lambda a: [((a["x_sorted"].shape[0], _gg_out_features(a)), name_of(a["x_sorted"].dtype))],

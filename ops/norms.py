@@ -8,25 +8,25 @@ import math
 import numpy as np
 
 from hal.dtypes import name_of
-from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, random, strided
+from hal.opdef import Attr, InvalidArgument, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 
 def _check(a):
     x = a["x"]
     hidden = x.shape[-1]
     if hidden == 0:
-        raise Bad("x", "a non-empty last dimension", tuple(x.shape))
+        raise InvalidArgument("x", "a non-empty last dimension", tuple(x.shape))
     for name in ("weight", "bias"):
         if a.get(name) is not None and tuple(a[name].shape) != (hidden,):
-            raise Bad(name, f"shape ({hidden},) to match x's last dimension", tuple(a[name].shape))
+            raise InvalidArgument(name, f"shape ({hidden},) to match x's last dimension", tuple(a[name].shape))
     r = a["residual"]
     if r is not None:
         if tuple(r.shape) != tuple(x.shape):
-            raise Bad("residual", f"the shape of x {tuple(x.shape)}", tuple(r.shape))
+            raise InvalidArgument("residual", f"the shape of x {tuple(x.shape)}", tuple(r.shape))
         if name_of(r.dtype) != name_of(x.dtype):
-            raise Bad("residual", f"the dtype of x ({name_of(x.dtype)})", name_of(r.dtype))
+            raise InvalidArgument("residual", f"the dtype of x ({name_of(x.dtype)})", name_of(r.dtype))
     if not a["eps"] >= 0.0:
-        raise Bad("eps", "a non-negative float", a["eps"])
+        raise InvalidArgument("eps", "a non-negative float", a["eps"])
 
 
 def _outputs(a):

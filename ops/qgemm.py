@@ -6,7 +6,8 @@ noise growing with sqrt(K) relative to |a| @ |b|.T of the dequantized operands, 
 a kernel sums in (DeepSeek's promotion to fp32 every 128 K, integer accumulation, ...).
 
 - fp8_gemm_blockscale: fp8 activations scaled per token per 128 K, fp8 weights per 128 x 128 block.
-- fp8_grouped_gemm_blockscale: the same per expert over the MoE contiguous layout, optional silu_and_mul.
+- fp8_grouped_gemm_blockscale: the same per expert over the MoE contiguous layout, with any epilogue activation
+  (plain or gated, ops/activations.py).
 - int8_gemm: W8A8, int32-exact products, per-token / per-tensor x per-channel / per-tensor scales, bias.
 - w4a16_gemm: int4 weights (two per byte, low nibble first) with a scale (and zero point) per group.
 - fp4_gemm: E2M1 weights with MX (E8M0 per 32) or NVFP4 (E4M3 per 16, fp32 tensor scale) scales.
@@ -17,9 +18,9 @@ import numpy as np
 
 from hal import formats as F
 from hal.dtypes import FLOATS, name_of, to_numpy
-from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, random, strided
+from hal.opdef import Attr, InvalidArgument, ErrorSample, OpDef, Sample, Tensor, random, strided
 
-from .activations import ACTIVATIONS
+from .activations import EPILOGUES, epilogue, epilogue_columns, epilogue_magnitude, is_gated, torch_epilogue
 
 FP8 = ("float8_e4m3fn", "float8_e4m3fnuz")
 BLOCK = 128  # DeepSeek's block: activations 1 x 128, weights 128 x 128
@@ -100,27 +101,27 @@ def _fp8_scales(rng, shape, fmt):
 
 def _want_shape(name, x, shape):
     if tuple(x.shape) != tuple(shape):
-        raise Bad(name, f"shape {tuple(shape)}", f"shape {tuple(x.shape)}")
+        raise InvalidArgument(name, f"shape {tuple(shape)}", f"shape {tuple(x.shape)}")
 
 
 def _want_same_dtype(name, x, like_name, like):
     if name_of(x.dtype) != name_of(like.dtype):
-        raise Bad(name, f"the dtype of {like_name} ({name_of(like.dtype)})", name_of(x.dtype))
+        raise InvalidArgument(name, f"the dtype of {like_name} ({name_of(like.dtype)})", name_of(x.dtype))
 
 
 def _check_k(a, b_name, k_b):
     k = a["a"].shape[1]
     if k_b != k:
-        raise Bad(b_name, f"K = {k} (a's columns)", f"shape {tuple(a[b_name].shape)}")
+        raise InvalidArgument(b_name, f"K = {k} (a's columns)", f"shape {tuple(a[b_name].shape)}")
 
 
 def _check_packed_k(a):
     """4-bit weights: K even, b_packed [N, K / 2]."""
     k = a["a"].shape[1]
     if k % 2:
-        raise Bad("a", "an even K (two 4-bit weights per byte)", f"K = {k}")
+        raise InvalidArgument("a", "an even K (two 4-bit weights per byte)", f"K = {k}")
     if a["b_packed"].shape[1] != k // 2:
-        raise Bad("b_packed", f"{k // 2} bytes per row (K / 2, K = {k})", f"shape {tuple(a['b_packed'].shape)}")
+        raise InvalidArgument("b_packed", f"{k // 2} bytes per row (K / 2, K = {k})", f"shape {tuple(a['b_packed'].shape)}")
 
 
 # ---------------------------------------------------------------- fp8_gemm_blockscale
@@ -241,12 +242,12 @@ def _grouped_check(a):
     _want_shape("a_scales", a["a_scales"], (r, kb))
     _want_shape("b_scales", a["b_scales"], (e, -(-nw // BLOCK), kb))
     _want_shape("expert_offsets", a["expert_offsets"], (e + 1,))
-    if a["activation"] == "silu_and_mul" and nw % 2:
-        raise Bad("b", "an even number of rows per expert (gate and up halves) for silu_and_mul", f"shape {tuple(a['b'].shape)}")
+    if is_gated(a["activation"]) and nw % 2:
+        raise InvalidArgument("b", f"an even number of rows per expert (gate and up halves) for {a['activation']}", f"shape {tuple(a['b'].shape)}")
     offsets = a["expert_offsets"]
     if isinstance(offsets, np.ndarray) and offsets.size:  # device arrays are not read back to check
         if offsets[0] < 0 or np.any(np.diff(offsets) < 0) or offsets[-1] > r:
-            raise Bad("expert_offsets", f"non-decreasing offsets in [0, {r}] (rows of a)", offsets.tolist())
+            raise InvalidArgument("expert_offsets", f"non-decreasing offsets in [0, {r}] (rows of a)", offsets.tolist())
 
 
 def _experts(a):
@@ -266,22 +267,17 @@ def _grouped_products(a):
 
 
 def _grouped_out_columns(a):
-    nw = a["b"].shape[1]
-    return nw // 2 if a["activation"] == "silu_and_mul" else nw
+    return epilogue_columns(a["activation"], a["b"].shape[1])
 
 
 def _grouped_reference_and_magnitude(a):
     r, n = a["a"].shape[0], _grouped_out_columns(a)
     ref, mag = np.zeros((r, n)), np.zeros((r, n))
-    silu = ACTIVATIONS["silu"]
+    act = a["activation"]
     for rows, h, m in _grouped_products(a):
-        if a["activation"] == "silu_and_mul":
-            gate, up = h[:, :n], h[:, n:]
-            ref[rows] = silu(gate) * up
-            # d silu / d gate is at most 1.1: errors of gate and up reach the output through the product
-            mag[rows] = 1.1 * m[:, :n] * np.abs(up) + np.abs(silu(gate)) * m[:, n:] + np.abs(ref[rows])
-        else:
-            ref[rows], mag[rows] = h, m
+        ref[rows] = epilogue(act, h)
+        # errors of the products reach the output through the activation (and the gate * up product)
+        mag[rows] = m if act is None else epilogue_magnitude(act, h, m) + np.abs(ref[rows])
     return ref, mag
 
 
@@ -308,6 +304,10 @@ def _grouped_samples(rng, fmt):
     s["a"] = strided(s["a"])
     yield Sample(s, "strided a", "edge")
     yield Sample(_grouped_args(rng, fmt, [0, 0], 130, 20), "R = 0", "edge")
+    # Every other epilogue once, small.
+    for act in EPILOGUES:
+        if act is not None and act != "silu_and_mul":
+            yield Sample(_grouped_args(rng, fmt, [7, 0, 5], 136, 2 * 20 if is_gated(act) else 20, act), f"{act}, 3 experts")
 
 
 def _grouped_errors(rng):
@@ -325,18 +325,17 @@ def _grouped_errors(rng):
     yield ErrorSample(args(expert_offsets=np.array([0, 3, 9], np.int64)), "offsets past the rows", match="expert_offsets")
     yield ErrorSample(args(expert_offsets=np.array([0, 3, 5], np.float32)), "float offsets", match="dtype")
     yield ErrorSample(_grouped_args(rng, fmt, [3, 2], 130, 7, "silu_and_mul"), "odd rows with silu_and_mul", match="even")
-    yield ErrorSample(args(activation="gelu"), "unknown activation", match="activation")
+    yield ErrorSample(_grouped_args(rng, fmt, [3, 2], 130, 7, "relu_and_mul"), "odd rows with relu_and_mul", match="even")
+    yield ErrorSample(args(activation="tanh"), "unknown activation", match="activation")
     yield ErrorSample(args(b=_fp8(rng, (2, 6, 130), "float8_e4m3fnuz")), "mixed fp8 flavours", match="dtype")
 
 
 def _grouped_peer(t):
     """A Python loop over experts: dequantize a once, each expert's weights, matmul, activation."""
     import torch
-    import torch.nn.functional as Fn
 
     out_dtype = getattr(torch, t["out_dtype"])
-    nw = t["b"].shape[1]
-    n = nw // 2 if t["activation"] == "silu_and_mul" else nw
+    n = epilogue_columns(t["activation"], t["b"].shape[1])
     offsets = t["expert_offsets"].tolist()
 
     def run():
@@ -347,9 +346,7 @@ def _grouped_peer(t):
             if hi == lo:
                 continue
             h = torch.matmul(x[lo:hi], _torch_fp8(t["b"][e], t["b_scales"][e], BLOCK).T)
-            if t["activation"] == "silu_and_mul":
-                h = Fn.silu(h[:, :n]) * h[:, n:]
-            out[lo:hi] = h.to(out_dtype)
+            out[lo:hi] = torch_epilogue(t["activation"], h).to(out_dtype)
         return out
 
     return run
@@ -367,7 +364,8 @@ fp8_grouped_gemm_blockscale = OpDef(
     doc="fp8_grouped_gemm_blockscale(a, a_scales, b, b_scales, expert_offsets, *, activation=None, out_dtype='bfloat16'): "
     "fp8_gemm_blockscale per expert over the MoE contiguous layout: a [R, K], a_scales [R, ceil(K/128)], b [E, Nw, K], "
     "b_scales [E, ceil(Nw/128), ceil(K/128)]; rows offsets[e]..offsets[e+1] use expert e, rows outside "
-    "[offsets[0], offsets[E]) are 0; activation 'silu_and_mul' gives silu(h[:, :N]) * h[:, N:] for Nw = 2N.",
+    "[offsets[0], offsets[E]) are 0; activation None, relu, gelu, gelu_tanh or silu of h, or a gated '<act>_and_mul' "
+    "(silu_and_mul, ...) giving act(h[:, :N]) * h[:, N:] for Nw = 2N.",
     params=[
         Tensor("a", FP8, rank=2),
         Tensor("a_scales", ("float32",), rank=2),
@@ -375,7 +373,7 @@ fp8_grouped_gemm_blockscale = OpDef(
         Tensor("b_scales", ("float32",), rank=3),
         Tensor("expert_offsets", ("int32", "int64"), rank=1),
         "*",
-        Attr("activation", None, choices=(None, "silu_and_mul")),
+        Attr("activation", None, choices=EPILOGUES),
         Attr("out_dtype", "bfloat16", choices=FLOATS),
     ],
     check=_grouped_check,
@@ -398,9 +396,9 @@ def _int8_check(a):
     m, (n, k_b) = a["a"].shape[0], a["b"].shape
     _check_k(a, "b", k_b)
     if tuple(a["a_scales"].shape) not in ((m, 1), (1, 1)):
-        raise Bad("a_scales", f"shape ({m}, 1) per token or (1, 1) per tensor", f"shape {tuple(a['a_scales'].shape)}")
+        raise InvalidArgument("a_scales", f"shape ({m}, 1) per token or (1, 1) per tensor", f"shape {tuple(a['a_scales'].shape)}")
     if tuple(a["b_scales"].shape) not in ((n, 1), (1, 1)):
-        raise Bad("b_scales", f"shape ({n}, 1) per channel or (1, 1) per tensor", f"shape {tuple(a['b_scales'].shape)}")
+        raise InvalidArgument("b_scales", f"shape ({n}, 1) per channel or (1, 1) per tensor", f"shape {tuple(a['b_scales'].shape)}")
     if a["bias"] is not None:
         _want_shape("bias", a["bias"], (n,))
 
@@ -512,7 +510,7 @@ def _w4_check(a):
     _check_packed_k(a)
     g = a["group_size"]
     if k % g:
-        raise Bad("a", f"K a multiple of group_size {g}", f"K = {k}")
+        raise InvalidArgument("a", f"K a multiple of group_size {g}", f"K = {k}")
     _want_shape("scales", a["scales"], (n, k // g))
     if a["zeros"] is not None:
         _want_shape("zeros", a["zeros"], (n, k // g))
@@ -623,15 +621,15 @@ def _fp4_check(a):
     fmt, groups = a["fmt"], -(-k // FP4_GROUP[a["fmt"]])
     want = "uint8" if fmt == "mxfp4" else "float8_e4m3fn"
     if name_of(a["b_scales"].dtype) != want:
-        raise Bad("b_scales", f"dtype {want} for {fmt}", name_of(a["b_scales"].dtype))
+        raise InvalidArgument("b_scales", f"dtype {want} for {fmt}", name_of(a["b_scales"].dtype))
     _want_shape("b_scales", a["b_scales"], (n, groups))
     ts = a["tensor_scale"]
     if fmt == "nvfp4":
         if ts is None:
-            raise Bad("tensor_scale", "a float32 [1, 1] tensor scale for nvfp4", "None")
+            raise InvalidArgument("tensor_scale", "a float32 [1, 1] tensor scale for nvfp4", "None")
         _want_shape("tensor_scale", ts, (1, 1))
     elif ts is not None:
-        raise Bad("tensor_scale", "None for mxfp4 (its E8M0 scales are the whole scale)", f"shape {tuple(ts.shape)}")
+        raise InvalidArgument("tensor_scale", "None for mxfp4 (its E8M0 scales are the whole scale)", f"shape {tuple(ts.shape)}")
 
 
 def _fp4_w(a):

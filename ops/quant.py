@@ -34,7 +34,7 @@ import numpy as np
 
 from hal import formats as F
 from hal.dtypes import FLOATS, name_of, to_numpy
-from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, random, strided
+from hal.opdef import Attr, InvalidArgument, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 FP8 = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz")
 FMTS = FP8 + ("int8", "int4", "mxfp4", "nvfp4")
@@ -61,26 +61,26 @@ def _check_layout(a, k):
     """Fill in the granularity and group of a quantize / dequantize call and check them."""
     fmt = a["fmt"]
     if fmt is None:
-        raise Bad("fmt", f"one of {FMTS}", "None")
+        raise InvalidArgument("fmt", f"one of {FMTS}", "None")
     if fmt in FP4_GROUP:
         if a["granularity"] not in (None, "group"):
-            raise Bad("granularity", f"'group' (or None) for {fmt}, whose scales are per {FP4_GROUP[fmt]} along K", repr(a["granularity"]))
+            raise InvalidArgument("granularity", f"'group' (or None) for {fmt}, whose scales are per {FP4_GROUP[fmt]} along K", repr(a["granularity"]))
         a["granularity"], a["group_size"] = "group", FP4_GROUP[fmt]
     elif a["granularity"] is None:
         a["granularity"] = "row"
     if a["group_size"] <= 0:
-        raise Bad("group_size", "a positive int", a["group_size"])
+        raise InvalidArgument("group_size", "a positive int", a["group_size"])
     if k == 0:
-        raise Bad("x" if "x" in a else "q", "a non-empty last dimension", "K = 0")
+        raise InvalidArgument("x" if "x" in a else "q", "a non-empty last dimension", "K = 0")
 
 
 def _check_quantize(a):
     x = a["x"]
     _check_layout(a, x.shape[-1])
     if a["fmt"] in PACKED and x.shape[-1] % 2:
-        raise Bad("x", f"an even last dimension for {a['fmt']} (two codes per byte)", f"shape {tuple(x.shape)}")
+        raise InvalidArgument("x", f"an even last dimension for {a['fmt']} (two codes per byte)", f"shape {tuple(x.shape)}")
     if a["zero_point"] and a["fmt"] != "int4":
-        raise Bad("zero_point", "False unless fmt is 'int4'", f"True with fmt {a['fmt']!r}")
+        raise InvalidArgument("zero_point", "False unless fmt is 'int4'", f"True with fmt {a['fmt']!r}")
 
 
 def _logical_shape(q, fmt):
@@ -92,32 +92,32 @@ def _logical_shape(q, fmt):
 def _check_tensor(a, name, dtype, shape):
     t = a[name]
     if name_of(t.dtype) != dtype:
-        raise Bad(name, f"dtype {dtype} for fmt {a['fmt']}", name_of(t.dtype))
+        raise InvalidArgument(name, f"dtype {dtype} for fmt {a['fmt']}", name_of(t.dtype))
     if tuple(t.shape) != tuple(shape):
-        raise Bad(name, f"shape {tuple(shape)}", f"shape {tuple(t.shape)}")
+        raise InvalidArgument(name, f"shape {tuple(shape)}", f"shape {tuple(t.shape)}")
 
 
 def _check_dequantize(a):
     fmt = a["fmt"]
     if fmt is None:
-        raise Bad("fmt", f"one of {FMTS}", "None")
+        raise InvalidArgument("fmt", f"one of {FMTS}", "None")
     q = a["q"]
     if name_of(q.dtype) != q_dtype(fmt):
-        raise Bad("q", f"dtype {q_dtype(fmt)} for fmt {fmt}", name_of(q.dtype))
+        raise InvalidArgument("q", f"dtype {q_dtype(fmt)} for fmt {fmt}", name_of(q.dtype))
     shape = _logical_shape(q, fmt)
     _check_layout(a, shape[-1])
     sshape = F.scale_shape(shape, a["granularity"], a["group_size"])
     _check_tensor(a, "scales", scales_dtype(fmt), sshape)
     if a["zeros"] is not None:
         if fmt != "int4":
-            raise Bad("zeros", "None unless fmt is 'int4'", f"a tensor with fmt {fmt!r}")
+            raise InvalidArgument("zeros", "None unless fmt is 'int4'", f"a tensor with fmt {fmt!r}")
         _check_tensor(a, "zeros", "uint8", sshape)
     if fmt == "nvfp4":
         if a["tensor_scale"] is None:
-            raise Bad("tensor_scale", "a float32 [..., 1, 1] tensor for nvfp4", "None")
+            raise InvalidArgument("tensor_scale", "a float32 [..., 1, 1] tensor for nvfp4", "None")
         _check_tensor(a, "tensor_scale", "float32", (*shape[:-2], 1, 1))
     elif a["tensor_scale"] is not None:
-        raise Bad("tensor_scale", "None unless fmt is 'nvfp4'", f"a tensor with fmt {fmt!r}")
+        raise InvalidArgument("tensor_scale", "None unless fmt is 'nvfp4'", f"a tensor with fmt {fmt!r}")
 
 
 def _quantize_outputs(a):

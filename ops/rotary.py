@@ -8,28 +8,28 @@ Dimensions from rotary_dim on pass through unchanged.
 import numpy as np
 
 from hal.dtypes import INTS, name_of
-from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, random, strided
+from hal.opdef import Attr, InvalidArgument, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 
 def _check(a):
     q, k, cos, sin, pos = a["q"], a["k"], a["cos"], a["sin"], a["positions"]
     tokens, _, head = q.shape
     if k.shape[0] != tokens or k.shape[2] != head:
-        raise Bad("k", f"shape ({tokens}, heads_kv, {head}) to match q", tuple(k.shape))
+        raise InvalidArgument("k", f"shape ({tokens}, heads_kv, {head}) to match q", tuple(k.shape))
     if name_of(k.dtype) != name_of(q.dtype):
-        raise Bad("k", f"the dtype of q ({name_of(q.dtype)})", name_of(k.dtype))
+        raise InvalidArgument("k", f"the dtype of q ({name_of(q.dtype)})", name_of(k.dtype))
     rotary = head if a["rotary_dim"] is None else a["rotary_dim"]
     if rotary % 2 or not 0 < rotary <= head:
-        raise Bad("rotary_dim", f"an even int in (0, {head}]", rotary)
+        raise InvalidArgument("rotary_dim", f"an even int in (0, {head}]", rotary)
     a["rotary_dim"] = rotary
     if cos.shape[1] != rotary // 2:
-        raise Bad("cos", f"shape (max_position, {rotary // 2})", tuple(cos.shape))
+        raise InvalidArgument("cos", f"shape (max_position, {rotary // 2})", tuple(cos.shape))
     if tuple(sin.shape) != tuple(cos.shape):
-        raise Bad("sin", f"the shape of cos {tuple(cos.shape)}", tuple(sin.shape))
+        raise InvalidArgument("sin", f"the shape of cos {tuple(cos.shape)}", tuple(sin.shape))
     if tuple(pos.shape) != (tokens,):
-        raise Bad("positions", f"shape ({tokens},)", tuple(pos.shape))
+        raise InvalidArgument("positions", f"shape ({tokens},)", tuple(pos.shape))
     if tokens and not 0 <= int(pos.min()) <= int(pos.max()) < cos.shape[0]:
-        raise Bad("positions", f"values in [0, {cos.shape[0]})", f"[{int(pos.min())}, {int(pos.max())}]")
+        raise InvalidArgument("positions", f"values in [0, {cos.shape[0]})", f"[{int(pos.min())}, {int(pos.max())}]")
 
 
 def _pairs(rotary, interleaved):

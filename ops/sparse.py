@@ -22,7 +22,7 @@ import math
 import numpy as np
 
 from hal.dtypes import INTS, name_of
-from hal.opdef import Attr, Bad, ErrorSample, OpDef, Sample, Tensor, random, strided
+from hal.opdef import Attr, InvalidArgument, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 MODES = ("sum", "mean", "max")
 
@@ -31,7 +31,7 @@ MODES = ("sum", "mean", "max")
 
 def _same_dtype(a, name, like):
     if name_of(a[name].dtype) != name_of(a[like].dtype):
-        raise Bad(name, f"the dtype of {like} ({name_of(a[like].dtype)})", name_of(a[name].dtype))
+        raise InvalidArgument(name, f"the dtype of {like} ({name_of(a[like].dtype)})", name_of(a[name].dtype))
 
 
 def _check_pointers(a, ptr, ids, count, what, bound=""):
@@ -40,18 +40,18 @@ def _check_pointers(a, ptr, ids, count, what, bound=""):
     host arrays only."""
     p, x = a[ptr], a[ids]
     if p.shape[0] == 0:
-        raise Bad(ptr, f"at least one entry ({ptr}[0] == 0)", "shape (0,)")
+        raise InvalidArgument(ptr, f"at least one entry ({ptr}[0] == 0)", "shape (0,)")
     if type(p) is np.ndarray:
         length = x.shape[0]
         if p[0] != 0 or p[-1] != length:
-            raise Bad(ptr, f"{ptr}[0] == 0 and {ptr}[-1] == {length} (the length of {ids})", f"[{p[0]}, ..., {p[-1]}]")
+            raise InvalidArgument(ptr, f"{ptr}[0] == 0 and {ptr}[-1] == {length} (the length of {ids})", f"[{p[0]}, ..., {p[-1]}]")
         steps = np.diff(p)
         if steps.size and steps.min() < 0:
             at = int(np.argmax(steps < 0))
-            raise Bad(ptr, "non-decreasing values", f"{ptr}[{at}] = {p[at]} > {ptr}[{at + 1}] = {p[at + 1]}")
+            raise InvalidArgument(ptr, "non-decreasing values", f"{ptr}[{at}] = {p[at]} > {ptr}[{at + 1}] = {p[at + 1]}")
     # One pass over the ids (they can be millions): viewed as unsigned, negative ids are huge.
     if type(x) is np.ndarray and x.size and int(x.view(f"u{x.itemsize}").max()) >= count:
-        raise Bad(ids, f"{what} in [0, {count}){bound}", f"values in [{int(x.min())}, {int(x.max())}]")
+        raise InvalidArgument(ids, f"{what} in [0, {count}){bound}", f"values in [{int(x.min())}, {int(x.max())}]")
 
 
 def _longest(p):
@@ -91,14 +91,14 @@ def _bag_check(a):
     w = a["per_sample_weights"]
     if w is not None:
         if a["mode"] != "sum":
-            raise Bad("per_sample_weights", "None unless mode is 'sum'", f"weights with mode {a['mode']!r}")
+            raise InvalidArgument("per_sample_weights", "None unless mode is 'sum'", f"weights with mode {a['mode']!r}")
         if tuple(w.shape) != tuple(indices.shape):
-            raise Bad("per_sample_weights", f"shape {tuple(indices.shape)} (one weight per index)", tuple(w.shape))
+            raise InvalidArgument("per_sample_weights", f"shape {tuple(indices.shape)} (one weight per index)", tuple(w.shape))
         _same_dtype(a, "per_sample_weights", "table")
     p = a["padding_idx"]
     if p is not None:
         if not -rows <= p < rows:
-            raise Bad("padding_idx", f"an int in [-{rows}, {rows})", p)
+            raise InvalidArgument("padding_idx", f"an int in [-{rows}, {rows})", p)
         a["padding_idx"] = p + rows if p < 0 else p
     _check_pointers(a, "offsets", "indices", rows, "row ids")
 
@@ -256,7 +256,7 @@ embedding_bag = OpDef(
 def _spmm_check(a):
     _same_dtype(a, "indices", "indptr")
     if a["values"].shape != a["indices"].shape:
-        raise Bad("values", f"shape {tuple(a['indices'].shape)} (one value per column id)", tuple(a["values"].shape))
+        raise InvalidArgument("values", f"shape {tuple(a['indices'].shape)} (one value per column id)", tuple(a["values"].shape))
     _same_dtype(a, "dense", "values")
     _check_pointers(a, "indptr", "indices", a["dense"].shape[0], "column ids", " (the rows of dense)")
 

@@ -7,7 +7,7 @@ import pytest
 
 import hal
 from hal.cli import main
-from hal.testing import reference_kernel
+from hal.testing import plugin, reference_kernel
 
 
 def run_json(capsys, *argv):
@@ -27,13 +27,83 @@ def test_backends_table_shows_reasons(capsys, make_backend):
     assert "cpu" in out and "yes" in out
 
 
-def test_ops_matrix(capsys, make_backend):
+def test_ops_table(capsys, make_backend):
     make_backend("half", {"softmax": reference_kernel(hal.ops.softmax)}, dtypes=["float32"])
-    code, matrix = run_json(capsys, "ops")
-    assert code == 0 and matrix["gemm"]["cpu"] == "native"
-    assert matrix["softmax"]["half"] == "native: float32" and matrix["gemm"]["half"] == "fallback -> cpu"
+    code, table = run_json(capsys, "ops")
+    assert code == 0 and table["gemm"]["cpu"] == "native"
+    assert table["softmax"]["half"] == "native: float32" and table["gemm"]["half"] == "fallback -> cpu"
     code, per_dtype = run_json(capsys, "ops", "--dtypes")
     assert per_dtype["softmax bfloat16"]["half"] == "fallback -> cpu" and per_dtype["softmax float32"]["half"] == "native"
+
+
+class Reporting(hal.Backend):
+    """A backend whose compiler report has a column of its own, and no GPU in sight."""
+
+    name = "reporting"
+
+    def info(self):
+        return {"device": "systolic array [test]", "arch": "npu-2", "tiles": "4 x 128x128", "sram": "24 MiB"}
+
+    def compile_report(self):
+        row = {"kernel": "softmax_tile", "arch": "npu-2", "file": "softmax.npu", "registers": 12, "spills": 0, "shared_bytes": 4096}
+        return {"title": "npu compiler report", "columns": [("kernel", "kernel"), ("arch", "arch"), ("registers", "regs"),
+                                                            ("spills", "spills"), ("tile_util", "tile utilisation")],
+                "rows": [{**row, "tile_util": "93%"}, {**row, "arch": "npu-3", "registers": 20, "spills": 8, "tile_util": "71%"}],
+                "note": ""}
+
+
+class Silent(hal.Backend):
+    name = "silent"
+
+    def compile_report(self):
+        return {"title": "silent compiler", "columns": [("kernel", "kernel")], "rows": [], "note": "toolchain npucc not found"}
+
+
+class Broken(hal.Backend):
+    name = "broken-report"
+
+    def info(self):
+        raise OSError("no /dev/npu0")
+
+    def compile_report(self):
+        raise OSError("report unreadable")
+
+
+@pytest.fixture
+def reporting_backends():
+    softmax = ("softmax", "reporting", reference_kernel(hal.ops.softmax), {"dtypes": ["float32"], "source": "/kernels/softmax.npu"})
+    with plugin("test-reporting", Reporting(), Silent(), Broken(), kernels=[softmax]):
+        yield
+
+
+def test_backends_shows_the_backends_own_report_columns(capsys, reporting_backends):
+    assert main(["backends", "--kernels"]) == 0
+    out = capsys.readouterr().out
+    assert "npu compiler report (reporting)" in out and "tile utilisation" in out and "93%" in out and "71%" in out
+    assert "silent compiler (silent): toolchain npucc not found" in out
+    assert "broken-report: compile_report() raised OSError('report unreadable')" in out
+    code, data = run_json(capsys, "backends", "--kernels")
+    by_backend = {b: r for r in data["compile_reports"] for b in r["backends"]}
+    assert by_backend["reporting"]["report"]["columns"][-1] == ["tile_util", "tile utilisation"]
+    assert by_backend["broken-report"]["error"] and by_backend["silent"]["report"]["rows"] == []
+    code, rows = run_json(capsys, "backends")
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["reporting"]["device"] == "systolic array [test]" and by_name["reporting"]["arch"] == "npu-2"
+    assert "no /dev/npu0" in by_name["broken-report"]["device"]
+    assert main(["backends"]) == 0  # the table prints the error text (no crash, no markup trouble)
+
+
+def test_checklist_prints_what_the_backend_reports(capsys, reporting_backends):
+    assert main(["checklist", "reporting", "--no-run", "--format", "json"]) == 0
+    c = json.loads(capsys.readouterr().out)
+    assert list(c["items"])[:6] == ["DLPack device type", "priority", "device", "arch", "tiles", "sram"]
+    assert c["items"]["tiles"] == "4 x 128x128" and "warp" not in " ".join(c["items"])
+    softmax = next(p for p in c["pairs"] if p["op"] == "softmax" and p["dtype"] == "float32")
+    assert softmax["resources"] == {"npu-2": {"kernels": 1, "max_registers": 12, "spilling": 0, "max_shared_bytes": 4096},
+                                    "npu-3": {"kernels": 1, "max_registers": 20, "spilling": 1, "max_shared_bytes": 4096}}
+    assert main(["checklist", "broken-report", "--no-run"]) == 0
+    out = capsys.readouterr().out
+    assert "no /dev/npu0" in out and "report unreadable" in out
 
 
 def test_check_passes_on_cpu(capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hal
-from hal.testing import reference_kernel
+from hal.testing import plugin, reference_kernel
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_choice_order(make_backend, x, monkeypatch):
     try:
         hal.ops.softmax(x)
         assert kb.calls == ["b"]
-        with hal.backend("a"):
+        with hal.use("a"):
             hal.ops.softmax(x)
             assert ka.calls == ["a"]
             hal.ops.softmax(x, backend="c")  # the keyword beats everything
@@ -80,7 +80,7 @@ def test_strict_mode_raises_with_op_backend_dtype_and_reason(make_backend, x, mo
     make_backend("f32only", {"softmax": tagging_kernel("f32")}, dtypes=["float32"])
     xb = x.astype(ml_dtypes.bfloat16)
     with pytest.raises(hal.KernelNotFound, match=r"softmax on f32only in bfloat16: f32only has no softmax kernel for bfloat16 \(it has float32\)"):
-        with hal.backend("f32only", fallback="error"):
+        with hal.use("f32only", fallback="error"):
             hal.ops.softmax(xb)
     monkeypatch.setenv("HAL_FALLBACK", "error")
     hal.use(None)
@@ -93,7 +93,7 @@ def test_supports_predicate_falls_back_with_the_reason(make_backend, x):
     make_backend("mult8", {"softmax": tagging_kernel("m")}, supports=lambda a: a["x"].shape[-1] % 8 == 0, requires="a last dim that is a multiple of 8")
     with pytest.warns(hal.FallbackWarning, match="multiple of 8"):
         hal.ops.softmax(x, backend="mult8")
-    with hal.backend("mult8", fallback="error"), pytest.raises(hal.KernelNotFound, match="multiple of 8"):
+    with hal.use("mult8", fallback="error"), pytest.raises(hal.KernelNotFound, match="multiple of 8"):
         hal.ops.softmax(x)
 
 
@@ -101,27 +101,19 @@ def test_unknown_and_unavailable_backends(make_backend, x):
     with pytest.raises(hal.BackendUnavailable, match="known backends"):
         hal.ops.softmax(x, backend="no-such-backend")
 
-    class Plugin:
-        @hal.hookimpl
-        def hal_register(self, registry):
-            class Gone(hal.Backend):
-                name = "gone"
+    class Gone(hal.Backend):
+        name = "gone"
 
-                def probe(self):
-                    return False, "vendor runtime libgone.so not found"
+        def probe(self):
+            return False, "vendor runtime libgone.so not found"
 
-            registry.add_backend(Gone())
-
-    hal.register_plugin(Plugin(), "test-gone")
-    try:
+    with plugin("test-gone", Gone()):
         with pytest.warns(hal.FallbackWarning, match="libgone.so"):
             hal.ops.softmax(x, backend="gone")
-        with hal.backend("gone", fallback="error"), pytest.raises(hal.BackendUnavailable, match="libgone.so"):
+        with hal.use("gone", fallback="error"), pytest.raises(hal.BackendUnavailable, match="libgone.so"):
             hal.ops.softmax(x)
-        row = next(b for b in hal.backends() if b["name"] == "gone")
+        row = next(b for b in hal.list_backends() if b["name"] == "gone")
         assert not row["available"] and "libgone.so" in row["reason"]
-    finally:
-        hal.unregister_plugin("test-gone")
 
 
 def test_a_broken_plugin_is_reported_and_leaves_nothing_behind(x):
@@ -137,7 +129,7 @@ def test_a_broken_plugin_is_reported_and_leaves_nothing_behind(x):
 
     hal.register_plugin(Broken(), "test-broken")
     try:
-        row = next(b for b in hal.backends() if b["name"] == "test-broken")
+        row = next(b for b in hal.list_backends() if b["name"] == "test-broken")
         assert not row["available"] and "driver exploded" in row["reason"]
         assert "broken" not in hal.registry().backends
         with pytest.raises(hal.BackendUnavailable, match="driver exploded"):
@@ -154,7 +146,7 @@ def test_a_plugin_that_fails_to_import_never_breaks_import_hal(tmp_path):
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: badplugin\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[hal.plugins]\nbad = badplugin_missing_module\n")
-    code = "import hal, json; print(json.dumps([b for b in hal.backends() if b['name'] == 'bad']))"
+    code = "import hal, json; print(json.dumps([b for b in hal.list_backends() if b['name'] == 'bad']))"
     proc = subprocess.run([sys.executable, "-c", code], env={"PYTHONPATH": str(tmp_path), "PATH": ""}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "failed to import" in proc.stdout and "badplugin_missing_module" in proc.stdout
@@ -228,3 +220,79 @@ def test_ops_have_real_signatures():
     assert list(sig.parameters)[:2] == ["a", "b"]
     assert sig.parameters["bias"].kind is inspect.Parameter.KEYWORD_ONLY
     assert sig.parameters["activation"].default is None
+
+
+def test_use_sets_the_process_wide_choice_or_scopes_it_in_a_with_block(make_backend, x):
+    ka, kb = tagging_kernel("a"), tagging_kernel("b")
+    make_backend("a", {"softmax": ka})
+    make_backend("b", {"softmax": kb})
+    hal.use("a")
+    with hal.use("b"):
+        hal.ops.softmax(x)
+    hal.ops.softmax(x)  # the block's choice ended with it; the process-wide one is back
+    assert kb.calls == ["b"] and ka.calls == ["a"]
+    hal.use(None)
+    with hal.use("b", fallback="error"), pytest.raises(hal.KernelNotFound, match="b has no rms_norm kernel"):
+        hal.ops.rms_norm(x, np.ones(12, np.float32))
+    assert hal.ops.softmax(x).shape == x.shape  # nothing left behind: cpu again
+    with pytest.raises(hal.SchemaError, match="fallback"):
+        hal.use("a", fallback="sometimes")
+
+
+def test_old_names_still_work_with_a_deprecation_warning(make_backend, x):
+    k = tagging_kernel("old")
+    make_backend("old", {"softmax": k})
+    with pytest.warns(DeprecationWarning, match=r"hal.use"):
+        scope = hal.backend("old", fallback="error")
+    with scope:
+        hal.ops.softmax(x)
+    assert k.calls == ["old"]
+    from hal import opdef
+
+    with pytest.warns(DeprecationWarning, match="Bad"):
+        assert opdef.Bad is opdef.InvalidArgument
+
+
+def test_backends_is_the_package_of_built_in_backends_not_a_function():
+    import types
+
+    assert isinstance(hal.backends, types.ModuleType) and not callable(hal.backends)
+    assert type(hal.backends) is types.ModuleType
+
+
+def test_an_op_check_raises_invalid_argument_and_the_caller_sees_a_schema_error(x):
+    from hal.opdef import Attr, InvalidArgument, OpDef, Tensor
+
+    def check(a):
+        if a["x"].shape[-1] % 2:
+            raise InvalidArgument("x", "an even last dimension", f"shape {a['x'].shape}")
+
+    op = OpDef("halves", [Tensor("x"), "*", Attr("scale", 1.0, float)], check, lambda a: [(a["x"].shape, "float32")],
+               None, None, None)
+    with pytest.raises(hal.SchemaError, match=r"halves: argument 'x': expected an even last dimension, got shape \(5, 13\)"):
+        op.validate({"x": np.ones((5, 13), np.float32), "scale": 1.0})
+
+
+@pytest.mark.parametrize("priority", ["high", None, float("nan"), True])
+def test_a_backend_with_a_non_numeric_priority_is_refused_at_registration(x, priority):
+    class Odd(hal.Backend):
+        name = "odd"
+
+    Odd.priority = priority
+    with plugin("test-odd", Odd()):
+        row = next(b for b in hal.list_backends() if b["name"] == "test-odd")
+        assert not row["available"] and "priority must be a number" in row["reason"] and "HalError" in row["reason"]
+        assert "odd" not in hal.registry().backends
+        assert hal.ops.softmax(x).shape == x.shape  # dispatch is unaffected
+
+
+def test_priority_bands_and_the_fallback_target_are_declared():
+    P = hal.Priority
+    assert P.DEVICE > P.HOST > P.OFFLOAD > P.EMULATOR > P.PORTING > P.TEST
+    assert hal.FALLBACK_BACKEND == "cpu" and hal.Backend.priority == P.PORTING
+    reg = hal.registry()
+    assert reg.backends["cpu"].backend.priority == P.HOST
+    for name in ("cuda-sim", "rocm-sim"):
+        if name in reg.backends:
+            assert reg.backends[name].backend.priority == P.EMULATOR
+

@@ -200,7 +200,7 @@ def _backends(op):
 
 
 def _on(backend, op, *args, **kwargs):
-    with hal.backend(backend, fallback="error"):
+    with hal.use(backend, fallback="error"):
         return op(*args, **kwargs)
 
 

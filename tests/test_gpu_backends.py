@@ -22,7 +22,7 @@ def test_sim_conformance(case):
 
 
 @pytest.mark.parametrize("vendor, old_arch", [(CUDA, "sm_75"), (ROCM, "gfx1030")], ids=["cuda", "rocm"])
-def test_without_matrix_units_half_gemm_runs_the_simt_kernel(sim_on, vendor, old_arch):
+def test_without_tensor_ops_half_gemm_runs_the_simt_kernel(sim_on, vendor, old_arch):
     name = sim_on(vendor, old_arch)[0]
     rng = np.random.default_rng()
     a = rng.standard_normal((33, 70)).astype(np.float16)
@@ -35,13 +35,13 @@ def test_without_matrix_units_half_gemm_runs_the_simt_kernel(sim_on, vendor, old
 def test_a_kernel_needing_newer_hardware_falls_back_with_the_reason(sim_on):
     from hal.backends.gpu.catalog import KERNELS
 
-    matrix_only = tuple(k for k in KERNELS if k.needs_matrix_units)
-    name = sim_on(CUDA, "sm_75", kernels=matrix_only)[0]
+    tensor_op_only = tuple(k for k in KERNELS if k.needs_tensor_ops)
+    name = sim_on(CUDA, "sm_75", kernels=tensor_op_only)[0]
     a = np.random.default_rng().standard_normal((16, 16)).astype(np.float16)
-    with pytest.warns(hal.FallbackWarning, match=r"matrix units \(mma.sync.m16n8k16\): sm_80"):
+    with pytest.warns(hal.FallbackWarning, match=r"tensor-op units \(mma.sync.m16n8k16\): sm_80"):
         out = hal.ops.gemm(a, a, backend=name)
     np.testing.assert_allclose(out.astype(np.float32), a.astype(np.float32) @ a.astype(np.float32), rtol=2e-2, atol=2e-2)
-    with hal.backend(name, fallback="error"), pytest.raises(hal.KernelNotFound, match="sm_80"):
+    with hal.use(name, fallback="error"), pytest.raises(hal.KernelNotFound, match="sm_80"):
         hal.ops.gemm(a, a)
 
 

@@ -64,7 +64,7 @@ def test_pipeline_equals_float64_moe_block(backend, dtype, block_m, rng):
     w13 = random(rng, (experts, 2 * inter, hidden), dtype, 1 / math.sqrt(hidden))
     w2 = random(rng, (experts, hidden, inter), dtype, 1 / math.sqrt(inter))
     route = dict(scoring="sigmoid", n_group=4, topk_group=2, bias=bias, scaling=2.5)
-    with hal.backend(backend, fallback="error"):
+    with hal.use(backend, fallback="error"):
         weights, ids = ops.moe_route(logits, k, **route)
         ids = ids.copy()
         ids[rng.random(ids.shape) < 0.2] = -1  # experts on another rank: skipped by every op
@@ -88,7 +88,7 @@ def test_pipeline_equals_float64_moe_block(backend, dtype, block_m, rng):
 
 
 def _route(backend, logits, k, **kw):
-    with hal.backend(backend, fallback="error"):
+    with hal.use(backend, fallback="error"):
         return ops.moe_route(np.asarray(logits, np.float32), k, **kw)
 
 
@@ -132,7 +132,7 @@ def test_ties_resolve_to_the_lower_index(backend, scoring):
 def test_align_layout_by_hand_with_skipped_ids(backend, dtype):
     # T=3, k=2, E=4: flat i = 0..5 go to experts 2, -1 (other rank), 0, 2, 5 (>= E: other rank), 0.
     ids = np.array([[2, -1], [0, 2], [5, 0]], dtype)
-    with hal.backend(backend, fallback="error"):
+    with hal.use(backend, fallback="error"):
         sorted_ids, block_experts, offsets, total = ops.moe_align(ids, 4, 2)
         wide = ops.moe_align(ids, 4, 4)
     np.testing.assert_array_equal(sorted_ids, [2, 5, 0, 3, 6, 6, 6, 6, 6, 6])  # cap = round_up(6 + 4*1, 2)
@@ -152,7 +152,7 @@ def test_skipped_ids_contribute_nothing(backend, rng):
     ids = np.array([[0, 1], [-1, 1], [1, -1], [-1, -1], [0, 0]], np.int32)
     x = random(rng, (tokens, hidden), "float32")
     weights = rng.random((tokens, k)).astype(np.float32)
-    with hal.backend(backend, fallback="error"):
+    with hal.use(backend, fallback="error"):
         sorted_ids = ops.moe_align(ids, 2, 4)[0]
         xs = ops.moe_permute(x, ids, sorted_ids)
         out = ops.moe_unpermute(xs, sorted_ids, weights)  # identity experts: out[t] = sum of kept weights * x[t]
@@ -177,3 +177,19 @@ def test_skipped_ids_contribute_nothing(backend, rng):
 def test_bad_arguments_raise_schema_errors_naming_them(call, arg):
     with pytest.raises(SchemaError, match=arg):
         call()
+
+
+def test_grouped_gemm_takes_every_activation_of_hal_codes():
+    """The epilogue choices are hal.codes' table; a gated activation equals its plain form on the gate
+    half times the up half (the same rounding of the fp32 products)."""
+    from hal.codes import ACTIVATIONS, GATED_ACTIVATIONS
+
+    assert set(ops.grouped_gemm.attrs[0].choices) == set(ACTIVATIONS) | set(GATED_ACTIVATIONS)
+    rng = np.random.default_rng(6)
+    x, w = random(rng, (20, 24), "float32"), random(rng, (2, 2 * 9, 24), "float32")
+    offsets = np.array([0, 8, 20], np.int32)
+    products = ops.grouped_gemm(x, w, offsets, backend="cpu")
+    for name in GATED_ACTIVATIONS:
+        plain = ops.grouped_gemm(x, w[:, :9], offsets, activation=name.removesuffix("_and_mul"), backend="cpu")
+        gated = ops.grouped_gemm(x, w, offsets, activation=name, backend="cpu")
+        np.testing.assert_allclose(gated, plain * products[:, 9:], rtol=1e-6, atol=1e-6)

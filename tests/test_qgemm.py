@@ -17,7 +17,7 @@ FP8 = ("float8_e4m3fn", "float8_e4m3fnuz")
 
 
 def _run(op, args):
-    with hal.backend("cpu", fallback="error"):
+    with hal.use("cpu", fallback="error"):
         return op(**args)
 
 
@@ -104,6 +104,18 @@ def test_fp8_grouped_silu_and_mul_across_panels():
     """N = 300 gate and up columns: the gate/up pairing holds across several weight panels (BLAS path)."""
     rng = np.random.default_rng(4)
     args = qgemm._grouped_args(rng, FP8[1], [40, 0, 70], 200, 2 * 300, "silu_and_mul", tail=2)
+    outs = (_run(qgemm.fp8_grouped_gemm_blockscale, args),)
+    worst, _, message = judge(qgemm.fp8_grouped_gemm_blockscale, args, outs)
+    assert worst <= 1.0, message
+
+
+@pytest.mark.parametrize("activation", [a for a in hal.ops.activations.EPILOGUES if a])
+def test_fp8_grouped_every_activation(activation):
+    """Every activation of hal.codes, plain and gated, fused into the grouped epilogue: a small-M expert
+    and a BLAS-path expert (M > 32), float32 out (the plain ones activate the output in place)."""
+    rng = np.random.default_rng(5)
+    nw = 2 * 40 if activation.endswith("_and_mul") else 40
+    args = qgemm._grouped_args(rng, FP8[0], [5, 45], 130, nw, activation, tail=1, out_dtype="float32")
     outs = (_run(qgemm.fp8_grouped_gemm_blockscale, args),)
     worst, _, message = judge(qgemm.fp8_grouped_gemm_blockscale, args, outs)
     assert worst <= 1.0, message

@@ -1,6 +1,6 @@
-"""The CDNA3 one-byte MFMA wrappers of backends/rocm/common.h as rocm-sim emulates them
+"""The CDNA3 one-byte MFMA wrappers of backends/rocm/hal_vendor.h as rocm-sim emulates them
 (v_mfma_f32_32x32x16_fp8_fp8 with FNUZ e4m3 inputs, v_mfma_i32_32x32x16_i8), checked against the
-lane layouts of gpu-facts.md ("AMD CDNA3 fp8 / int8 MFMA"), and the HIP quantized GEMMs
+lane layouts of docs/hardware.md ("AMD CDNA3 fp8 / int8 MFMA"), and the HIP quantized GEMMs
 (backends/rocm/qgemm.hip) through the conformance suite on emulated gfx90a, gfx940 and gfx1030."""
 import ml_dtypes
 import numpy as np
@@ -17,9 +17,9 @@ pytestmark = pytest.mark.skipif(not available, reason=f"no host toolchain for th
 ROCM_DIR = ROCM.kernel_dir
 
 # One wave computes D = A*B + C (A [32x16], B [16x32] one-byte codes; C, D [32x32]) with fragments
-# built from the layout tables the test passes in, through the wrappers kernels use (common.h).
+# built from the layout tables the test passes in, through the wrappers kernels use (hal_vendor.h).
 KERNELS = r"""
-#include "common.h"
+#include "hal_vendor.h"
 
 __global__ void mfma_bytes_layout_dump(int* a, int* b) {
     const int lane = threadIdx.x;
@@ -61,7 +61,7 @@ def bytes_mfma(tmp_path_factory):
 
 
 def mfma_32x32x16_layout():
-    """(lane, element) -> (row, col) of A [32x16], B [16x32], C/D [32x32], typed in from gpu-facts.md:
+    """(lane, element) -> (row, col) of A [32x16], B [16x32], C/D [32x32], typed in from docs/hardware.md:
     8 elements per lane, k = 8 * (lane / 32) + r; D as the f16 32x32x8 shape."""
     lane = np.arange(64)[:, None]
     r8, r16 = np.arange(8)[None, :], np.arange(16)[None, :]
@@ -153,7 +153,7 @@ def test_grouped_fp8_with_more_experts_than_threads(sim_on, arch, fmt, rng):
     b, b_scales = hal.ops.quantize(rng.standard_normal((len(counts), 2 * n, k)).astype(np.float32), fmt, "block", backend="cpu")
     args = dict(a=a, a_scales=a_scales, b=b, b_scales=b_scales, expert_offsets=offsets, activation="silu_and_mul", out_dtype="float32")
     op = hal.ops.fp8_grouped_gemm_blockscale
-    with hal.backend(name, fallback="error"):
+    with hal.use(name, fallback="error"):
         out = op(**args)
     worst, _, message = conformance.judge(op, args, (out,))
     assert worst <= 1.0, message

@@ -1,6 +1,6 @@
 """The host emulator's numerics: half / bfloat16 / fp8 conversions are bit-exact round to nearest
 even (checked against NumPy and ml_dtypes on millions of random bit patterns and on every rounding
-boundary), and the mma.sync / MFMA wrappers follow the lane layouts of gpu-facts.md."""
+boundary), and the mma.sync / MFMA wrappers follow the lane layouts of docs/hardware.md."""
 from pathlib import Path
 
 import ml_dtypes
@@ -125,17 +125,17 @@ def test_fp8_encoding_rounds_to_nearest_even_then_saturates(cuda_numerics, rng):
         np.testing.assert_array_equal(sat[ok], want[ok], err_msg=f"{dtype.__name__} saturating")
         if "fnuz" in dtype.__name__:  # no negative zero
             assert not (got[:, 2 * column] == 0x80)[~np.isnan(x)].any()
-    # the edge where libraries disagree (gpu-facts.md): 464 ties to even 448; 465 overflows
+    # the edge where libraries disagree (docs/hardware.md): 464 ties to even 448; 465 overflows
     e4m3 = codes.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
     at = {v: int(np.flatnonzero(x == np.float32(v))[0]) for v in (464.0, 465.0)}
     assert e4m3[got[at[464.0], 0]] == 448 and e4m3[got[at[464.0], 1]] == 448
     assert e4m3[got[at[465.0], 0]] == 448 and np.isnan(e4m3[got[at[465.0], 1]])
 
 
-# ---- matrix units: the lane layouts of gpu-facts.md ---------------------------------------------------
+# ---- matrix units: the lane layouts of docs/hardware.md ---------------------------------------------------
 
 def m16n8k16_layout():
-    """(lane, element) -> (row, col) of A, B, C/D, typed in from gpu-facts.md."""
+    """(lane, element) -> (row, col) of A, B, C/D, typed in from docs/hardware.md."""
     lane = np.arange(32)[:, None]
     g, t = lane >> 2, lane & 3
     i8, i4 = np.arange(8)[None, :], np.arange(4)[None, :]

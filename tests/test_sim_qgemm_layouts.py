@@ -1,5 +1,5 @@
-"""The mma.sync m16n8k32 wrappers with 8-bit inputs (backends/cuda/common.cuh) as cuda-sim emulates
-them (e4m3 -> f32 and s8 -> s32), checked against the lane layouts of shared/gpu-facts.md
+"""The mma.sync m16n8k32 wrappers with 8-bit inputs (backends/cuda/hal_vendor.h) as cuda-sim emulates
+them (e4m3 -> f32 and s8 -> s32), checked against the lane layouts of docs/hardware.md
 ("NVIDIA m16n8k32"); then the CUDA quantized GEMMs (backends/cuda/qgemm.cu) on emulated sm_75 (SIMT
 only), sm_80 (f16 / s8 matrix variants), sm_89 (mma with e4m3 inputs) and sm_90a (f16 variant): every fp8 code decodes
 exactly in every variant, the conformance suite passes, and each architecture runs the variant
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not available, reason=f"no host toolchain for th
 # One warp computes D = A*B + C (A [16x32], B [32x8] as [k][n], one-byte codes; C, D [16x8]) with
 # fragments built from the layout tables the test passes in, through the wrappers kernels use.
 KERNELS = r"""
-#include "common.cuh"
+#include "hal_vendor.h"
 
 __global__ void mma_k32_layout_dump(int* a, int* b) {
     const int lane = threadIdx.x;
@@ -57,7 +57,7 @@ def k32(tmp_path_factory):
 
 def m16n8k32_layout():
     """(lane, element) -> (row, col) of A [16x32], B [32x8] (k, n), C/D [16x8], typed in from
-    gpu-facts.md: g = lane >> 2, t = lane & 3; A row g + 8 ((i >> 2) & 1), k 4t + (i & 3) + 16 (i >> 3);
+    docs/hardware.md: g = lane >> 2, t = lane & 3; A row g + 8 ((i >> 2) & 1), k 4t + (i & 3) + 16 (i >> 3);
     B k 4t + (i & 3) + 16 (i >> 2), n g; C/D as m16n8k16."""
     lane = np.arange(32)[:, None]
     g, t = lane >> 2, lane & 3

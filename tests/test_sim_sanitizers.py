@@ -95,10 +95,18 @@ def test_sanitized_launches_report_emulator_errors_too():
 # ---- the real kernels, and copies of them with a bug planted -----------------------------------
 
 def real(vendor, name):
+    """A kernel file or header as the build finds it: the vendor's own, else the shared one."""
     path = BACKENDS / vendor / name
+    if not path.exists():
+        path = BACKENDS / "gpu" / "kernels" / name
     if not path.exists():
         pytest.skip(f"{path} does not exist yet")
     return path
+
+
+def shim_dir(vendor):
+    """The vendor's kernel directory, for the shim hal_vendor.h that the shared header includes."""
+    return (BACKENDS / vendor,)
 
 
 def norm_args(rng, r, hidden):
@@ -109,7 +117,7 @@ def norm_args(rng, r, hidden):
 @needs("tsan")
 @pytest.mark.parametrize("vendor,suffix", [("cuda", ".cu"), ("rocm", ".hip")])
 def test_real_norm_kernel_is_clean_under_tsan(rng, vendor, suffix):
-    m = executor.SimModule(real(vendor, "norms" + suffix), vendor, ["rms_norm<float>"], mode="tsan")
+    m = executor.SimModule(real(vendor, "norms.cu"), vendor, ["rms_norm<float>"], mode="tsan", include_dirs=shim_dir(vendor))
     x, w, y = norm_args(rng, 3, 1025)
     m.launch("rms_norm<float>", 3, 256, 0, (x, None, w, y, None, np.int32(3), np.int32(1025), np.float32(1e-6)))
     want = x / np.sqrt((x.astype(np.float64) ** 2).mean(1, keepdims=True) + 1e-6) * w
@@ -119,7 +127,7 @@ def test_real_norm_kernel_is_clean_under_tsan(rng, vendor, suffix):
 @needs("asan")
 @pytest.mark.parametrize("vendor,suffix", [("cuda", ".cu"), ("rocm", ".hip")])
 def test_real_softmax_is_clean_under_asan(rng, vendor, suffix):
-    m = executor.SimModule(real(vendor, "softmax" + suffix), vendor, ["softmax<float>"], mode="asan")
+    m = executor.SimModule(real(vendor, "softmax.cu"), vendor, ["softmax<float>"], mode="asan", include_dirs=shim_dir(vendor))
     x = rng.standard_normal((5, 33, 7)).astype(np.float32)
     y = np.zeros_like(x)
     m.launch("softmax<float>", 35, 256, 0, (x, y, np.int32(5), np.int32(33), np.int32(7)))
@@ -129,20 +137,20 @@ def test_real_softmax_is_clean_under_asan(rng, vendor, suffix):
 
 @needs("tsan")
 def test_tsan_catches_a_barrier_removed_from_a_copy_of_the_real_reduction(rng, tmp_path):
-    common = real("cuda", "common.cuh")
+    common = real("cuda", "hal_gpu.h")
     source = common.read_text()
     # block_sum: lane 0 of each warp stores its partial, a barrier, then every warp reads them all.
     planted, count = re.subn(r"(if \(lane == 0\) scratch\[warp\] = v;\s*\n)\s*__syncthreads\(\);\n", r"\1", source, count=1)
     if not count:
-        pytest.skip("common.cuh no longer has the `scratch[warp] = v; __syncthreads();` step this test removes")
+        pytest.skip("hal_gpu.h no longer has the `scratch[warp] = v; __syncthreads();` step this test removes")
     shutil.copy(real("cuda", "norms.cu"), tmp_path / "norms.cu")
-    (tmp_path / "common.cuh").write_text(planted)
-    m = executor.SimModule(tmp_path / "norms.cu", "cuda", ["rms_norm<float>"], mode="tsan")
+    (tmp_path / "hal_gpu.h").write_text(planted)
+    m = executor.SimModule(tmp_path / "norms.cu", "cuda", ["rms_norm<float>"], mode="tsan", include_dirs=shim_dir("cuda"))
     x, w, y = norm_args(rng, 2, 777)
     with pytest.raises(KernelLaunchError) as err:
         m.launch("rms_norm<float>", 2, 256, 0, (x, None, w, y, None, np.int32(2), np.int32(777), np.float32(1e-6)))
     first = str(err.value).splitlines()[0]
-    assert "data race" in first and f"{tmp_path}/common.cuh:" in first
+    assert "data race" in first and f"{tmp_path}/hal_gpu.h:" in first
 
 
 @needs("asan")
@@ -151,17 +159,17 @@ def test_asan_catches_an_off_by_one_store_in_a_copy_of_a_real_kernel(rng, tmp_pa
     planted, count = re.subn(r"out\[j\] = ", "out[j + 1] = ", source, count=1)
     if not count:
         pytest.skip("activations.cu no longer stores `out[j] = ...`")
-    shutil.copy(real("cuda", "common.cuh"), tmp_path / "common.cuh")
+    shutil.copy(real("cuda", "hal_gpu.h"), tmp_path / "hal_gpu.h")
     (tmp_path / "activations.cu").write_text(source)
     (tmp_path / "planted.cu").write_text(planted)
     r, d = 3, 129
     x = rows(rng, r, 2 * d)
-    clean = executor.SimModule(tmp_path / "activations.cu", "cuda", ["silu_and_mul<float>"], mode="asan")
+    clean = executor.SimModule(tmp_path / "activations.cu", "cuda", ["silu_and_mul<float>"], mode="asan", include_dirs=shim_dir("cuda"))
     out = np.zeros((r, d), np.float32)
     clean.launch("silu_and_mul<float>", r, 256, 0, (x, out, np.int32(r), np.int32(d)))
     gate, up = x[:, :d].astype(np.float64), x[:, d:]
     np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=1e-5, atol=1e-6)
-    m = executor.SimModule(tmp_path / "planted.cu", "cuda", ["silu_and_mul<float>"], mode="asan")
+    m = executor.SimModule(tmp_path / "planted.cu", "cuda", ["silu_and_mul<float>"], mode="asan", include_dirs=shim_dir("cuda"))
     with pytest.raises(KernelLaunchError) as err:
         m.launch("silu_and_mul<float>", r, 256, 0, (x, out, np.int32(r), np.int32(d)))
     first = str(err.value).splitlines()[0]

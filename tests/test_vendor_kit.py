@@ -29,7 +29,7 @@ def test_checklist_in_every_format(tmp_path, capsys, backend):
     assert c["summary"].split(",")[0] in capsys.readouterr().out
 
 
-def test_checklist_shows_fallbacks_and_gpu_resources(make_backend):
+def test_checklist_shows_fallbacks_and_the_backends_own_items(make_backend):
     from hal.testing import reference_kernel
 
     name = make_backend("half-ported", {"softmax": reference_kernel(hal.ops.softmax)}, dtypes=["float32"])
@@ -38,11 +38,18 @@ def test_checklist_shows_fallbacks_and_gpu_resources(make_backend):
     assert status[("softmax", "float32")]["status"] == "native"
     assert status[("softmax", "bfloat16")]["status"] == "falls back" and "no bfloat16 kernel" in status[("softmax", "bfloat16")]["fallback"]
     assert status[("gemm", "float32")]["status"] == "falls back"
-    assert c["items"]["fp8 flavour"] == "not declared"
+    assert c["items"]["device"] == "host memory" and c["items"]["priority"] == str(hal.Priority.TEST)  # Backend.info()'s default
     assert c["summary"] == f"1 of {len(c['pairs'])} op-dtype pairs native, 1 passing"
-    gpu = checklist.build("cuda-sim", run_suite=False)
+
+
+@pytest.mark.parametrize("backend, archs", [("cuda-sim", {"sm_80", "sm_89", "sm_90a", "sm_100a"}), ("rocm-sim", {"gfx90a", "gfx940", "gfx1030"})])
+def test_checklist_shows_gpu_resources_from_the_backends_compile_report(backend, archs):
+    entry = hal.registry().backends.get(backend)
+    if entry is None or entry.compile_report()[0] is None:
+        pytest.skip(f"{backend} gives no compile report here")
+    gpu = checklist.build(backend, run_suite=False)
     gemm = next(p for p in gpu["pairs"] if p["op"] == "gemm" and p["dtype"] == "float16")
-    assert set(gemm["resources"]) == {"sm_80", "sm_89", "sm_90a", "sm_100a"}
+    assert set(gemm["resources"]) == archs
 
 
 def test_checklist_diff(tmp_path, make_backend, capsys):

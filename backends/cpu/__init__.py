@@ -1,5 +1,6 @@
-"""The built-in CPU backend: Numba kernels (kernels.py), registered through the same plugin hook
-and entry point as any vendor's backend.
+"""The built-in CPU backend: Numba kernels, registered through the same plugin hook and entry point as
+any vendor's backend. Each kernel module (kernels, attention, moe, quant, qgemm, sparse) declares a
+KERNELS table of common.Kernel entries; hal_register adds them all. Shared helpers live in common.py.
 
 Numba compiles each kernel on first use per dtype signature and caches the machine code in the
 user cache directory (`$XDG_CACHE_HOME/hal/numba`, else `~/.cache/hal/numba`), so it works after
@@ -10,8 +11,7 @@ import platform
 import sys
 from pathlib import Path
 
-from hal.dtypes import FLOATS
-from hal.registry import Backend, hookimpl
+from hal.registry import Backend, Priority, hookimpl
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hal" / "numba"
 os.environ.setdefault("NUMBA_CACHE_DIR", str(CACHE_DIR))  # read by Numba when it is first imported
@@ -19,26 +19,50 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(CACHE_DIR))  # read by Numba when i
 
 class CpuBackend(Backend):
     name = "cpu"
-    priority = 10  # above the host emulators of GPU backends, which also take host arrays
+    priority = Priority.HOST
 
     def info(self):
+        """CPU facts: the model, the LLVM target Numba compiles for, the ISA features the kernels use,
+        cores, Numba's threads and threading layer."""
+        import llvmlite.binding as llvm
         import numba
 
-        flags = _cpu_flags()
-        isa = next((f for f in ("avx512f", "avx2", "neon", "asimd") if f in flags), platform.machine())
-        return {"device": f"{platform.machine()} x {os.cpu_count()} cores", "arch": isa, "threads": numba.get_num_threads(),
-                "warp": f"none: SIMD {isa}", "memory": "host NumPy arrays; torch CPU tensors are viewed, not copied",
-                "streams": "synchronous; Numba worker threads", "shared_memory": "none (CPU caches)",
-                "fp8": "software conversion of the ml_dtypes formats (e4m3fn, e4m3fnuz, e5m2)",
+        from .common import CPU_FEATURES
+
+        isa = [f for f in _ISA if f in CPU_FEATURES]
+        return {"device": _cpu_model(), "arch": llvm.get_host_cpu_name(), "isa": " ".join(isa) or "baseline",
+                "cores": str(os.cpu_count()), "threads": str(numba.get_num_threads()), "threading_layer": _threading_layer(),
+                "memory": "host NumPy arrays; torch CPU tensors are viewed, not copied",
                 "toolchain": f"Numba {numba.__version__} (LLVM), no system compiler; BLAS from NumPy"}
 
 
-def _cpu_flags():
+# ISA features the kernels take a faster path with (a 16-lane tile, vdpbf16ps, vcvtph2ps), or that
+# say what the vector width is.
+_ISA = ("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512fp16",
+        "amx-tile", "amx-bf16", "neon", "sve", "sve2")
+
+
+def _cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].split() for line in f if line.startswith(("flags", "Features"))), [])
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
+                    return value.strip()
     except OSError:
-        return []
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _threading_layer():
+    """The layer Numba's parallel kernels run on: the one chosen once a parallel kernel has run, else
+    the configured choice."""
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet
+        return f"{numba.config.THREADING_LAYER} (not started yet)"
 
 
 def _install_compile_notice():
@@ -69,11 +93,6 @@ def hal_register(registry):
     from . import attention, kernels, moe, qgemm, quant, sparse
 
     registry.add_backend(CpuBackend())
-    for op in ("softmax", "rms_norm", "layer_norm", "silu_and_mul", "rope"):
-        registry.add_kernel(op, "cpu", getattr(kernels, op), dtypes=FLOATS, source=kernels.__file__)
-    # BLAS takes any strides, so gemm's operands are not copied to contiguous first.
-    registry.add_kernel("gemm", "cpu", kernels.gemm, dtypes=FLOATS, contiguous=False, source=kernels.__file__)
-    for op in ("attention", "paged_decode_attention", "mla_decode"):
-        registry.add_kernel(op, "cpu", getattr(attention, op), dtypes=FLOATS, source=attention.__file__)
-    for family in (moe, quant, qgemm, sparse):
-        family.register(registry)
+    for module in (kernels, attention, moe, quant, qgemm, sparse):
+        for k in module.KERNELS:
+            registry.add_kernel(k.op, "cpu", k.fn, dtypes=k.dtypes, source=module.__file__, **k.options)

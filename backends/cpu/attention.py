@@ -25,7 +25,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .kernels import _F32, _FM, _HELPER, _KERNEL, _U32, _bits_f32, _exp, _ld, _raw, _st
+from .common import F32, FASTMATH, HELPER, KERNEL, Kernel, U32, bits_f32, exp, load, raw_view, store
 
 # ---------------------------------------------------------------- register-blocked microkernel
 
@@ -112,7 +112,7 @@ def _prefetch(typingctx, a, i):
     return sig, codegen
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _gemm(a, a_rs, a_cs, m, b, ldb, n, c, ldc, k, accumulate):
     """C[m, n] (+)= A[m, k] . B[k, n] with m a multiple of _MR and n of _NR (operands padded).
     Column panels outermost: the k x _NR panel of B stays in L1 while A streams past it."""
@@ -128,7 +128,7 @@ def _round_up(x, m):
 
 # ---------------------------------------------------------------- online softmax on a tile
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _softmax_tile(s, n, rows, lo, hi, j0, masked, scale, softcap, m, l, alpha):
     """Turn raw scores S^T [n keys, rows] (keys j0.. of the sequence) into P^T in place and update
     the running max m (of the unscaled scores) and sum l of each row; alpha gets the factor
@@ -139,7 +139,7 @@ def _softmax_tile(s, n, rows, lo, hi, j0, masked, scale, softcap, m, l, alpha):
         for j in range(n):
             for r in range(rows):
                 s[j, r] = softcap * math.tanh(s[j, r] * scale / softcap)
-        scale = _F32(1.0)
+        scale = F32(1.0)
     if masked:
         for j in range(n):
             key = j0 + j
@@ -151,13 +151,13 @@ def _softmax_tile(s, n, rows, lo, hi, j0, masked, scale, softcap, m, l, alpha):
             new[r] = s[j, r] if s[j, r] > new[r] else new[r]
     for r in range(rows):
         # A row with nothing visible yet keeps m = -inf; exp(-inf - 0) = 0 gives it p = 0.
-        alpha[r] = _exp((m[r] - new[r]) * scale) if new[r] > -np.inf else _F32(1.0)
+        alpha[r] = exp((m[r] - new[r]) * scale) if new[r] > -np.inf else F32(1.0)
         m[r] = new[r]
-        new[r] = new[r] * scale if new[r] > -np.inf else _F32(0.0)
+        new[r] = new[r] * scale if new[r] > -np.inf else F32(0.0)
         l[r] *= alpha[r]
     for j in range(n):
         for r in range(rows):
-            p = _exp(s[j, r] * scale - new[r])
+            p = exp(s[j, r] * scale - new[r])
             s[j, r] = p
             l[r] += p
 
@@ -170,7 +170,7 @@ def _tile_state(d, dvp, mp):
             np.zeros((dvp, mp), np.float32), np.full(mp, -np.inf, np.float32), np.zeros(mp, np.float32), np.empty(mp, np.float32))
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, j0, masked, scale, softcap):
     """One key tile of the online softmax: keys j0 .. j0 + n - 1 in kt [>= n, d] and
     vt [>= n, dvp] (float32) against the queries qt [d, mp]; updates O^T o [dvp, mp] and
@@ -191,7 +191,7 @@ _ROWS = 256  # query rows per task: (query heads sharing a KV head) x (queries),
 _BN = 126  # keys per tile (a multiple of _MR); with the Q^T, S^T, K, V and O^T tiles ~0.5 MB: in L2
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _visible(pos, sk, causal, window):
     """[lo, hi) of the keys a query at key position pos sees (empty when lo >= hi)."""
     lo, hi = 0, sk
@@ -204,16 +204,16 @@ def _visible(pos, sk, causal, window):
     return lo, hi
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _widen_rows(src, t0, h, n, dst):
     """dst[j, :w] = float32(src[t0 + j, h, :]) for j < n (w = src's last dim)."""
     for j in range(n):
         row = src[t0 + j, h]
         for p in range(row.shape[0]):
-            dst[j, p] = _ld(row, p)
+            dst[j, p] = load(row, p)
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _prefetch_rows(src, t0, h, n):
     """Start loading src[t0 + j, h, :] for j < n. Consecutive rows of one head are a whole token
     (all heads) apart, usually on different pages, where hardware prefetchers stop: without
@@ -224,7 +224,7 @@ def _prefetch_rows(src, t0, h, n):
             _prefetch(row, i)
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _attention_task(q, k, v, out, task, scale, causal, window, softcap):
     """One task: (q token of the sequence start, k token of the sequence start, seq_q, seq_k,
     KV head, first query head, query heads, first query, queries) of q [Tq, Hq, d],
@@ -241,7 +241,7 @@ def _attention_task(q, k, v, out, task, scale, causal, window, softcap):
     for r in range(rows):
         qrow = q[qs0 + i0 + r % bm, h0 + r // bm]
         for p in range(d):
-            qt[p, r] = _ld(qrow, p)
+            qt[p, r] = load(qrow, p)
         lo[r], hi[r] = _visible(i0 + r % bm + sk - sq, sk, causal, window)
     k_lo, k_hi = lo[:rows].min(), hi[:rows].max()
     all_lo, all_hi = lo[:rows].max(), hi[:rows].min()  # keys in [all_lo, all_hi) are seen by every row
@@ -256,13 +256,13 @@ def _attention_task(q, k, v, out, task, scale, causal, window, softcap):
         masked = j0 < all_lo or j0 + n > all_hi
         _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, j0, masked, scale, softcap)
     for r in range(rows):
-        total = l[r] if l[r] > 0 else _F32(np.inf)  # no visible key: zeros
+        total = l[r] if l[r] > 0 else F32(np.inf)  # no visible key: zeros
         orow = out[qs0 + i0 + r % bm, h0 + r // bm]
         for c in range(dv):
-            _st(orow, c, o[c, r] / total)
+            store(orow, c, o[c, r] / total)
 
 
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _attention_kernel(q, k, v, out, tasks, bounds, scale, causal, window, softcap):
     """Thread w runs tasks[bounds[w]:bounds[w + 1]] (a static, cost-balanced split)."""
     for w in prange(bounds.shape[0] - 1):
@@ -325,8 +325,8 @@ def attention(outs, q, k, v, causal, scale, window, softcap, cu_seqlens_q, cu_se
         lens_q, lens_k, starts_q, starts_k = np.diff(cq), np.diff(ck), cq[:-1], ck[:-1]
     tasks, bounds = _attention_tasks(lens_q, lens_k, starts_q, starts_k, q.shape[1], k.shape[1], bool(causal), int(window or 0))
     if tasks is not None:
-        _attention_kernel(_raw(q), _raw(k), _raw(v), _raw(out), tasks, bounds, _F32(scale), bool(causal), int(window or 0),
-                          _F32(softcap or 0.0))
+        _attention_kernel(raw_view(q), raw_view(k), raw_view(v), raw_view(out), tasks, bounds, F32(scale), bool(causal), int(window or 0),
+                          F32(softcap or 0.0))
 
 
 # ---------------------------------------------------------------- decode: fp8 caches, partitions, merge
@@ -336,37 +336,37 @@ _FP8_FNUZ = np.dtype(ml_dtypes.float8_e4m3fnuz)
 
 
 def _raw_kv(a):
-    """_raw, plus fp8 caches: e4m3fn as uint8 and e4m3fnuz as int8 (the integer type picks the format)."""
+    """raw_view, plus fp8 caches: e4m3fn as uint8 and e4m3fnuz as int8 (the integer type picks the format)."""
     if a.dtype == _FP8_FN:
         return a.view(np.uint8)
     if a.dtype == _FP8_FNUZ:
         return a.view(np.int8)
-    return _raw(a)
+    return raw_view(a)
 
 
 def _ld_kv(a, i):
     """a[i] as float32 for the _raw_kv formats (fp8 unscaled)."""
 
 
-@overload(_ld_kv, jit_options=_HELPER)
+@overload(_ld_kv, jit_options=HELPER)
 def _ld_kv_impl(a, i):
     if a.dtype in (types.uint8, types.int8):
         # e4m3 bits shifted into a float32's exponent and mantissa fields give 2**-bias' times the
         # value (subnormals included: they land on float32 subnormals), rescaled by a power of 2.
         # e4m3fn: bias 7, NaN 0x7F / 0xFF; e4m3fnuz: bias 8, NaN 0x80, no -0.
         fn = a.dtype == types.uint8
-        rescale = _F32(2.0 ** 120 if fn else 2.0 ** 119)
+        rescale = F32(2.0 ** 120 if fn else 2.0 ** 119)
 
         def ld(a, i):
-            x = _U32(np.uint8(a[i]))
-            f = _bits_f32(((x & _U32(0x7F)) << _U32(20)) | ((x & _U32(0x80)) << _U32(24))) * rescale
-            nan = (x & _U32(0x7F)) == _U32(0x7F) if fn else x == _U32(0x80)
-            return _F32(np.nan) if nan else f
+            x = U32(np.uint8(a[i]))
+            f = bits_f32(((x & U32(0x7F)) << U32(20)) | ((x & U32(0x80)) << U32(24))) * rescale
+            nan = (x & U32(0x7F)) == U32(0x7F) if fn else x == U32(0x80)
+            return F32(np.nan) if nan else f
         return ld
-    return lambda a, i: _ld(a, i)
+    return lambda a, i: load(a, i)
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _widen_paged(cache, table, b, h, j0, n, end, dst):
     """dst[j, :] = float32(cache[block, slot, h, :]) for the keys j0 + j (j < n) of sequence b,
     prefetching the next n keys before `end` (rows in scattered blocks: no hardware prefetch)."""
@@ -383,26 +383,26 @@ def _widen_paged(cache, table, b, h, j0, n, end, dst):
             _prefetch(row, i)
 
 
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _merge_kernel(part_m, part_l, part_o, first, out, v_scale):
     """out[b, h] = the partitions first[b]:first[b + 1] of sequence b combined: partial outputs
     part_o [parts, heads, dv] (unnormalized) with their running max part_m and sum part_l."""
     heads, dv = out.shape[1], out.shape[2]
     for bh in prange(out.shape[0] * heads):
         b, h = bh // heads, bh % heads
-        top = _F32(-np.inf)
+        top = F32(-np.inf)
         for t in range(first[b], first[b + 1]):
             top = max(top, part_m[t, h])
         acc = np.zeros(dv, np.float32)
-        total = _F32(0.0)
+        total = F32(0.0)
         for t in range(first[b], first[b + 1]):
-            w = _exp(part_m[t, h] - top) if part_m[t, h] > -np.inf else _F32(0.0)
+            w = exp(part_m[t, h] - top) if part_m[t, h] > -np.inf else F32(0.0)
             total += part_l[t, h] * w
             for c in range(dv):
                 acc[c] += part_o[t, h, c] * w
-        inv = v_scale / total if total > 0 else _F32(0.0)
+        inv = v_scale / total if total > 0 else F32(0.0)
         for c in range(dv):
-            _st(out[b, h], c, acc[c] * inv)
+            store(out[b, h], c, acc[c] * inv)
 
 
 def _partitions(seq_lens, size):
@@ -424,7 +424,7 @@ _DECODE_PART = 512  # keys per partition: 32 partitions for a 16K sequence
 _DECODE_CHUNK = 64  # keys widened to float32 at a time (K and V chunks in L1)
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _paged_task(q, kc, vc, table, part, kvh, qk_scale, softcap, m_out, l_out, o_out):
     """One partition (sequence b, keys j0:j1) for the query heads of KV head kvh, unnormalized."""
     b, j0, j1 = part
@@ -434,7 +434,7 @@ def _paged_task(q, kc, vc, table, part, kvh, qk_scale, softcap, m_out, l_out, o_
     qs = np.empty((group, d), np.float32)
     for g in range(group):
         for p in range(d):
-            qs[g, p] = _ld(q[b, h0 + g], p) * qk_scale
+            qs[g, p] = load(q[b, h0 + g], p) * qk_scale
     kb = np.empty((_DECODE_CHUNK, d), np.float32)
     vb = np.empty((_DECODE_CHUNK, dv), np.float32)
     sc = np.empty(_DECODE_CHUNK, np.float32)
@@ -450,20 +450,20 @@ def _paged_task(q, kc, vc, table, part, kvh, qk_scale, softcap, m_out, l_out, o_
             h = h0 + g
             top = m_out[h]
             for j in range(n):
-                acc = _F32(0.0)
+                acc = F32(0.0)
                 for p in range(d):
                     acc += qs[g, p] * kb[j, p]
                 if softcap > 0:
                     acc = softcap * math.tanh(acc / softcap)
                 sc[j] = acc
                 top = max(top, acc)
-            alpha = _exp(m_out[h] - top)
+            alpha = exp(m_out[h] - top)
             total = l_out[h] * alpha
             o = o_out[h]
             for c in range(dv):
                 o[c] *= alpha
             for j in range(n):
-                p = _exp(sc[j] - top)
+                p = exp(sc[j] - top)
                 total += p
                 for c in range(dv):
                     o[c] += p * vb[j, c]
@@ -471,7 +471,7 @@ def _paged_task(q, kc, vc, table, part, kvh, qk_scale, softcap, m_out, l_out, o_
             l_out[h] = total
 
 
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _paged_kernel(q, kc, vc, table, parts, order, bounds, qk_scale, softcap, part_m, part_l, part_o):
     """Thread w runs the (partition, KV head) items order[bounds[w]:bounds[w + 1]]."""
     hkv = kc.shape[2]
@@ -496,9 +496,9 @@ def paged_decode_attention(outs, q, k_cache, v_cache, block_table, seq_lens, sca
     part_m = np.empty((len(parts), hq), np.float32)
     part_l = np.empty((len(parts), hq), np.float32)
     part_o = np.empty((len(parts), hq, v_cache.shape[-1]), np.float32)
-    _paged_kernel(_raw(q), _raw_kv(k_cache), _raw_kv(v_cache), block_table, parts, order.astype(np.int64), bounds,
-                  _F32(scale * k_scale), _F32(softcap or 0.0), part_m, part_l, part_o)
-    _merge_kernel(part_m, part_l, part_o, first, _raw(out), _F32(v_scale))
+    _paged_kernel(raw_view(q), _raw_kv(k_cache), _raw_kv(v_cache), block_table, parts, order.astype(np.int64), bounds,
+                  F32(scale * k_scale), F32(softcap or 0.0), part_m, part_l, part_o)
+    _merge_kernel(part_m, part_l, part_o, first, raw_view(out), F32(v_scale))
 
 
 # ---------------------------------------------------------------- mla_decode
@@ -506,7 +506,7 @@ def paged_decode_attention(outs, q, k_cache, v_cache, block_table, seq_lens, sca
 _MLA_PART = 1024  # keys per partition
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _mla_task(q_nope, q_pe, latent, k_pe, table, part, scale, m_out, l_out, o_out):
     """One partition of one sequence for all heads: the prefill tile step with the heads as rows,
     keys [latent | k_pe] (d = latent + rope) and values latent (one shared KV head)."""
@@ -518,9 +518,9 @@ def _mla_task(q_nope, q_pe, latent, k_pe, table, part, scale, m_out, l_out, o_ou
     qt = np.zeros((d, mp), np.float32)
     for h in range(heads):
         for p in range(dl):
-            qt[p, h] = _ld(q_nope[b, h], p)
+            qt[p, h] = load(q_nope[b, h], p)
         for p in range(d - dl):
-            qt[dl + p, h] = _ld(q_pe[b, h], p)
+            qt[dl + p, h] = load(q_pe[b, h], p)
     lo = np.zeros(mp, np.int64)
     hi = np.zeros(mp, np.int64)
     hi[:heads] = j1
@@ -530,7 +530,7 @@ def _mla_task(q_nope, q_pe, latent, k_pe, table, part, scale, m_out, l_out, o_ou
         _widen_paged(latent.reshape(latent.shape[0], latent.shape[1], 1, dl), table, b, 0, c0, n, j1, kt)
         _widen_paged(k_pe.reshape(k_pe.shape[0], k_pe.shape[1], 1, d - dl), table, b, 0, c0, n, j1, kt[:, dl:])
         vt[:n, :dl] = kt[:n, :dl]
-        _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, c0, False, scale, _F32(0.0))
+        _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, c0, False, scale, F32(0.0))
     for h in range(heads):
         m_out[h] = m[h] * scale  # the merge works on exponents: scaled scores
         l_out[h] = l[h]
@@ -538,7 +538,7 @@ def _mla_task(q_nope, q_pe, latent, k_pe, table, part, scale, m_out, l_out, o_ou
             o_out[h, c] = o[c, h]
 
 
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _mla_kernel(q_nope, q_pe, latent, k_pe, table, parts, order, bounds, scale, part_m, part_l, part_o):
     for w in prange(bounds.shape[0] - 1):
         for i in range(bounds[w], bounds[w + 1]):
@@ -557,6 +557,9 @@ def mla_decode(outs, q_nope, q_pe, kv_latent, k_pe, block_table, seq_lens, scale
     part_m = np.empty((len(parts), heads), np.float32)
     part_l = np.empty((len(parts), heads), np.float32)
     part_o = np.empty((len(parts), heads, dl), np.float32)
-    _mla_kernel(_raw(q_nope), _raw(q_pe), _raw(kv_latent), _raw(k_pe), block_table, parts, order.astype(np.int64), bounds,
-                _F32(scale), part_m, part_l, part_o)
-    _merge_kernel(part_m, part_l, part_o, first, _raw(out), _F32(1.0))
+    _mla_kernel(raw_view(q_nope), raw_view(q_pe), raw_view(kv_latent), raw_view(k_pe), block_table, parts, order.astype(np.int64), bounds,
+                F32(scale), part_m, part_l, part_o)
+    _merge_kernel(part_m, part_l, part_o, first, raw_view(out), F32(1.0))
+
+
+KERNELS = (Kernel("attention", attention), Kernel("paged_decode_attention", paged_decode_attention), Kernel("mla_decode", mla_decode))

@@ -3,19 +3,19 @@
 Routing, the align pass and the permutes are Numba loops. grouped_gemm is one parallel Numba
 kernel over (expert, block of output columns) tasks whose inner tile is LLVM IR built here: it reads
 float16 / bfloat16 in their own format (AVX512-BF16 dot products where the host has them), so no
-operand is widened or packed in memory first, and silu_and_mul is fused into the epilogue.
+operand is widened or packed in memory first, and the activation (plain or gated, hal.codes) is fused
+into the epilogue.
 """
-import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .kernels import _F32, _FM, _HELPER, _KERNEL, _exp, _ld, _raw, _silu, _st
+from hal.codes import activation_code
+from hal.dtypes import INTS
 
-_INTS = ("int32", "int64")
-_FLOATS = ("float32", "float16", "bfloat16")
+from .common import CPU_FEATURES, F32, FASTMATH, HELPER, KERNEL, Kernel, activate_row, exp, load, raw_view, store
 
 # ---------------------------------------------------------------- moe_route
 
@@ -27,22 +27,22 @@ def _scores(logits, t, sigmoid, out):
     e = out.shape[0]
     if sigmoid:
         for j in range(e):
-            out[j] = _F32(1.0) / (_F32(1.0) + _exp(-_ld(logits, (t, j))))
+            out[j] = F32(1.0) / (F32(1.0) + exp(-load(logits, (t, j))))
         return
-    m = _F32(-np.inf)
+    m = F32(-np.inf)
     for j in range(e):
-        v = _ld(logits, (t, j))
+        v = load(logits, (t, j))
         m = v if v > m else m
-    total = _F32(0.0)
+    total = F32(0.0)
     for j in range(e):
-        z = _exp(_ld(logits, (t, j)) - m)
+        z = exp(load(logits, (t, j)) - m)
         out[j] = z
         total += z
     for j in range(e):
         out[j] = out[j] / total
 
 
-@njit(**_HELPER)
+@njit(**HELPER)
 def _best(values, allowed):
     """Index of the largest allowed value, the lowest index among equals (-1 if none allowed)."""
     best = -1
@@ -62,13 +62,13 @@ def _route_kernel(logits, bias, sigmoid, n_group, topk_group, renormalize, scali
         s = scores.copy()  # selection values: scores + bias
         if bias is not None:
             for j in range(e):
-                s[j] += _ld(bias, j)
+                s[j] += load(bias, j)
         allowed = np.ones(e, np.bool_)
         if n_group > 0:  # DeepSeek-V3: keep the topk_group groups with the best sum of their top two
             size = e // n_group
             group = np.empty(n_group, np.float32)
             for g in range(n_group):
-                first = second = _F32(-np.inf)
+                first = second = F32(-np.inf)
                 for j in range(g * size, (g + 1) * size):
                     if s[j] > first:
                         first, second = s[j], first
@@ -83,7 +83,7 @@ def _route_kernel(logits, bias, sigmoid, n_group, topk_group, renormalize, scali
                 free[g] = False
             for j in range(e):
                 allowed[j] = kept[j // size]
-        total = _F32(0.0)
+        total = F32(0.0)
         for slot in range(k):  # k passes of an argmax: k <= E is small, and ties go to the lower index
             j = _best(s, allowed)
             allowed[j] = False
@@ -97,8 +97,8 @@ def _route_kernel(logits, bias, sigmoid, n_group, topk_group, renormalize, scali
 
 def moe_route(outs, logits, bias, *, k, scoring, n_group, topk_group, renormalize, scaling):
     weights, ids = outs
-    _route_kernel(_raw(logits), _raw(bias), scoring == "sigmoid", n_group or 0, topk_group or 0, bool(renormalize),
-                  _F32(scaling), weights, ids)
+    _route_kernel(raw_view(logits), raw_view(bias), scoring == "sigmoid", n_group or 0, topk_group or 0, bool(renormalize),
+                  F32(scaling), weights, ids)
 
 
 # ---------------------------------------------------------------- moe_align
@@ -139,7 +139,7 @@ def moe_align(outs, topk_ids, *, num_experts, block_m):
 # ---------------------------------------------------------------- moe_permute / moe_unpermute
 
 
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _permute_kernel(x, sorted_ids, k, out):
     """Row r of out = x[sorted_ids[r] // k] (raw element copy), zeros for non-index entries."""
     n = x.shape[0] * k
@@ -153,16 +153,16 @@ def _permute_kernel(x, sorted_ids, k, out):
 
 def moe_permute(outs, x, topk_ids, sorted_ids):
     (out,) = outs
-    _permute_kernel(_raw(x), sorted_ids, topk_ids.shape[1], _raw(out))
+    _permute_kernel(raw_view(x), sorted_ids, topk_ids.shape[1], raw_view(out))
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _add_scaled_row(weight, y, acc):
     for c in range(acc.shape[0]):
-        acc[c] += weight * _ld(y, c)
+        acc[c] += weight * load(y, c)
 
 
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _unpermute_kernel(y, sorted_ids, weights, out):
     tokens, k = weights.shape
     n = tokens * k
@@ -176,14 +176,14 @@ def _unpermute_kernel(y, sorted_ids, weights, out):
         for j in range(k):  # slot order, float32 accumulation
             r = row_of[t * k + j]
             if r >= 0:
-                _add_scaled_row(_ld(weights, (t, j)), y[r], acc)
+                _add_scaled_row(load(weights, (t, j)), y[r], acc)
         for c in range(acc.shape[0]):
-            _st(out, (t, c), acc[c])
+            store(out, (t, c), acc[c])
 
 
 def moe_unpermute(outs, y, sorted_ids, topk_weights):
     (out,) = outs
-    _unpermute_kernel(_raw(y), sorted_ids, _raw(topk_weights), _raw(out))
+    _unpermute_kernel(raw_view(y), sorted_ids, raw_view(topk_weights), raw_view(out))
 
 
 # ---------------------------------------------------------------- grouped_gemm
@@ -197,12 +197,11 @@ def moe_unpermute(outs, y, sorted_ids, topk_weights):
 # where the host has it; otherwise a chunk is widened in registers (bfloat16 by a shift, float16 by
 # vcvtph2ps) and fed to FMAs, which is also the float32 path.
 
-_FEATURES = llvm.get_host_cpu_features().flatten()
-_HAS_BF16_DOT = "avx512bf16" in _FEATURES
+_HAS_BF16_DOT = "avx512bf16" in CPU_FEATURES
 # Tile: with AVX-512, 6 x 4 accumulators + 6 row chunks of x + 1 of w = 31 of the 32 zmm registers
 # (measured 4x6, 5x5, 8x3 within noise of it); a 16-lane vector is two ymm registers on AVX2,
 # which has 16 of them, so a 3 x 2 tile there.
-_MR, _NR = (6, 4) if "avx512f" in _FEATURES else (3, 2)
+_MR, _NR = (6, 4) if "avx512f" in CPU_FEATURES else (3, 2)
 _TASK_ROWS = 128  # weight rows per task: 128 x 4 KB K block = 512 KB of the 1 MB L2 beside the x block
 _KC_BYTES = 4096  # bytes of a row per K block: 6 rows of x = 24 KB of the 48 KB L1 (measured: 2 KB 5% slower)
 
@@ -393,48 +392,52 @@ def _dot_tile(typingctx, x, m0, m_valid, w, expert, n0, n_valid, k0, k1, out, co
     return sig, codegen
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
-def _store_row(acc, out):
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _store_row(acc, out, act):
+    """out = act(acc[:width]), acc the task's float32 sums (activated in place)."""
+    activate_row(acc, out.shape[0], act)
     for j in range(out.shape[0]):
-        _st(out, j, acc[j])
+        store(out, j, acc[j])
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
-def _store_silu_and_mul_row(gate, up, out):
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _store_gated_row(gate, up, out, act):
+    """out = act(gate) * up, gate and up the task's float32 sums (gate activated in place)."""
+    activate_row(gate, out.shape[0], act)
     for j in range(out.shape[0]):
-        _st(out, j, _silu(gate[j]) * up[j])
+        store(out, j, gate[j] * up[j])
 
 
-@njit(**_KERNEL)
-def _grouped_kernel(x, w, bounds, tasks, n, silu, out):
+@njit(**KERNEL)
+def _grouped_kernel(x, w, bounds, tasks, n, act, gated, out):
     """tasks[t] = (expert, first column): the output columns of one expert over all its rows into a
     float32 block, then a vectorized epilogue over its rows. K is taken in blocks of _KC_BYTES
     (outermost, so one block's slices of the expert's x rows and the task's weight rows stay in L2),
     _MR rows of x at a time (in L1 while the weight rows stream by)."""
     k = x.shape[1]
     kc = _KC_BYTES // x.itemsize
-    nb = _TASK_ROWS // 2 if silu else _TASK_ROWS  # output columns per task
+    nb = _TASK_ROWS // 2 if gated else _TASK_ROWS  # output columns per task
     for t in prange(tasks.shape[0]):
         e, j0 = tasks[t, 0], tasks[t, 1]
         lo, hi = bounds[e], bounds[e + 1]
         width = min(nb, n - j0)
         # float32 sums of the task's block; + _MR rows, + _NR columns: the last tiles may reach past it
         gate = np.empty((hi - lo + _MR, nb + _NR), np.float32)
-        up = np.empty((hi - lo + _MR, nb + _NR), np.float32) if silu else gate
+        up = np.empty((hi - lo + _MR, nb + _NR), np.float32) if gated else gate
         for k0 in range(0, max(k, 1), kc):  # K = 0 still runs once: the tile writes zeros
             k1 = min(k0 + kc, k)
             for m0 in range(lo, hi, _MR):
                 mv = min(_MR, hi - m0)
                 for j in range(0, width, _NR):
                     _dot_tile(x, m0, mv, w, e, j0 + j, min(_NR, width - j), k0, k1, gate[m0 - lo:], j)
-                if silu:  # the up half's rows sit n below the gate's
+                if gated:  # the up half's rows sit n below the gate's
                     for j in range(0, width, _NR):
                         _dot_tile(x, m0, mv, w, e, n + j0 + j, min(_NR, width - j), k0, k1, up[m0 - lo:], j)
         for r in range(lo, hi):
-            if silu:
-                _store_silu_and_mul_row(gate[r - lo], up[r - lo], out[r, j0:j0 + width])
+            if gated:
+                _store_gated_row(gate[r - lo], up[r - lo], out[r, j0:j0 + width], act)
             else:
-                _store_row(gate[r - lo], out[r, j0:j0 + width])
+                _store_row(gate[r - lo], out[r, j0:j0 + width], act)
 
 
 def _unaliased(x):
@@ -451,25 +454,26 @@ def _unaliased(x):
 
 
 def grouped_gemm(outs, x_sorted, w, expert_offsets, *, activation):
-    """Per expert, out[rows] = x_sorted[rows] @ w[e].T (silu_and_mul fused); zeros outside every segment."""
+    """Per expert, out[rows] = act(x_sorted[rows] @ w[e].T) (or the gated act(gate) * up); zeros outside every segment."""
     (out,) = outs
     n = out.shape[1]
     bounds = expert_offsets.astype(np.int64)
-    raw = _raw(out)
+    raw = raw_view(out)
     raw[:bounds[0]] = 0
     raw[bounds[-1]:] = 0
-    silu = activation == "silu_and_mul"
-    nb = _TASK_ROWS // 2 if silu else _TASK_ROWS
+    act, gated = activation_code(activation)
+    nb = _TASK_ROWS // 2 if gated else _TASK_ROWS
     experts = np.flatnonzero(np.diff(bounds) > 0)
     blocks = -(-n // nb)
     tasks = np.stack([np.repeat(experts, blocks), np.tile(np.arange(blocks) * nb, experts.size)], axis=1)
-    _grouped_kernel(_unaliased(_raw(x_sorted)), _raw(w), bounds, tasks, n, silu, raw)
+    _grouped_kernel(_unaliased(raw_view(x_sorted)), raw_view(w), bounds, tasks, n, act, gated, raw)
 
 
-def register(registry):
-    registry.add_kernel("moe_route", "cpu", moe_route, dtypes=_FLOATS, source=__file__)
-    registry.add_kernel("moe_align", "cpu", moe_align, dtypes=_INTS, source=__file__)
+KERNELS = (
+    Kernel("moe_route", moe_route),
+    Kernel("moe_align", moe_align, INTS),
     # Row gathers take any strides of x: no contiguous copy of the activations first.
-    registry.add_kernel("moe_permute", "cpu", moe_permute, dtypes=_FLOATS, contiguous=False, source=__file__)
-    registry.add_kernel("moe_unpermute", "cpu", moe_unpermute, dtypes=_FLOATS, source=__file__)
-    registry.add_kernel("grouped_gemm", "cpu", grouped_gemm, dtypes=_FLOATS, source=__file__)
+    Kernel("moe_permute", moe_permute, options={"contiguous": False}),
+    Kernel("moe_unpermute", moe_unpermute),
+    Kernel("grouped_gemm", grouped_gemm),
+)

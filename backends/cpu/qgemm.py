@@ -13,7 +13,7 @@ that group's scale. What the rows are then multiplied with depends on M:
   cores that BLAS's idle threads are still spinning on (measured: 0.1 ms of work took 50 ms).
 
 Both write an fp32 (int32 for int8) accumulator [M, N]; one parallel epilogue then scales, adds,
-applies silu_and_mul and rounds to the output dtype.
+applies the activation (plain or gated, hal.codes) and rounds to the output dtype.
 
 fp8 block scales are applied to both operands before the product, so DeepSeek's promotion of each
 128-K partial sum folds into the ordinary fp32 accumulation of scaled values (the reference and its
@@ -28,8 +28,11 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from hal import formats as F
+from hal.codes import activation_code
+from hal.dtypes import FLOATS
+from hal.ops.qgemm import FP8
 
-from .kernels import _F32, _FM, _HELPER, _KERNEL, _as_f32, _dot4, _ld, _raw, _silu, _st
+from .common import F32, FASTMATH, HELPER, KERNEL, Kernel, activate_row, as_f32, dot4, load, raw_view, store
 
 BLOCK = 128  # fp8 scale block along K (and along N for the weights)
 # Up to this many activation rows the small-M loop beats dequantize + BLAS. Measured on one AVX-512
@@ -49,7 +52,7 @@ Fp8Rows = namedtuple("Fp8Rows", "codes scales rows_per_scale table")  # codes ui
 NibbleRows = namedtuple("NibbleRows", "packed table scales zeros group")  # packed uint8 [R, K / 2], scales / zeros [R, K / group]
 Int8Rows = namedtuple("Int8Rows", "codes")  # int8 [R, K]
 
-_FP8_TABLES = {fmt: F.code_values(fmt).astype(np.float32) for fmt in ("float8_e4m3fn", "float8_e4m3fnuz")}
+_FP8_TABLES = {fmt: F.code_values(fmt).astype(np.float32) for fmt in FP8}
 _NIBBLE_TABLES = {fmt: F.code_values(fmt).astype(np.float32) for fmt in ("int4", "uint4", "e2m1")}  # int4 codes 8..15 are -8..-1
 
 
@@ -64,7 +67,7 @@ def _is(w, cls):
     return isinstance(w, types.BaseNamedTuple) and w.instance_class is cls
 
 
-@overload(_decode_row, jit_options=_HELPER)
+@overload(_decode_row, jit_options=HELPER)
 def _decode_row_impl(w, r, dst):
     if _is(w, Fp8Rows):
         def decode(w, r, dst):
@@ -79,7 +82,7 @@ def _decode_row_impl(w, r, dst):
         def decode(w, r, dst):
             k, g = dst.shape[0], w.group
             for k0 in range(0, k, g):  # groups are even: no byte straddles two
-                s, z = w.scales[r, k0 // g], _F32(w.zeros[r, k0 // g])
+                s, z = w.scales[r, k0 // g], F32(w.zeros[r, k0 // g])
                 for j in range(k0 // 2, min(k0 + g, k) // 2):
                     byte = w.packed[r, j]  # low nibble first
                     dst[2 * j] = (w.table[byte & 15] - z) * s
@@ -88,19 +91,19 @@ def _decode_row_impl(w, r, dst):
     if _is(w, Int8Rows):
         def decode(w, r, dst):
             for j in range(dst.shape[0]):
-                dst[j] = _F32(w.codes[r, j])
+                dst[j] = F32(w.codes[r, j])
         return decode
     return None
 
 
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _dequantize_parallel(w, r0, dst):
     """dst[i] = row r0 + i, parallel over rows (activations, before any BLAS call)."""
     for i in prange(dst.shape[0]):
         _decode_row(w, r0 + i, dst[i])
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _dequantize(w, r0, dst):
     """dst[i] = row r0 + i on the calling thread (weight panels between BLAS calls)."""
     for i in range(dst.shape[0]):
@@ -110,7 +113,7 @@ def _dequantize(w, r0, dst):
 # ---------------------------------------------------------------- the product x @ dequantized(w).T
 
 
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _small_m_product(x, w, acc, k_chunk):
     """acc [M, R] = x [M, K] @ rows of w, for a few rows x: parallel over blocks of weight rows, four
     rows widened at a time into a buffer that every row of x then uses. The dot products run over K
@@ -126,7 +129,7 @@ def _small_m_product(x, w, acc, k_chunk):
             for i in range(m):
                 for k0 in range(0, k, k_chunk):
                     k1 = min(k0 + k_chunk, k)
-                    d = _dot4(x[i, k0:k1], (buf[0, k0:k1], buf[1, k0:k1], buf[2, k0:k1], buf[3, k0:k1]))
+                    d = dot4(x[i, k0:k1], (buf[0, k0:k1], buf[1, k0:k1], buf[2, k0:k1], buf[3, k0:k1]))
                     for q in range(q4):
                         if k0 == 0:
                             acc[i, r + q] = d[q]
@@ -134,7 +137,7 @@ def _small_m_product(x, w, acc, k_chunk):
                             acc[i, r + q] += d[q]
 
 
-@njit(cache=True, fastmath=_FM, error_model="numpy")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _add_exact(part, total, first):
     """total (int32) = / += part (float32 holding exact integers), on the calling thread."""
     rows, cols = part.shape
@@ -178,54 +181,59 @@ def _blas_product(x, w, acc, k_chunk):
 # ---------------------------------------------------------------- epilogues: accumulator to out
 
 
-@njit(**_KERNEL)
-def _store(acc, out):
-    """out = acc rounded to out's format."""
+@njit(**KERNEL)
+def _store(acc, out, act):
+    """out = act(acc) rounded to out's format (acc activated in place; it may be out itself)."""
     rows, cols = out.shape
     for i in prange(rows):
+        activate_row(acc[i], cols, act)
         for j in range(cols):
-            _st(out, (i, j), acc[i, j])
+            store(out, (i, j), acc[i, j])
 
 
-@njit(**_KERNEL)
-def _store_silu_and_mul(acc, out):
-    """out = silu(acc[:, :N]) * acc[:, N:] in fp32, rounded once."""
+@njit(**KERNEL)
+def _store_gated(acc, out, act):
+    """out = act(acc[:, :N]) * acc[:, N:] in fp32, rounded once (the gate half activated in place)."""
     rows, n = out.shape
     for i in prange(rows):
+        activate_row(acc[i], n, act)
         for j in range(n):
-            _st(out, (i, j), _silu(acc[i, j]) * acc[i, n + j])
+            store(out, (i, j), acc[i, j] * acc[i, n + j])
 
 
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _store_int8(acc, out, a_scales, b_scales, bias):
     """out = float32(acc) * a_scales[i] * b_scales[j] + bias[j], acc the exact int32 products."""
     rows, cols = out.shape
     for i in prange(rows):
         sa = a_scales[i]
         for j in range(cols):
-            v = _F32(acc[i, j]) * sa * b_scales[j]
+            v = F32(acc[i, j]) * sa * b_scales[j]
             if bias is not None:
-                v += _ld(bias, j)
-            _st(out, (i, j), v)
+                v += load(bias, j)
+            store(out, (i, j), v)
 
 
-def _accumulator(out, silu_and_mul):
-    """The fp32 accumulator [M, N] (gate and up: [M, 2N]) for out; a float32 out without activation is its own."""
-    if out.dtype == np.float32 and not silu_and_mul:
+def _accumulator(out, gated):
+    """The fp32 accumulator [M, N] (gate and up: [M, 2N]) for out; a float32 out without a gate is its own."""
+    if out.dtype == np.float32 and not gated:
         return out
-    return np.empty((out.shape[0], out.shape[1] * (2 if silu_and_mul else 1)), np.float32)
+    return np.empty((out.shape[0], out.shape[1] * (2 if gated else 1)), np.float32)
 
 
-def _finish(acc, out, silu_and_mul):
-    if acc is not out:
-        (_store_silu_and_mul if silu_and_mul else _store)(acc, _raw(out))
+def _finish(acc, out, act=0, gated=False):
+    """out = the epilogue of the accumulator (activation code `act`, gated or not), rounded once."""
+    if gated:
+        _store_gated(acc, raw_view(out), act)
+    elif acc is not out or act:
+        _store(acc, raw_view(out), act)
 
 
 def _float_gemm(out, x, w):
     """out = x @ w.T, w the quantized weight rows."""
     acc = _accumulator(out, False)
     _product(x, w, acc, x.shape[1])
-    _finish(acc, out, False)
+    _finish(acc, out)
 
 
 # ---------------------------------------------------------------- public kernels
@@ -248,18 +256,18 @@ def fp8_grouped_gemm_blockscale(outs, a, a_scales, b, b_scales, expert_offsets, 
     """fp8_gemm_blockscale of each expert's rows into one accumulator; rows no expert owns are 0.
     Experts with few rows go first, so the parallel small-M loops and the BLAS calls do not alternate."""
     (out,) = outs
-    silu_and_mul = activation == "silu_and_mul"
+    act, gated = activation_code(activation)
     table = _FP8_TABLES[a.dtype.name]
     x = _fp8_activations(a, a_scales, table)
     codes = b.view(np.uint8)
-    acc = _accumulator(out, silu_and_mul)
+    acc = _accumulator(out, gated)
     offsets = [int(o) for o in expert_offsets]  # E + 1 >= 1 of them
     acc[: offsets[0]] = 0
     acc[offsets[-1]:] = 0
     experts = [(hi - lo, e, lo, hi) for e, (lo, hi) in enumerate(zip(offsets, offsets[1:]))]
     for _, e, lo, hi in sorted(experts):
         _product(x[lo:hi], Fp8Rows(codes[e], b_scales[e], BLOCK, table), acc[lo:hi], x.shape[1])
-    _finish(acc, out, silu_and_mul)
+    _finish(acc, out, act, gated)
 
 
 def int8_gemm(outs, a, b, a_scales, b_scales, bias, *, out_dtype):
@@ -272,7 +280,7 @@ def int8_gemm(outs, a, b, a_scales, b_scales, bias, *, out_dtype):
     _product(x, Int8Rows(b), acc, INT8_EXACT_K)
     sa = np.broadcast_to(a_scales.reshape(-1), (m,))  # per token, or one per tensor
     sb = np.broadcast_to(b_scales.reshape(-1), (n,))
-    _store_int8(acc, _raw(out), sa, sb, _raw(bias))
+    _store_int8(acc, raw_view(out), sa, sb, raw_view(bias))
 
 
 def w4a16_gemm(outs, a, b_packed, scales, zeros, *, group_size):
@@ -280,7 +288,7 @@ def w4a16_gemm(outs, a, b_packed, scales, zeros, *, group_size):
     table = _NIBBLE_TABLES["int4" if zeros is None else "uint4"]
     if zeros is None:
         zeros = np.zeros(scales.shape, np.uint8)
-    _float_gemm(outs[0], _as_f32(a), NibbleRows(b_packed, table, scales.astype(np.float32), zeros, group_size))
+    _float_gemm(outs[0], as_f32(a), NibbleRows(b_packed, table, scales.astype(np.float32), zeros, group_size))
 
 
 def fp4_gemm(outs, a, b_packed, b_scales, tensor_scale, *, fmt):
@@ -288,17 +296,13 @@ def fp4_gemm(outs, a, b_packed, b_scales, tensor_scale, *, fmt):
     scales = F.scale_values(fmt, b_scales, tensor_scale).astype(np.float32)  # exact products, rounded once
     group = F.MXFP4_GROUP if fmt == "mxfp4" else F.NVFP4_GROUP
     zeros = np.zeros(scales.shape, np.uint8)
-    _float_gemm(outs[0], _as_f32(a), NibbleRows(b_packed, _NIBBLE_TABLES["e2m1"], scales, zeros, group))
+    _float_gemm(outs[0], as_f32(a), NibbleRows(b_packed, _NIBBLE_TABLES["e2m1"], scales, zeros, group))
 
 
-def register(registry):
-    fp8 = ("float8_e4m3fn", "float8_e4m3fnuz")
-    floats = ("float32", "float16", "bfloat16")
-    for name, fn, dtypes in (
-        ("fp8_gemm_blockscale", fp8_gemm_blockscale, fp8),
-        ("fp8_grouped_gemm_blockscale", fp8_grouped_gemm_blockscale, fp8),
-        ("int8_gemm", int8_gemm, ("int8",)),
-        ("w4a16_gemm", w4a16_gemm, floats),
-        ("fp4_gemm", fp4_gemm, floats),
-    ):
-        registry.add_kernel(name, "cpu", fn, dtypes=dtypes, source=__file__)
+KERNELS = (
+    Kernel("fp8_gemm_blockscale", fp8_gemm_blockscale, FP8),
+    Kernel("fp8_grouped_gemm_blockscale", fp8_grouped_gemm_blockscale, FP8),
+    Kernel("int8_gemm", int8_gemm, ("int8",)),
+    Kernel("w4a16_gemm", w4a16_gemm, FLOATS),
+    Kernel("fp4_gemm", fp4_gemm, FLOATS),
+)

@@ -17,9 +17,8 @@ from numba import njit, prange
 
 from hal import formats as F
 
-from .kernels import _F32, _HELPER, _KERNEL, _bits_f32, _f32_bits, _ld, _rows, _st
+from .common import F32, HELPER, KERNEL, Kernel, as_rows, bits_f32, f32_bits, load, store
 
-_FLOATS = ("float32", "float16", "bfloat16")
 _Q_DTYPES = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "int8", "uint8")
 
 # How a group's scale is found (ops/quant.py): amax / max, zero point (uint4), E8M0 exponent, NVFP4.
@@ -46,11 +45,11 @@ _E4M3FN_VALUES = F.decode(np.arange(256, dtype=np.uint8), "float8_e4m3fn").astyp
 # ---------------------------------------------------------------- element conversion
 
 
-@njit(**_HELPER)
+@njit(**HELPER)
 def _encode_float(v, p):
     """Code of float32 v in the minifloat described by p: RNE, |v| >= max (inf too) -> max, NaN -> NaN code."""
     _, man, bias, max_bits, max_code, nan_code, neg_zero, sign_bit, _, _ = p
-    x = np.int64(_f32_bits(v))
+    x = np.int64(f32_bits(v))
     a = x & 0x7FFFFFFF
     shift = 23 - man
     normal_min = (128 - bias) << 23  # float32 bits of the format's smallest normal, 2^(1 - bias)
@@ -75,7 +74,7 @@ def _encode_float(v, p):
     return code
 
 
-@njit(**_HELPER)
+@njit(**HELPER)
 def _encode_int(v, lo, hi):
     """rint(v) (half to even) clamped to [lo, hi]; NaN -> 0."""
     if v != v:
@@ -84,84 +83,84 @@ def _encode_int(v, lo, hi):
     return lo if c < lo else (hi if c > hi else np.int64(c))
 
 
-@njit(**_HELPER)
+@njit(**HELPER)
 def _nonneg_max(a, v):
     """max(a, |v|) over float32 bits: for non-negative floats bit order is value order, and NaN bits
     exceed inf's, so a NaN wins (integer max vectorizes where a float max would not)."""
-    b = np.int64(_f32_bits(v)) & 0x7FFFFFFF
+    b = np.int64(f32_bits(v)) & 0x7FFFFFFF
     return b if b > a else a
 
 
-@njit(**_HELPER)
+@njit(**HELPER)
 def _pow2(e):
     """2^e in float32 for e in [-127, 127] (2^-127 is subnormal)."""
-    return _bits_f32(np.uint32((e + 127) << 23)) if e > -127 else _bits_f32(np.uint32(0x00400000))
+    return bits_f32(np.uint32((e + 127) << 23)) if e > -127 else bits_f32(np.uint32(0x00400000))
 
 
-@njit(**_HELPER)
+@njit(**HELPER)
 def _group_scale(mode, amax, lo, hi, fmax, tensor_scale):
     """(divisor of the group's elements, float32 scale to store, uint8 code to store, code offset)."""
     if mode == SYMMETRIC:
-        s = _F32(1.0) if amax == 0 else amax / fmax
+        s = F32(1.0) if amax == 0 else amax / fmax
         return s, s, np.uint8(0), 0
     if mode == ZERO_POINT:
-        s = _F32(1.0) if hi == lo else (hi - lo) / _F32(15.0)
+        s = F32(1.0) if hi == lo else (hi - lo) / F32(15.0)
         zero = _encode_int(-lo / s, 0, 15)
         return s, s, np.uint8(zero), zero
     if mode == MXFP4:
-        biased = np.int64(_f32_bits(amax)) >> 23  # amax >= 0: floor(log2 amax) + 127 for normals
+        biased = np.int64(f32_bits(amax)) >> 23  # amax >= 0: floor(log2 amax) + 127 for normals
         if biased == 255:  # inf or NaN: scale NaN, and x / NaN encodes to +0
-            return _F32(np.nan), _F32(0.0), np.uint8(0xFF), 0
+            return F32(np.nan), F32(0.0), np.uint8(0xFF), 0
         e = max(biased - 127 - 2, -127)  # minus E2M1's emax; subnormal and zero amax clamp to -127
-        return _pow2(e), _F32(0.0), np.uint8(e + 127), 0
+        return _pow2(e), F32(0.0), np.uint8(e + 127), 0
     # NVFP4: an e4m3fn block scale relative to the fp32 tensor scale
-    code = _encode_float(amax / _F32(6.0) / tensor_scale, _E4M3FN)
-    return _E4M3FN_VALUES[code] * tensor_scale, _F32(0.0), np.uint8(code), 0
+    code = _encode_float(amax / F32(6.0) / tensor_scale, _E4M3FN)
+    return _E4M3FN_VALUES[code] * tensor_scale, F32(0.0), np.uint8(code), 0
 
 
 # ---------------------------------------------------------------- quantize
 
 
-@njit(**_HELPER)
+@njit(**HELPER)
 def _max_nan(a, b):
     """max(a, b), NaN if either is NaN."""
     return a if (a != a or a > b) else b
 
 
-@njit(**_HELPER)
+@njit(**HELPER)
 def _min_nan(a, b):
     return a if (a != a or a < b) else b
 
 
-@njit(**_HELPER)
+@njit(**HELPER)
 def _load_row(x, r, row):
     """row = x[r] widened to float32 (a loop of its own, so that it vectorizes)."""
     for j in range(row.shape[0]):
-        row[j] = _ld(x, (r, j))
+        row[j] = load(x, (r, j))
 
 
-@njit(**_HELPER)
+@njit(**HELPER)
 def _group_stats(row, j0, j1, zero_point):
     """Statistics of row[j0:j1] that the scale needs: (amax, 0, 0), or with zero points
     (0, min(min x, 0), max(max x, 0)). A NaN makes them NaN."""
     if zero_point:
         nan = False
-        lo, hi = _F32(0.0), _F32(0.0)
+        lo, hi = F32(0.0), F32(0.0)
         for j in range(j0, j1):
             v = row[j]
             nan |= v != v
             lo = v if v < lo else lo
             hi = v if v > hi else hi
         if nan:
-            return _F32(0.0), _F32(np.nan), _F32(np.nan)
-        return _F32(0.0), lo, hi
+            return F32(0.0), F32(np.nan), F32(np.nan)
+        return F32(0.0), lo, hi
     bits = np.int64(0)
     for j in range(j0, j1):
         bits = _nonneg_max(bits, row[j])
-    return _bits_f32(bits), _F32(0.0), _F32(0.0)
+    return bits_f32(bits), F32(0.0), F32(0.0)
 
 
-@njit(**_HELPER)
+@njit(**HELPER)
 def _encode_span(row, j0, j1, divisor, offset, p, codes):
     """codes[j] = code of row[j] / divisor (+ offset for zero points), for j in [j0, j1)."""
     if p[0]:
@@ -173,7 +172,7 @@ def _encode_span(row, j0, j1, divisor, offset, p, codes):
             codes[j] = (_encode_int(row[j] / divisor, lo, hi) + offset) & 0xFF
 
 
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _quantize_rows(x, m, gr, gc, inline, mode, fmax, p, tensor_scales, divisors, offsets, scale_f32, scale_u8, q):
     """Encode x [B*M, K] row by row into q (uint8 [B*M, K], or [B*M, K/2] packed).
 
@@ -202,7 +201,7 @@ def _quantize_rows(x, m, gr, gc, inline, mode, fmax, p, tensor_scales, divisors,
                 q[r, j] = (codes[2 * j] & 0xF) | (codes[2 * j + 1] << 4)
 
 
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _block_scales(x, m, gr, gc, zero_point, mode, fmax, divisors, offsets, scale_f32, scale_u8):
     """Scales of groups spanning rows: statistics of chunks of up to _ROW_CHUNK rows of one group
     row in parallel, then per group the combined statistics give the scale."""
@@ -224,12 +223,12 @@ def _block_scales(x, m, gr, gc, zero_point, mode, fmax, divisors, offsets, scale
     for g in prange(batch * n_sr):
         b, i = g // n_sr, g % n_sr
         for c in range(n_sc):
-            amax, lo, hi = _F32(0.0), _F32(0.0), _F32(0.0)
+            amax, lo, hi = F32(0.0), F32(0.0), F32(0.0)
             for t in range(g * chunks, g * chunks + chunks):
                 amax = _max_nan(partial[t, c, 0], amax)
                 lo = _min_nan(partial[t, c, 1], lo)
                 hi = _max_nan(partial[t, c, 2], hi)
-            d, s, u, o = _group_scale(mode, amax, lo, hi, fmax, _F32(1.0))
+            d, s, u, o = _group_scale(mode, amax, lo, hi, fmax, F32(1.0))
             divisors[b, i, c], offsets[b, i, c], scale_f32[b, i, c], scale_u8[b, i, c] = d, o, s, u
 
 
@@ -245,19 +244,19 @@ def _per_group(shape, scale_f32=None, scale_u8=None):
 
 def quantize(outs, x, fmt, granularity, group_size, zero_point):
     m, k = x.shape[-2:]
-    x2 = _rows(x, k)
+    x2 = as_rows(x, k)
     fp4 = fmt in ("mxfp4", "nvfp4")
     tensor_scales = np.ones(math.prod(x.shape[:-2]), np.float32)
     if fmt == "nvfp4":  # the tensor scale first: amax / (448 * 6) per leading index is the symmetric rule
         ts = _per_group(outs[2].shape, scale_f32=outs[2])
-        _block_scales(x2, m, max(m, 1), k, False, SYMMETRIC, _F32(448.0 * 6.0), *ts)
+        _block_scales(x2, m, max(m, 1), k, False, SYMMETRIC, F32(448.0 * 6.0), *ts)
         tensor_scales = ts[2].reshape(-1)
     if fp4:
-        mode, fmax, arrays = (MXFP4 if fmt == "mxfp4" else NVFP4), _F32(0.0), _per_group(outs[1].shape, scale_u8=outs[1])
+        mode, fmax, arrays = (MXFP4 if fmt == "mxfp4" else NVFP4), F32(0.0), _per_group(outs[1].shape, scale_u8=outs[1])
     elif zero_point:
-        mode, fmax, arrays = ZERO_POINT, _F32(0.0), _per_group(outs[1].shape, outs[1], outs[2])
+        mode, fmax, arrays = ZERO_POINT, F32(0.0), _per_group(outs[1].shape, outs[1], outs[2])
     else:
-        mode, fmax, arrays = SYMMETRIC, _F32(F.FORMATS[fmt].max), _per_group(outs[1].shape, scale_f32=outs[1])
+        mode, fmax, arrays = SYMMETRIC, F32(F.FORMATS[fmt].max), _per_group(outs[1].shape, scale_f32=outs[1])
     gr, gc = F.group_tile(granularity, m, k, group_size)
     if gr > 1 or m == 0:  # groups spanning rows; with no rows, tensor and channel scales are still 1
         _block_scales(x2, m, gr, gc, zero_point, mode, fmax, *arrays)
@@ -275,7 +274,7 @@ def _value_table(fmt, zeros):
     return F.code_values(element).astype(np.float32)
 
 
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _dequantize_rows(q, table, m, gr, gc, scales, zeros, out):
     """out[r, j] = (table[code] - zero) * scale for q [B*M, K] bytes or [B*M, K/2] nibble pairs."""
     rows, k = out.shape
@@ -291,11 +290,11 @@ def _dequantize_rows(q, table, m, gr, gc, scales, zeros, out):
                 row[j] = table[q[r, j]]
         for c in range((k + gc - 1) // gc):
             s = scales[b, i, c]
-            z = _F32(0.0) if zeros is None else _F32(zeros[b, i, c])
+            z = F32(0.0) if zeros is None else F32(zeros[b, i, c])
             for j in range(c * gc, min(c * gc + gc, k)):
                 row[j] = (row[j] - z) * s
         for j in range(k):
-            _st(out, (r, j), row[j])
+            store(out, (r, j), row[j])
 
 
 def dequantize(outs, q, scales, fmt, granularity, zeros, tensor_scale, group_size, out_dtype):
@@ -309,7 +308,7 @@ def dequantize(outs, q, scales, fmt, granularity, zeros, tensor_scale, group_siz
     z = None if zeros is None else zeros.reshape(batch, *zeros.shape[-2:])
     gr, gc = F.group_tile(granularity, m, k, group_size)
     _dequantize_rows(q.reshape(rows, -1).view(np.uint8), _value_table(fmt, zeros), m, gr, gc,
-                     s.reshape(batch, *s.shape[-2:]), z, _rows(out, k))
+                     s.reshape(batch, *s.shape[-2:]), z, as_rows(out, k))
 
 
 def encode(x, fmt):
@@ -320,12 +319,10 @@ def encode(x, fmt):
     return codes.view(np.int8) if fmt == "int8" else codes & (0xF if F.FORMATS[fmt].bits == 4 else 0xFF)
 
 
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _encode_array(x, p, codes):
     for i in prange(x.shape[0]):
         codes[i] = _encode_float(x[i], p) if p[0] else _encode_int(x[i], p[8], p[9]) & 0xFF
 
 
-def register(registry):
-    registry.add_kernel("quantize", "cpu", quantize, dtypes=_FLOATS, source=__file__)
-    registry.add_kernel("dequantize", "cpu", dequantize, dtypes=_Q_DTYPES, source=__file__)
+KERNELS = (Kernel("quantize", quantize), Kernel("dequantize", dequantize, _Q_DTYPES))

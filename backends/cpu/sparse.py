@@ -6,8 +6,8 @@ bag gathers its table rows into a float32 accumulator row, which stays in L1 (D 
 bytes) while the rows stream through, and is narrowed to the output dtype once at the end.
 The gather is bound by memory latency (each row of a large table is a random DRAM read), so
 the rows of the entries 32 ahead are prefetched, and sums take four rows per pass over the
-accumulator. float16 / bfloat16 tables are read through the integer views and the `_ld` / `_st`
-helpers of kernels.py, so every dtype shares one kernel body.
+accumulator. float16 / bfloat16 tables are read through the integer views and the `load` / `store`
+helpers of common.py, so every dtype shares one kernel body.
 
 Entries whose id is outside the table (only possible when the checks of ops/sparse.py were
 skipped, for arrays that are not NumPy ones) and entries equal to padding_idx are skipped;
@@ -19,20 +19,18 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from hal.dtypes import FLOATS
+from hal.codes import BAG_MODES
 
-from .kernels import _FM, _KERNEL, _ld, _raw, _st
+from .common import F32, FASTMATH, KERNEL, Kernel, load, raw_view, store
 
-_F32 = np.float32
-_MODES = {"sum": 0, "mean": 1, "max": 2}
-_MEAN, _MAX = _MODES["mean"], _MODES["max"]
+_MEAN, _MAX = BAG_MODES["mean"], BAG_MODES["max"]
 _NO_PADDING = -1
 # Bags per parallel task: one scratch allocation per task, and tasks small enough that a skewed
 # mix of bag lengths still balances over the threads.
 _BAGS_PER_TASK = 64
 # Helpers are inlined into the kernel (inline="always"): a call per gathered row costs more than
 # the row's arithmetic at D = 128.
-_INLINE = dict(inline="always", cache=True, fastmath=_FM, error_model="numpy")
+_INLINE = dict(inline="always", cache=True, fastmath=FASTMATH, error_model="numpy")
 # Entries ahead whose rows are prefetched. Rows of a large table are random DRAM reads and a core
 # otherwise waits on each. Measured at the benchmark shape (one thread, fp32 / fp16): 16 ahead
 # 39 / 34 ms, 32 ahead 34 / 28 ms, 48-96 no better.
@@ -74,19 +72,19 @@ def _add_rows4(acc, table, i0, i1, i2, i3, w0, w1, w2, w3):
     """acc += w0 table[i0] + ... + w3 table[i3]: four gathered rows per pass over the accumulator,
     so the loop is bound by the row loads, not by loads and stores of acc."""
     for j in range(acc.shape[0]):
-        acc[j] += w0 * _ld(table, (i0, j)) + w1 * _ld(table, (i1, j)) + w2 * _ld(table, (i2, j)) + w3 * _ld(table, (i3, j))
+        acc[j] += w0 * load(table, (i0, j)) + w1 * load(table, (i1, j)) + w2 * load(table, (i2, j)) + w3 * load(table, (i3, j))
 
 
 @njit(**_INLINE)
 def _add_row(acc, table, i, w):
     for j in range(acc.shape[0]):
-        acc[j] += w * _ld(table, (i, j))
+        acc[j] += w * load(table, (i, j))
 
 
 @njit(**_INLINE)
 def _max_row(acc, table, i):
     for j in range(acc.shape[0]):
-        v = _ld(table, (i, j))
+        v = load(table, (i, j))
         acc[j] = v if v > acc[j] else acc[j]
 
 
@@ -97,7 +95,7 @@ def _reduce_bag(table, indices, weights, start, end, mode, padding_idx, acc):
     n_rows = table.shape[0]
     count = staged = 0
     i0 = i1 = i2 = 0
-    w0 = w1 = w2 = _F32(1.0)
+    w0 = w1 = w2 = F32(1.0)
     for k in range(start, end):
         ahead = k + _PREFETCH_AHEAD
         if ahead < indices.shape[0]:  # past this bag too: the next bags come next
@@ -111,7 +109,7 @@ def _reduce_bag(table, indices, weights, start, end, mode, padding_idx, acc):
         if mode == _MAX:
             _max_row(acc, table, i)
             continue
-        w = _F32(1.0) if weights is None else _ld(weights, k)
+        w = F32(1.0) if weights is None else load(weights, k)
         if staged == 0:
             i0, w0 = i, w
         elif staged == 1:
@@ -134,10 +132,10 @@ def _reduce_bag(table, indices, weights, start, end, mode, padding_idx, acc):
 @njit(**_INLINE)
 def _store_row(out, b, acc, scale):
     for j in range(acc.shape[0]):
-        _st(out, (b, j), acc[j] * scale)
+        store(out, (b, j), acc[j] * scale)
 
 
-@njit(**_KERNEL)
+@njit(**KERNEL)
 def _bags_kernel(table, indices, offsets, weights, out, mode, padding_idx):
     """out[b] = reduction over the rows table[indices[k]], k in [offsets[b], offsets[b + 1])."""
     bags, dim = out.shape
@@ -152,22 +150,20 @@ def _bags_kernel(table, indices, offsets, weights, out, mode, padding_idx):
             count = _reduce_bag(table, indices, weights, start, end, mode, padding_idx, acc)
             if count == 0:
                 acc[:] = 0.0  # an empty bag (or one of only padding) is zeros in every mode
-            _store_row(out, b, acc, _F32(1.0) / _F32(count) if mode == _MEAN and count else _F32(1.0))
+            _store_row(out, b, acc, F32(1.0) / F32(count) if mode == _MEAN and count else F32(1.0))
 
 
 def embedding_bag(outs, table, indices, offsets, per_sample_weights, *, mode, padding_idx):
     (out,) = outs
     if out.size:
-        _bags_kernel(_raw(table), indices, offsets, _raw(per_sample_weights), _raw(out), _MODES[mode],
+        _bags_kernel(raw_view(table), indices, offsets, raw_view(per_sample_weights), raw_view(out), BAG_MODES[mode],
                      _NO_PADDING if padding_idx is None else padding_idx)
 
 
 def spmm_csr(outs, indptr, indices, values, dense):
     (out,) = outs
     if out.size:
-        _bags_kernel(_raw(dense), indices, indptr, _raw(values), _raw(out), _MODES["sum"], _NO_PADDING)
+        _bags_kernel(raw_view(dense), indices, indptr, raw_view(values), raw_view(out), BAG_MODES["sum"], _NO_PADDING)
 
 
-def register(registry):
-    for fn in (embedding_bag, spmm_csr):
-        registry.add_kernel(fn.__name__, "cpu", fn, dtypes=FLOATS, source=__file__)
+KERNELS = (Kernel("embedding_bag", embedding_bag), Kernel("spmm_csr", spmm_csr))

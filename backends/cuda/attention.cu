@@ -1,3 +1,5 @@
+// Vendor file: flash_attention_mma runs QK^T and PV on mma.sync.m16n8k16 fragments (4 warps of
+// 32), whose lane layouts decide how scores are reduced (quad shuffles) and how P is re-packed.
 // Flash attention (prefill): out = softmax(mask(softcap(scale * q k^T))) v, tiled with the online
 // softmax recurrence (running max, running sum, rescaled fp32 accumulator), never materializing
 // the seq_q x seq_k score matrix. Semantics in ops/attention.py; ABI in docs/gpu-kernels.md.
@@ -18,7 +20,7 @@
 // masked for a row gets logit -inf; a row with no visible key outputs zeros. Blocks whose whole
 // key range is masked write zeros and leave; the key loop runs only over [n_lo, n_hi), the
 // union of the keys the tile's rows can see (causal and window bounds).
-#include "common.cuh"
+#include "hal_gpu.h"
 
 #define ATTN_THREADS 128
 #define ATTN_ROWS 64     // query rows per block

@@ -1,3 +1,5 @@
+// Vendor file: the split-K decode is sized for 32-lane warps (lane groups of a warp share a token,
+// 8-element chunks per lane) and merges partials with 32-bit-mask shuffles.
 // Decode attention over paged KV caches, split-K: paged_decode_partition<T, C>, mla_decode_partition<T>
 // and their shared merge decode_merge<T>. Semantics in ops/attention.py; ABI in docs/gpu-kernels.md.
 //
@@ -21,7 +23,7 @@
 // the value chunks (chunk i of the key is chunk i of the value), so every latent row is read once.
 // (The ABI has one block per head, so a latent row is still read once per head of the batch row;
 // serving all heads of a sequence from one block, as FlashMLA does, would need a different grid.)
-#include "common.cuh"
+#include "hal_gpu.h"
 
 #define DECODE_THREADS 128
 #define DECODE_WARPS 4

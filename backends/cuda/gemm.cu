@@ -1,3 +1,5 @@
+// Vendor file: NVIDIA's tensor cores change the algorithm (gemm_mma: warp-level mma.sync.m16n8k16
+// fragments and their lane layouts set the shared-memory layout and a 4-warp, 128-thread block).
 // gemm with a fused epilogue: out = act(alpha * (a @ b) + bias) + beta * c.
 //
 // a [M, K] and b [K, N] are row-major T; c and out are [M, N] in the output type To; bias is fp32
@@ -10,7 +12,7 @@
 //   gemm_simt<T, To>  every type and architecture: 256 threads, fp32 FMA, 4 x 4 outputs per thread.
 //   gemm_mma<T, To>   T = __half / __nv_bfloat16 on sm_80+: 128 threads = 4 warps of 32 x 32, each
 //                     warp issuing mma.sync.m16n8k16 (2 x 4 tiles of 16 x 8 per 16-wide k step).
-#include "common.cuh"
+#include "hal_gpu.h"
 
 #define GEMM_TILE 64
 
@@ -65,17 +67,9 @@ gemm_simt(const T* __restrict__ a, const T* __restrict__ b, const float* __restr
     // b: element e -> (k, n) = (e / 64, e % 64): a warp reads 32 consecutive n of a row.
     float a_next[4], b_next[4];
     const int tiles = (K + SIMT_BK - 1) / SIMT_BK;
-    for (int tile = 0; tile <= tiles; ++tile) {
-        if (tile > 0) {
-            // Publish the staged tile, wait for it, prefetch the next, multiply.
-            for (int r = 0; r < 4; ++r) {
-                const int e = tid + r * SIMT_THREADS;
-                a_flat[(e % SIMT_BK) * SIMT_A_STRIDE + e / SIMT_BK] = a_next[r];
-                b_flat[e] = b_next[r];
-            }
-            __syncthreads();
-        }
-        if (tile < tiles) {
+    prefetch_main_loop(
+        tiles,
+        [&](int tile) {
             const int k0 = tile * SIMT_BK;
             for (int r = 0; r < 4; ++r) {
                 const int e = tid + r * SIMT_THREADS;
@@ -84,17 +78,22 @@ gemm_simt(const T* __restrict__ a, const T* __restrict__ b, const float* __restr
                 const int bk = k0 + e / GEMM_TILE, bn = n0 + e % GEMM_TILE;
                 b_next[r] = (bk < K && bn < N) ? to_float(b[(long long)bk * N + bn]) : 0.0f;
             }
-        }
-        if (tile > 0) {
+        },
+        [&] {
+            for (int r = 0; r < 4; ++r) {
+                const int e = tid + r * SIMT_THREADS;
+                a_flat[(e % SIMT_BK) * SIMT_A_STRIDE + e / SIMT_BK] = a_next[r];
+                b_flat[e] = b_next[r];
+            }
+        },
+        [&](int) {
             for (int k = 0; k < SIMT_BK; ++k) {
                 const float4 av = a_tile[k][ty], bv = b_tile[k][tx];
                 const float ar[4] = {av.x, av.y, av.z, av.w}, br[4] = {bv.x, bv.y, bv.z, bv.w};
                 for (int i = 0; i < 4; ++i)
                     for (int j = 0; j < 4; ++j) acc[i][j] += ar[i] * br[j];
             }
-            __syncthreads();  // everyone is done reading before the next tile overwrites
-        }
-    }
+        });
 
     for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j)
@@ -158,16 +157,9 @@ gemm_mma(const T* __restrict__ a, const T* __restrict__ b, const float* __restri
     // fill one 36-word row segment, conflict-free (the a stores are 2-way at worst).
     uint4 a_next[2], b_next[2];
     const int tiles = (K + MMA_BK - 1) / MMA_BK;
-    for (int tile = 0; tile <= tiles; ++tile) {
-        if (tile > 0) {
-            for (int i = 0; i < 2; ++i) {
-                const int q = tid + i * MMA_THREADS;
-                a_tile[(q >> 2) * MMA_A_ROW_UINT4 + (q & 3)] = a_next[i];
-                b_tile[(q >> 3) * MMA_B_ROW_UINT4 + (q & 7)] = b_next[i];
-            }
-            __syncthreads();
-        }
-        if (tile < tiles) {  // prefetch the next tile into registers while this one is multiplied
+    prefetch_main_loop(
+        tiles,
+        [&](int tile) {  // prefetch the next tile into registers while this one is multiplied
             const int k0 = tile * MMA_BK;
             for (int i = 0; i < 2; ++i) {
                 const int q = tid + i * MMA_THREADS;
@@ -184,8 +176,15 @@ gemm_mma(const T* __restrict__ a, const T* __restrict__ b, const float* __restri
                     b_next[i] = b_vector ? *reinterpret_cast<const uint4*>(p) : load8_bits(p, min(8, N - bn));
                 }
             }
-        }
-        if (tile > 0) {
+        },
+        [&] {
+            for (int i = 0; i < 2; ++i) {
+                const int q = tid + i * MMA_THREADS;
+                a_tile[(q >> 2) * MMA_A_ROW_UINT4 + (q & 3)] = a_next[i];
+                b_tile[(q >> 3) * MMA_B_ROW_UINT4 + (q & 7)] = b_next[i];
+            }
+        },
+        [&](int) {
             for (int ks = 0; ks < MMA_BK / 16; ++ks) {
                 // A fragment (16 x 16, row-major): registers (row g, k 2t..2t+1), (row g+8, same k),
                 // (row g, k + 8), (row g+8, k + 8); each register is one 32-bit word of the tile.
@@ -210,9 +209,7 @@ gemm_mma(const T* __restrict__ a, const T* __restrict__ b, const float* __restri
                 for (int mi = 0; mi < 2; ++mi)
                     for (int ni = 0; ni < 4; ++ni) Mma<T>::run(acc[mi][ni], af[mi], bf[ni], acc[mi][ni]);
             }
-            __syncthreads();  // everyone is done reading before the next tile overwrites
-        }
-    }
+        });
 
     // C fragment: element r of tile (mi, ni) is (row g + 8 (r / 2), column 2t + r % 2).
     // Fully unrolled (the epilogue body is too large for the automatic unroller): a loop left

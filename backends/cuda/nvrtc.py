@@ -1,15 +1,16 @@
 """Compile the CUDA kernel files with NVRTC from pip, with no GPU and no CUDA toolkit.
 
-Used by the architecture matrix (every .cu file for sm_80, sm_89, sm_90a and sm_100a) to prove the
-kernels compile and to collect ptxas' resource report per kernel. Needs `cuda-bindings` (the
-Python bindings), `nvidia-cuda-nvrtc` (libnvrtc) and `nvidia-cuda-runtime` (the headers: NVRTC
-ships no cuda_fp16.h / cuda_bf16.h of its own, the runtime wheel has them under
-site-packages/nvidia/cu13/include, or nvidia/cuda_runtime/include for the CUDA 12 wheels).
+Used by the compile report (hal.backends.gpu.compile_report: every CUDA family for sm_80, sm_89,
+sm_90a and sm_100a) to prove the kernels compile and to collect ptxas' resource report per kernel.
+Needs `cuda-bindings` (the Python bindings), `nvidia-cuda-nvrtc` (libnvrtc) and
+`nvidia-cuda-runtime` (the headers: NVRTC ships no cuda_fp16.h / cuda_bf16.h of its own, the
+runtime wheel has them under site-packages/nvidia/cu13/include, or nvidia/cuda_runtime/include
+for the CUDA 12 wheels).
 
     from hal.backends.cuda import nvrtc
-    result = nvrtc.compile_file("gemm", "sm_90a")       # all instantiations of gemm.cu
+    result = nvrtc.compile_file("gemm", "sm_90a")       # all instantiations of the gemm family
     result.report   # [{"kernel": "gemm_mma<__half, float>", "arch": "sm_90a", "registers": ..., ...}]
-    nvrtc.compile_matrix()                                # every file x every arch (hal.backends.gpu.matrix)
+    nvrtc.compile_all()                                 # every family x every arch
 """
 import importlib.util
 import os
@@ -20,9 +21,9 @@ from pathlib import Path
 
 from hal.backends.gpu.catalog import FAMILIES, block_threads, instantiations
 from hal.backends.gpu.vendor import CUDA
+from hal.codes import define_options
 from hal.errors import BackendUnavailable, KernelCompileError
 
-KERNEL_DIR = CUDA.kernel_dir
 ARCHS = CUDA.compile_archs
 
 # Per-SM limits of each architecture, from NVIDIA's CUDA C++ Programming Guide (compute capability
@@ -100,13 +101,6 @@ def available():
     return True, ""
 
 
-def version():
-    nvrtc = _bindings()
-    err, major, minor = nvrtc.nvrtcVersion()
-    _check(nvrtc, err, "nvrtcVersion")
-    return f"{major}.{minor}"
-
-
 def _check(nvrtc, err, what, log=""):
     if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         _, text = nvrtc.nvrtcGetErrorString(err)
@@ -128,7 +122,7 @@ class Compiled:
 
 
 def options(arch, verbose=True, extra=()):
-    opts = [f"--gpu-architecture={arch}", "-std=c++17", f"-I{KERNEL_DIR}"]
+    opts = [f"--gpu-architecture={arch}", "-std=c++17", *(f"-I{d}" for d in CUDA.include_dirs), *define_options()]
     opts += [f"-I{d}" for d in include_dirs()]
     if verbose:
         opts.append("--ptxas-options=-v")
@@ -174,8 +168,9 @@ def compile_source(source, arch, names, filename="kernel.cu", family=None, extra
 
 
 def compile_file(family, arch, names=None, path=None, extra_options=()):
-    """Compile backends/cuda/<family>.cu (or `path`) for `arch` with its name expressions."""
-    path = Path(path) if path else KERNEL_DIR / f"{family}.cu"
+    """Compile the family's kernel file (CUDA.source: backends/cuda/<family>.cu, else the shared
+    backends/gpu/kernels/<family>.cu), or `path`, for `arch` with its name expressions."""
+    path = Path(path) if path else CUDA.source(family)
     names = list(names) if names is not None else name_expressions(family, arch)
     return compile_source(path.read_text(), arch, names, filename=path.name, family=family, extra_options=extra_options)
 
@@ -245,10 +240,10 @@ def resource_report(log, lowered, arch):
 def _compile_job(job):
     family, arch = job
     c = compile_file(family, arch)
-    return c.report, c.seconds, c.log
+    return c.report, c.seconds, c.log, CUDA.source(family).name
 
 
-def compile_matrix(families=FAMILIES, archs=ARCHS, jobs=None):
+def compile_all(families=FAMILIES, archs=ARCHS, jobs=None):
     """Compile every file for every architecture: one report row per kernel and architecture, with
     the compile's seconds and compiler warnings. `jobs` > 1 compiles in that many processes (NVRTC
     is CPU-bound)."""
@@ -262,8 +257,8 @@ def compile_matrix(families=FAMILIES, archs=ARCHS, jobs=None):
     else:
         results = [_compile_job(w) for w in work]
     rows = []
-    for (family, _), (report, seconds, log) in zip(work, results):
-        rows += [{"file": f"{family}.cu", **r, "warnings": warnings_in(log)} for r in report]
+    for report, seconds, log, filename in results:
+        rows += [{"file": filename, **r, "warnings": warnings_in(log)} for r in report]
     return rows
 
 

@@ -1,9 +1,12 @@
-// Quantized GEMMs: out = a @ b.T with low-precision operands. ops/qgemm.py is the executable
+// Quantized GEMMs: out = a @ b.T with low-precision operands. A vendor file because the hardware
+// changes the algorithm: which 8-bit matrix instructions exist (mma.m16n8k32 e4m3 from sm_89, s8
+// from sm_80) decides how operands are staged and decoded (docs/hardware.md).
+// ops/qgemm.py is the executable
 // semantics, docs/gpu-kernels.md ("Quantized GEMM kernels") the ABI, backends/gpu/launch_qgemm.py
 // the launch glue. Weights are [N, K] (K contiguous), like a, so both operands are "rows of K".
 //
-//   fp8_gemm_simt<To>       fp8 block-scaled GEMM (plain or grouped per expert, optional
-//                           silu_and_mul), fp32 FMA on decoded operands, any architecture
+//   fp8_gemm_simt<To>       fp8 block-scaled GEMM (plain or grouped per expert, fused activation,
+//                           optionally gated), fp32 FMA on decoded operands, any architecture
 //   fp8_gemm_mma<To>        the same on mma.m16n8k16 f16: fp8 bytes moved into f16 fields (sm_80+)
 //   fp8_gemm_mma_fp8<To>    the same on mma.m16n8k32 with e4m3 inputs (compiles for sm_89+, fp8 tensor cores on sm_89; e4m3fn only)
 //   int8_gemm_simt<To>      W8A8 with int32 accumulation
@@ -18,7 +21,7 @@
 // would round there): the matrix variants feed exact small values (fp8, int8, int4 - zero, E2M1)
 // and multiply each partial sum by its scales in fp32 when its scale group ends ("promotion",
 // DeepSeek's every-128-K scheme for fp8); the SIMT variants work in fp32 and scale on staging.
-#include "common.cuh"
+#include "hal_gpu.h"
 
 #define QG_TILE 64           // a rows, and weight rows, per block tile
 #define QG_SCALE_BLOCK 128   // fp8 scale blocks: 1 x 128 for a, 128 x 128 for b
@@ -36,11 +39,11 @@ __device__ __forceinline__ uint4 load16_bytes(const unsigned char* p, int valid,
 }
 
 // ================================================================ rows and columns of a block
-// The a rows of an fp8 block come from expert_row_tile<QG_TILE> (common.cuh: grouped tiles, zero
+// The a rows of an fp8 block come from expert_row_tile<QG_TILE> (hal_gpu.h: grouped tiles, zero
 // tiles, plain GEMMs without offsets); weight_row, store_pair and zero_rows are there too.
 
-// Output columns of an fp8 block: 64, or 32 with silu_and_mul (positions pair up as gate / up
-// rows, see weight_row in common.cuh).
+// Output columns of an fp8 block: 64, or 32 when gated (positions pair up as gate / up
+// rows, see weight_row in hal_gpu.h).
 __device__ __forceinline__ int fp8_columns(int gated) { return gated ? QG_TILE / 2 : QG_TILE; }
 
 // int8: out = int32 sum * a_scale * b_scale + bias in fp32, rounded once.
@@ -73,9 +76,9 @@ struct Int4Weights {
     __device__ __forceinline__ int group_mask() const { return group - 1; }
 };
 
-#define HAL_FP4_MX 1  // E8M0 scale per 32: a power of two, promoted per group (it may exceed f16's range)
-#define HAL_FP4_NV 2  // e4m3fn scale per 16, folded into the code (E2M1 x e4m3 has 6 significant bits:
-                      // exact in f16 and bf16), and one fp32 tensor scale at the end
+// fp4_gemm's `fmt`: HAL_FMT_MXFP4 has an E8M0 scale per 32, a power of two promoted per group (it may
+// exceed f16's range); HAL_FMT_NVFP4 an e4m3fn scale per 16, folded into the code (E2M1 x e4m3 has 6
+// significant bits: exact in f16 and bf16), and one fp32 tensor scale at the end.
 
 struct Fp4Weights {
     const unsigned char* __restrict__ packed;  // [N, K / 2] E2M1 codes
@@ -84,13 +87,13 @@ struct Fp4Weights {
     int K, fmt, groups;
 
     __device__ __forceinline__ float param(int n, int k) const {
-        return fmt == HAL_FP4_NV ? fp8_to_float(scales[(long long)n * groups + k / 16], HAL_FP8_E4M3FN) : 1.0f;
+        return fmt == HAL_FMT_NVFP4 ? fp8_to_float(scales[(long long)n * groups + k / 16], HAL_FMT_FP8_E4M3FN) : 1.0f;
     }
     __device__ __forceinline__ float code(unsigned nibble, float block_scale) const { return e2m1_to_float(nibble) * block_scale; }
     __device__ __forceinline__ float group_scale(int n, int k) const {
-        return fmt == HAL_FP4_NV ? tensor_scale[0] : e8m0_to_float(scales[(long long)n * groups + k / 32]);
+        return fmt == HAL_FMT_NVFP4 ? tensor_scale[0] : e8m0_to_float(scales[(long long)n * groups + k / 32]);
     }
-    __device__ __forceinline__ int group_mask() const { return fmt == HAL_FP4_NV ? 0x7fffffff : 31; }
+    __device__ __forceinline__ int group_mask() const { return fmt == HAL_FMT_NVFP4 ? 0x7fffffff : 31; }
 };
 
 template <class W>
@@ -136,22 +139,22 @@ __device__ __forceinline__ void simt_tile(const Operands& op, int K, Acc acc[4][
 
     unsigned a_next[4], b_next[4];
     const int slices = cdiv(K, SIMT_BK);
-    for (int slice = 0; slice <= slices; ++slice) {
-        if (slice > 0) {
-            for (int r = 0; r < 4; ++r) {
-                a_flat[kk * SIMT_STRIDE + row + 16 * r] = a_next[r];
-                b_flat[kk * SIMT_STRIDE + row + 16 * r] = b_next[r];
-            }
-            __syncthreads();
-        }
-        if (slice < slices) {
+    prefetch_main_loop(
+        slices,
+        [&](int slice) {
             const int k = slice * SIMT_BK + kk;
             for (int r = 0; r < 4; ++r) {
                 a_next[r] = to_word(a_rows[r] >= 0 && k < K ? op.a_value(a_rows[r], k) : Acc(0));
                 b_next[r] = to_word(b_rows[r] >= 0 && k < K ? op.b_value(b_rows[r], k) : Acc(0));
             }
-        }
-        if (slice > 0) {
+        },
+        [&] {
+            for (int r = 0; r < 4; ++r) {
+                a_flat[kk * SIMT_STRIDE + row + 16 * r] = a_next[r];
+                b_flat[kk * SIMT_STRIDE + row + 16 * r] = b_next[r];
+            }
+        },
+        [&](int) {
             for (int k = 0; k < SIMT_BK; ++k) {
                 const uint4 av = a_tile[k * (SIMT_STRIDE / 4) + ty], bv = b_tile[k * (SIMT_STRIDE / 4) + tx];
                 const Acc ar[4] = {from_word<Acc>(av.x), from_word<Acc>(av.y), from_word<Acc>(av.z), from_word<Acc>(av.w)};
@@ -159,9 +162,7 @@ __device__ __forceinline__ void simt_tile(const Operands& op, int K, Acc acc[4][
                 for (int i = 0; i < 4; ++i)
                     for (int j = 0; j < 4; ++j) acc[i][j] += ar[i] * br[j];
             }
-            __syncthreads();  // everyone is done reading before the next slice overwrites
-        }
-    }
+        });
 }
 
 // fp8 operands decoded and scaled on staging: a * a_scale, b * b_scale (b and its scales already
@@ -210,26 +211,26 @@ template <typename To>
 __global__ void __launch_bounds__(SIMT_THREADS)
 fp8_gemm_simt(const unsigned char* __restrict__ a, const float* __restrict__ a_scales, const unsigned char* __restrict__ b,
               const float* __restrict__ b_scales, const int* __restrict__ expert_offsets, To* __restrict__ out, int rows, int n_out, int K,
-              int experts, int fp8_format, int silu_and_mul) {
+              int experts, int fp8_format, int activation, int gated) {
     __shared__ RowTile shared_tile;
     const RowTile tile = expert_row_tile<QG_TILE>(expert_offsets, experts, rows, &shared_tile);
-    const int c0 = blockIdx.y * fp8_columns(silu_and_mul);
+    const int c0 = blockIdx.y * fp8_columns(gated);
     if (tile.rows <= 0) return;  // block-uniform
     if (tile.expert < 0) {
-        zero_rows(out, tile, c0, fp8_columns(silu_and_mul), n_out);
+        zero_rows(out, tile, c0, fp8_columns(gated), n_out);
         return;
     }
-    const int nw = silu_and_mul ? 2 * n_out : n_out, k_blocks = cdiv(K, QG_SCALE_BLOCK);
+    const int nw = gated ? 2 * n_out : n_out, k_blocks = cdiv(K, QG_SCALE_BLOCK);
     const Fp8Operands op{a, a_scales, b + (long long)tile.expert * nw * K, b_scales + (long long)tile.expert * cdiv(nw, QG_SCALE_BLOCK) * k_blocks,
-                         tile.row0, tile.rows, c0, n_out, K, k_blocks, fp8_format, silu_and_mul};
+                         tile.row0, tile.rows, c0, n_out, K, k_blocks, fp8_format, gated};
     float acc[4][4];
     simt_tile(op, K, acc);
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     for (int i = 0; i < 4; ++i) {
         if (4 * ty + i >= tile.rows) continue;
         To* out_row = out + (long long)(tile.row0 + 4 * ty + i) * n_out;
-        store_pair(out_row, n_out, c0, 4 * tx, acc[i][0], acc[i][1], silu_and_mul);
-        store_pair(out_row, n_out, c0, 4 * tx + 2, acc[i][2], acc[i][3], silu_and_mul);
+        store_pair(out_row, n_out, c0, 4 * tx, acc[i][0], acc[i][1], activation, gated);
+        store_pair(out_row, n_out, c0, 4 * tx + 2, acc[i][2], acc[i][3], activation, gated);
     }
 }
 
@@ -270,7 +271,7 @@ template <typename T>
 __global__ void __launch_bounds__(SIMT_THREADS)
 fp4_gemm_simt(const T* __restrict__ a, const unsigned char* __restrict__ b_packed, const unsigned char* __restrict__ b_scales,
               const float* __restrict__ tensor_scale, T* __restrict__ out, int M, int N, int K, int fmt) {
-    weight_only_simt(a, Fp4Weights{b_packed, b_scales, tensor_scale, K, fmt, cdiv(K, fmt == HAL_FP4_NV ? 16 : 32)}, out, M, N, K);
+    weight_only_simt(a, Fp4Weights{b_packed, b_scales, tensor_scale, K, fmt, cdiv(K, fmt == HAL_FMT_NVFP4 ? 16 : 32)}, out, M, N, K);
 }
 
 // ================================================================ tensor cores: 8-bit operands (fp8, int8)
@@ -299,11 +300,11 @@ __device__ __forceinline__ unsigned e4m3_pair_to_f16_pair(unsigned two_bytes) {
     return ((x & 0x00800080u) << 8) | ((x & 0x007F007Fu) << 7);
 }
 
-__device__ __forceinline__ bool is_fp8_nan(unsigned code, int fmt) { return fmt == HAL_FP8_E4M3FNUZ ? code == 0x80u : (code & 0x7Fu) == 0x7Fu; }
+__device__ __forceinline__ bool is_fp8_nan(unsigned code, int fmt) { return fmt == HAL_FMT_FP8_E4M3FNUZ ? code == 0x80u : (code & 0x7Fu) == 0x7Fu; }
 
 // Whether any of the four bytes of w is the format's NaN (bytewise tests without carries between bytes).
 __device__ __forceinline__ bool has_fp8_nan(unsigned w, int fmt) {
-    if (fmt == HAL_FP8_E4M3FNUZ) {
+    if (fmt == HAL_FMT_FP8_E4M3FNUZ) {
         const unsigned y = w ^ 0x80808080u;  // a zero byte where w has 0x80
         return ((y - 0x01010101u) & ~y & 0x80808080u) != 0u;
     }
@@ -346,7 +347,7 @@ struct Fp8AsHalfMode {  // 8 fp8 bytes -> 8 f16 (scaled by 2^-8 / 2^-7), mma.m16
     }
     static __device__ __forceinline__ void mma(float d[4], const unsigned a[4], const unsigned b[2], const float c[4]) { mma_m16n8k16_f16(d, a, b, c); }
     // Undo the 2^-8 (2^-7) of both operands: 2^16 (2^14) per product.
-    static __device__ __forceinline__ float unit(int fmt) { return fmt == HAL_FP8_E4M3FNUZ ? 16384.0f : 65536.0f; }
+    static __device__ __forceinline__ float unit(int fmt) { return fmt == HAL_FMT_FP8_E4M3FNUZ ? 16384.0f : 65536.0f; }
 };
 
 struct Int8Mode {  // int8 bytes as they are, mma.m16n8k32.s8 -> s32 (sm_80+)
@@ -373,23 +374,23 @@ __device__ __forceinline__ void byte_tile_loop(const unsigned char* const a_rows
     const int slices = cdiv(K, Mode::kSliceK), per_block = QG_SCALE_BLOCK / Mode::kSliceK;
 
     uint4 a_next[2], b_next[2];
-    for (int slice = 0; slice <= slices; ++slice) {
-        if (slice > 0) {
-            for (int i = 0; i < 2; ++i) {
-                const int q = tid + i * MMA_THREADS;
-                a_tile[(q >> 2) * MMA_ROW_UINT4 + (q & 3)] = a_next[i];
-                b_tile[(q >> 2) * MMA_ROW_UINT4 + (q & 3)] = b_next[i];
-            }
-            __syncthreads();
-        }
-        if (slice < slices) {  // the next slice is in flight while this one is multiplied
+    prefetch_main_loop(
+        slices,
+        [&](int slice) {  // the next slice is in flight while this one is multiplied
             const int k = slice * Mode::kSliceK + k_chunk;
             for (int i = 0; i < 2; ++i) {
                 a_next[i] = a_rows[i] && k < K ? Mode::load(a_rows[i] + k, K - k, a_vec, fmt) : make_uint4(0u, 0u, 0u, 0u);
                 b_next[i] = b_rows[i] && k < K ? Mode::load(b_rows[i] + k, K - k, b_vec, fmt) : make_uint4(0u, 0u, 0u, 0u);
             }
-        }
-        if (slice > 0) {
+        },
+        [&] {
+            for (int i = 0; i < 2; ++i) {
+                const int q = tid + i * MMA_THREADS;
+                a_tile[(q >> 2) * MMA_ROW_UINT4 + (q & 3)] = a_next[i];
+                b_tile[(q >> 2) * MMA_ROW_UINT4 + (q & 3)] = b_next[i];
+            }
+        },
+        [&](int slice) {
 #pragma unroll
             for (int step = 0; step < 2; ++step) {
                 const int word = step * 8 + t;
@@ -413,10 +414,8 @@ __device__ __forceinline__ void byte_tile_loop(const unsigned char* const a_rows
 #pragma unroll
                     for (int ni = 0; ni < 4; ++ni) Mode::mma(frag[mi][ni], af[mi], bf[ni], frag[mi][ni]);
             }
-            __syncthreads();  // everyone is done reading before the next slice overwrites
-            if (slice % per_block == 0 || slice == slices) after_block((slice - 1) / per_block);
-        }
-    }
+            if ((slice + 1) % per_block == 0 || slice + 1 == slices) after_block(slice / per_block);  // registers only
+        });
 }
 
 // fp8: per 128-k block a fresh fp32 fragment, promoted into the accumulator with
@@ -424,7 +423,7 @@ __device__ __forceinline__ void byte_tile_loop(const unsigned char* const a_rows
 template <class Mode, typename To>
 __device__ __forceinline__ void fp8_mma_tile(const unsigned char* __restrict__ a, const float* __restrict__ a_scales, const unsigned char* __restrict__ b,
                                              const float* __restrict__ b_scales, const int* __restrict__ expert_offsets, To* __restrict__ out, int rows,
-                                             int n_out, int K, int experts, int fmt, int gated) {
+                                             int n_out, int K, int experts, int fmt, int activation, int gated) {
     __shared__ RowTile shared_tile;
     const RowTile tile = expert_row_tile<QG_TILE>(expert_offsets, experts, rows, &shared_tile);
     const int c0 = blockIdx.y * fp8_columns(gated);
@@ -498,7 +497,7 @@ __device__ __forceinline__ void fp8_mma_tile(const unsigned char* __restrict__ a
             if (r >= tile.rows) continue;
             To* out_row = out + (long long)(tile.row0 + r) * n_out;
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni) store_pair(out_row, n_out, c0, warp_col + ni * 8 + 2 * t, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1], gated);
+            for (int ni = 0; ni < 4; ++ni) store_pair(out_row, n_out, c0, warp_col + ni * 8 + 2 * t, acc[mi][ni][2 * h], acc[mi][ni][2 * h + 1], activation, gated);
         }
 }
 
@@ -506,8 +505,8 @@ template <typename To>
 __global__ void __launch_bounds__(MMA_THREADS)
 fp8_gemm_mma(const unsigned char* __restrict__ a, const float* __restrict__ a_scales, const unsigned char* __restrict__ b,
              const float* __restrict__ b_scales, const int* __restrict__ expert_offsets, To* __restrict__ out, int rows, int n_out, int K,
-             int experts, int fp8_format, int silu_and_mul) {
-    fp8_mma_tile<Fp8AsHalfMode>(a, a_scales, b, b_scales, expert_offsets, out, rows, n_out, K, experts, fp8_format, silu_and_mul);
+             int experts, int fp8_format, int activation, int gated) {
+    fp8_mma_tile<Fp8AsHalfMode>(a, a_scales, b, b_scales, expert_offsets, out, rows, n_out, K, experts, fp8_format, activation, gated);
 }
 
 // e4m3fn only (the flavour of NVIDIA's fp8 units): the glue sends e4m3fnuz to fp8_gemm_mma.
@@ -515,8 +514,8 @@ template <typename To>
 __global__ void __launch_bounds__(MMA_THREADS)
 fp8_gemm_mma_fp8(const unsigned char* __restrict__ a, const float* __restrict__ a_scales, const unsigned char* __restrict__ b,
                  const float* __restrict__ b_scales, const int* __restrict__ expert_offsets, To* __restrict__ out, int rows, int n_out, int K,
-                 int experts, int fp8_format, int silu_and_mul) {
-    fp8_mma_tile<Fp8NativeMode>(a, a_scales, b, b_scales, expert_offsets, out, rows, n_out, K, experts, fp8_format, silu_and_mul);
+                 int experts, int fp8_format, int activation, int gated) {
+    fp8_mma_tile<Fp8NativeMode>(a, a_scales, b, b_scales, expert_offsets, out, rows, n_out, K, experts, fp8_format, activation, gated);
 }
 
 // int8: one int32 fragment over the whole of K (exact), scaled in the epilogue.
@@ -610,15 +609,9 @@ __device__ __forceinline__ void weight_only_mma(const T* __restrict__ a, const W
 
     uint4 a_next[8], b_next;
     const int slices = cdiv(K, WO_BK);
-    for (int slice = 0; slice <= slices; ++slice) {
-        if (slice > 0) {
-#pragma unroll
-            for (int i = 0; i < 8; ++i)
-                if ((tid >> 4) + 8 * i < 16 * m_tiles) a_tile[((tid >> 4) + 8 * i) * WO_A_ROW_UINT4 + (tid & 15)] = a_next[i];
-            b_tile[(tid >> 2) * WO_B_ROW_UINT4 + (tid & 3)] = b_next;
-            __syncthreads();
-        }
-        if (slice < slices) {  // prefetch: rows past M in a live m16 tile are staged as zeros
+    prefetch_main_loop(
+        slices,
+        [&](int slice) {  // prefetch: rows past M in a live m16 tile are staged as zeros
             const int k = slice * WO_BK + 8 * (tid & 15);
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
@@ -631,14 +624,20 @@ __device__ __forceinline__ void weight_only_mma(const T* __restrict__ a, const W
             }
             const int byte = slice * (WO_BK / 2) + 16 * (tid & 3);
             b_next = b_src && byte < row_bytes ? load16_bytes(b_src + byte, row_bytes - byte, b_vec) : make_uint4(0u, 0u, 0u, 0u);
-        }
-        if (slice > 0) {
+        },
+        [&] {
+#pragma unroll
+            for (int i = 0; i < 8; ++i)
+                if ((tid >> 4) + 8 * i < 16 * m_tiles) a_tile[((tid >> 4) + 8 * i) * WO_A_ROW_UINT4 + (tid & 15)] = a_next[i];
+            b_tile[(tid >> 2) * WO_B_ROW_UINT4 + (tid & 3)] = b_next;
+        },
+        [&](int slice) {
             const uint4* b_row = b_tile + (warp * 8 + g) * WO_B_ROW_UINT4;
             const uint4 q0 = b_row[0], q1 = b_row[1], q2 = b_row[2], q3 = b_row[3];
             const unsigned packed[16] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w, q2.x, q2.y, q2.z, q2.w, q3.x, q3.y, q3.z, q3.w};
 #pragma unroll
             for (int step = 0; step < WO_BK / 16; ++step) {
-                const int k = (slice - 1) * WO_BK + 16 * step;
+                const int k = slice * WO_BK + 16 * step;
                 if (k >= K) break;  // block-uniform
                 const float param = b_col < N ? w.param(b_col, k) : 0.0f;
                 const unsigned lo = (packed[2 * step] >> (8 * t)) & 0xFFu, hi = (packed[2 * step + 1] >> (8 * t)) & 0xFFu;
@@ -663,9 +662,7 @@ __device__ __forceinline__ void weight_only_mma(const T* __restrict__ a, const W
                         }
                 }
             }
-            __syncthreads();  // everyone is done reading before the next slice overwrites
-        }
-    }
+        });
 
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
@@ -687,5 +684,5 @@ template <typename T>
 __global__ void __launch_bounds__(MMA_THREADS)
 fp4_gemm_mma(const T* __restrict__ a, const unsigned char* __restrict__ b_packed, const unsigned char* __restrict__ b_scales,
              const float* __restrict__ tensor_scale, T* __restrict__ out, int M, int N, int K, int fmt) {
-    weight_only_mma(a, Fp4Weights{b_packed, b_scales, tensor_scale, K, fmt, cdiv(K, fmt == HAL_FP4_NV ? 16 : 32)}, out, M, N, K);
+    weight_only_mma(a, Fp4Weights{b_packed, b_scales, tensor_scale, K, fmt, cdiv(K, fmt == HAL_FMT_NVFP4 ? 16 : 32)}, out, M, N, K);
 }

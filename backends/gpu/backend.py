@@ -2,7 +2,7 @@
 same kernel files (`cuda-sim`, `rocm-sim`). They differ only in where memory lives and in the
 executor's final launch; the launch glue (launch*.py, gathered by catalog.py) and the kernel files are shared.
 """
-from functools import partial
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +10,10 @@ import numpy as np
 from hal.arrays import DLPACK_CPU, from_host, kind_of, to_host
 from hal.dtypes import name_of, to_numpy
 from hal.errors import KernelCompileError, KernelLaunchError
-from hal.registry import Backend
+from hal.codes import define_options
+from hal.registry import Backend, Priority
 
+from . import compile_report
 from .catalog import KERNELS, instantiations
 
 BF16_NAN_BITS = 0x7FC0
@@ -51,9 +53,10 @@ class Sources:
     """Which file each kernel family is built from, and which of its templates: the vendor's own
     files by default; a candidate file (and only the templates one kernel launches) when evaluating."""
 
-    def __init__(self, vendor, candidate=None, family=None, kernels=()):
-        self.vendor, self.candidate, self.family = vendor, candidate, family
-        self.kernels = {k.format(matrix=vendor.matrix) for k in kernels}
+    def __init__(self, vendor, candidate=None, entry=None):
+        self.vendor, self.candidate = vendor, candidate
+        self.family = entry.family if entry is not None else None
+        self.kernels = set(entry.kernels(vendor)) if entry is not None else set()
 
     def path(self, family):
         return Path(self.candidate) if family == self.family else self.vendor.source(family)
@@ -61,6 +64,14 @@ class Sources:
     def names(self, family, arch):
         names = instantiations(self.vendor, family, arch)
         return [n for n in names if n.split("<")[0] in self.kernels] if family == self.family else names
+
+
+def _runtime_headers(vendor):
+    """Extra include directories of the vendor's runtime compiler (Vendor.runtime_headers)."""
+    if not vendor.runtime_headers:
+        return ()
+    module, function = vendor.runtime_headers.split(":")
+    return tuple(getattr(import_module(module), function)())
 
 
 class SimExecutor:
@@ -78,7 +89,7 @@ class SimExecutor:
 
             module = self._modules[family] = SimModule(self.sources.path(family), self.vendor.name,
                                                        self.sources.names(family, self.arch), mode=self.mode,
-                                                       include_dirs=(self.vendor.kernel_dir,))
+                                                       include_dirs=self.vendor.include_dirs)
         return module
 
     def launch(self, family, name, grid, block, shared_bytes, args):
@@ -129,11 +140,7 @@ class DeviceExecutor:
         module = self._modules.get(key)
         if module is None:
             source = self.sources.path(family)
-            options = ("-std=c++17", f"-I{self.vendor.kernel_dir}")
-            if self.vendor.name == "cuda":  # cuda_fp16.h and friends from the pip wheels when no toolkit is installed
-                from hal.backends.cuda.nvrtc import include_dirs
-
-                options += tuple(f"-I{d}" for d in include_dirs())
+            options = ("-std=c++17", *(f"-I{d}" for d in self.vendor.include_dirs + _runtime_headers(self.vendor)), *define_options())
             module = cupy.RawModule(code=source.read_text(), options=options, name_expressions=self.sources.names(family, self.arch))
             try:
                 module.compile()
@@ -186,7 +193,7 @@ class DeviceExecutor:
 class SimBackend(Backend):
     """`cuda-sim` / `rocm-sim`: the vendor's kernel files on the host emulator, on NumPy arrays."""
 
-    priority = 1  # selectable by name; never preferred over cpu for host arrays
+    priority = Priority.EMULATOR  # selectable by name; never preferred over cpu for host arrays
     device_type = DLPACK_CPU
 
     def __init__(self, vendor, arch=None, name=None, mode="release"):
@@ -207,11 +214,15 @@ class SimBackend(Backend):
         from hal.backends.sim.executor import sanitizer_available, toolchain
 
         sanitizers = [m for m in ("tsan", "asan") if sanitizer_available(m)[0]]
-        return {"device": f"host emulator of {self.vendor.name.upper()} {self.arch}", "arch": self.arch, "warp": self.vendor.warp,
+        return {"device": f"host emulator of {self.vendor.name.upper()} {self.arch}", "arch": self.arch, "warp": str(self.vendor.warp),
                 "memory": "host NumPy arrays (the sanitizer modes copy into buffers the emulator allocates)",
                 "streams": "synchronous: blocks spread over host worker threads, a block's threads are fibers",
-                "shared_memory": f"emulated per block; kernels keep to the device's: {self.vendor.shared_memory}",
+                "shared memory": f"emulated per block; kernels keep to the device's: {self.vendor.shared_memory}",
                 "fp8": self.vendor.fp8, "toolchain": f"{toolchain()[1]}; sanitizers: {', '.join(sanitizers) or 'none'}"}
+
+    def compile_report(self):
+        """The device compilers' report of the vendor's kernel files: the same sources the emulator runs."""
+        return compile_report.vendor_report(self.vendor)
 
 
 class DeviceBackend(Backend):
@@ -220,7 +231,7 @@ class DeviceBackend(Backend):
     CuPy has no bfloat16 or fp8 dtypes, so those live on the device as bit patterns in the unsigned
     integer type STAND_IN_OF names; the hal dtype of each array goes with it in `dtypes`."""
 
-    priority = 100
+    priority = Priority.DEVICE
 
     def __init__(self, vendor):
         self.vendor = vendor
@@ -234,11 +245,10 @@ class DeviceBackend(Backend):
         try:
             import cupy
         except ImportError:
-            wheel = "cupy-cuda12x" if self.vendor.name == "cuda" else "cupy-rocm-6-0 (CuPy's ROCm build)"
-            return False, f"CuPy is not installed (pip install {wheel})"
+            return False, f"CuPy is not installed (pip install {self.vendor.cupy_package})"
         except Exception as exc:
             return False, f"CuPy failed to import: {exc}"
-        if bool(cupy.cuda.runtime.is_hip) != (self.vendor.name == "rocm"):
+        if bool(cupy.cuda.runtime.is_hip) != self.vendor.cupy_is_hip:
             return False, f"the installed CuPy is built for {'ROCm' if cupy.cuda.runtime.is_hip else 'CUDA'}"
         try:
             count = cupy.cuda.runtime.getDeviceCount()
@@ -253,18 +263,18 @@ class DeviceBackend(Backend):
 
     def arch(self):
         if self._arch is None:
-            props = self._properties()
-            if self.vendor.name == "cuda":
-                self._arch = f"sm_{props['major']}{props['minor']}"
-            else:
-                self._arch = props["gcnArchName"].decode().split(":")[0]
+            self._arch = self.vendor.arch_of(self._properties())
         return self._arch
 
     def info(self):
-        return {"device": self._properties()["name"].decode(), "arch": self.arch(), "warp": self._properties()["warpSize"],
+        return {"device": self._properties()["name"].decode(), "arch": self.arch(), "warp": str(self._properties()["warpSize"]),
                 "memory": "CuPy device arrays; torch.cuda tensors through DLPack without copies",
                 "streams": "CuPy's current stream; results are read back when converted to host arrays",
-                "shared_memory": self.vendor.shared_memory, "fp8": self.vendor.fp8, "toolchain": self.vendor.runtime_compiler}
+                "shared memory": self.vendor.shared_memory, "fp8": self.vendor.fp8, "toolchain": self.vendor.runtime_compiler}
+
+    def compile_report(self):
+        """The offline compilers' report of this vendor's kernel files (registers, spills, shared memory per architecture)."""
+        return compile_report.vendor_report(self.vendor)
 
     def to_native(self, x, contiguous):
         import cupy
@@ -316,22 +326,21 @@ def register(registry, backend, kernels=None):
     """Add a GPU backend and its kernels (default: all of catalog.KERNELS, in their preference order)."""
     registry.add_backend(backend)
     ex, vendor = backend.executor, backend.vendor
-    matrix_archs = ", ".join(a for a in vendor.compile_archs if vendor.has_matrix_units(a))
-    fp8_archs = ", ".join(a for a in vendor.compile_archs if vendor.has_fp8_matrix_units(a))
+    tensor_op_archs = ", ".join(a for a in vendor.compile_archs if vendor.has_tensor_ops(a))
+    fp8_archs = ", ".join(a for a in vendor.compile_archs if vendor.has_fp8_tensor_ops(a))
     for entry in KERNELS if kernels is None else kernels:
         conditions, reasons = [], []
-        if entry.needs_matrix_units:
-            conditions.append(lambda a: vendor.has_matrix_units(ex.arch))
-            reasons.append(f"matrix units ({vendor.matrix_instruction}): {matrix_archs}")
-        if entry.needs_fp8_units:
-            conditions.append(lambda a: vendor.has_fp8_matrix_units(ex.arch))
-            reasons.append(f"fp8 matrix units: {fp8_archs}")
+        if entry.needs_tensor_ops:
+            conditions.append(lambda a: vendor.has_tensor_ops(ex.arch))
+            reasons.append(f"tensor-op units ({vendor.tensor_op_instruction}): {tensor_op_archs}")
+        if entry.needs_fp8_tensor_ops:
+            conditions.append(lambda a: vendor.has_fp8_tensor_ops(ex.arch))
+            reasons.append(f"fp8 tensor-op units: {fp8_archs}")
         if entry.supports is not None:
             conditions.append(entry.supports)
             reasons.append(entry.requires)
         supports = (lambda a, conditions=tuple(conditions): all(c(a) for c in conditions)) if conditions else None
-        dtypes = entry.dtypes[vendor.name] if isinstance(entry.dtypes, dict) else entry.dtypes
-        registry.add_kernel(entry.op, backend.name, partial(entry.glue, ex), dtypes=dtypes, supports=supports,
+        registry.add_kernel(entry.op, backend.name, entry.bind(ex), dtypes=entry.dtypes_on(vendor), supports=supports,
                             requires="; ".join(reasons), source=str(vendor.source(entry.family)))
 
 
@@ -344,13 +353,13 @@ def candidate_kernel(vendor, registry, backend, op, path):
     if entry is None or not isinstance(entry.backend, (SimBackend, DeviceBackend)) or entry.backend.vendor is not vendor:
         return None
     kernel = [k for k in KERNELS if k.op == op.name][-1]
-    sources = Sources(vendor, path, kernel.family, kernel.kernels)
+    sources = Sources(vendor, path, kernel)
     original = entry.backend.executor
     if isinstance(entry.backend, SimBackend):
         ex = SimExecutor(vendor, original.arch, original.mode, sources)
     else:
         ex = DeviceExecutor(vendor, entry.backend, sources)
-    return partial(kernel.glue, ex)
+    return kernel.bind(ex)
 
 
 def vendor_hooks(vendor):

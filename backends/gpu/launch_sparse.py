@@ -1,4 +1,4 @@
-"""Launch glue: embedding_bag and spmm_csr (backends/cuda/sparse.cu, backends/rocm/sparse.hip).
+"""Launch glue: embedding_bag and spmm_csr (kernel family "sparse": backends/gpu/kernels/sparse.cu).
 
 Both kernels are one gather-reduce over segments (bags, or rows of the CSR matrix): a group of
 lanes per segment, G = the smallest power of two with 8 * G >= D (at most a warp / wave), and the
@@ -8,18 +8,14 @@ keeps any grid correct.
 """
 import math
 
-import numpy as np
-
+from hal.codes import BAG_MODES
 from hal.dtypes import FLOATS
 
-from .launch import POSITION_TYPES, KernelEntry, _i32, _type
+from .glue import INDEX_DTYPES, KernelEntry, Template, ctype, i32, i64
 
-SPARSE_BLOCK = 256  # 8 warps / 4 waves: 16 bags of D = 128 per block on either vendor
 CHUNK = 8  # elements per lane and row load (16 bytes of a 16-bit type)
 MAX_BLOCKS = 1 << 16  # past this the groups stride: enough blocks to fill any current GPU many times
-MODES = {"sum": 0, "mean": 1, "max": 2}
 NO_PADDING = -1
-INDEX_TYPES = POSITION_TYPES  # int32 -> int, int64 -> long long
 
 
 def group_lanes(warp, dim):
@@ -30,38 +26,30 @@ def group_lanes(warp, dim):
     return lanes
 
 
-def _grid(ex, segments, dim):
-    blocks = math.ceil(segments * group_lanes(ex.vendor.warp, dim) / SPARSE_BLOCK)
-    return (min(blocks, MAX_BLOCKS), 1, 1)
+def _grid(ex, entry, segments, dim):
+    blocks = math.ceil(segments * group_lanes(ex.vendor.warp, dim) / entry.threads(ex.vendor))
+    return (min(blocks, MAX_BLOCKS),)
 
 
-def _name(ex, kernel, values, ids):
-    return f"{kernel}<{_type(ex, values)}, {INDEX_TYPES[ex.dtype_name(ids)]}>"
-
-
-def embedding_bag(ex, outs, table, indices, offsets, per_sample_weights, mode, padding_idx):
+def embedding_bag(ex, entry, outs, table, indices, offsets, per_sample_weights, mode, padding_idx):
     out = outs[0]
     bags, dim = out.shape
     if bags and dim:
-        ex.launch("sparse", _name(ex, "embedding_bag", table, indices), _grid(ex, bags, dim), (SPARSE_BLOCK, 1, 1), 0,
-                  (table, indices, offsets, per_sample_weights, out, _i32(bags), _i32(table.shape[0]), _i32(dim), np.int64(indices.shape[0]),
-                   _i32(MODES[mode]), _i32(NO_PADDING if padding_idx is None else padding_idx)))
+        entry.launch(ex, (ctype(ex, table), ctype(ex, indices)), _grid(ex, entry, bags, dim),
+                     (table, indices, offsets, per_sample_weights, out, i32(bags), i32(table.shape[0]), i32(dim), i64(indices.shape[0]),
+                      i32(BAG_MODES[mode]), i32(NO_PADDING if padding_idx is None else padding_idx)))
 
 
-def spmm_csr(ex, outs, indptr, indices, values, dense):
+def spmm_csr(ex, entry, outs, indptr, indices, values, dense):
     out = outs[0]
     m, n = out.shape
     if m and n:
-        ex.launch("sparse", _name(ex, "spmm_csr", values, indices), _grid(ex, m, n), (SPARSE_BLOCK, 1, 1), 0,
-                  (indptr, indices, values, dense, out, _i32(m), _i32(dense.shape[0]), _i32(n), np.int64(values.shape[0])))
+        entry.launch(ex, (ctype(ex, values), ctype(ex, indices)), _grid(ex, entry, m, n),
+                     (indptr, indices, values, dense, out, i32(m), i32(dense.shape[0]), i32(n), i64(values.shape[0])))
 
 
+# glue.BLOCK threads: 8 warps / 4 waves, 16 bags of D = 128 per block on either vendor.
 KERNELS = (
-    KernelEntry("embedding_bag", "sparse", embedding_bag, ("embedding_bag",)),
-    KernelEntry("spmm_csr", "sparse", spmm_csr, ("spmm_csr",)),
+    KernelEntry("embedding_bag", "sparse", embedding_bag, (Template("embedding_bag", FLOATS, INDEX_DTYPES),)),
+    KernelEntry("spmm_csr", "sparse", spmm_csr, (Template("spmm_csr", FLOATS, INDEX_DTYPES),)),
 )
-INSTANTIATIONS = {
-    "sparse": lambda vendor, arch: [f"{kernel}<{vendor.types[d]}, {i}>" for kernel in ("embedding_bag", "spmm_csr")
-                                    for d in FLOATS for i in INDEX_TYPES.values()],
-}
-BLOCK_THREADS = {"embedding_bag": SPARSE_BLOCK, "spmm_csr": SPARSE_BLOCK}

@@ -1,3 +1,5 @@
+// Vendor file: flash_attention_mfma runs QK^T and PV on wave64 MFMA 32x32x8 fragments (4 waves),
+// whose lane layouts decide how scores are reduced (lane ^ 32 shuffles) and how P is re-packed.
 // Flash attention (prefill), written for AMD: out = softmax(mask(softcap(scale * q k^T))) v per
 // (sequence, query head), semantics in ops/attention.py, ABI in docs/gpu-kernels.md.
 //
@@ -28,7 +30,7 @@
 // layout below) would be legal, at one block per CU. On gfx950 (160 KiB) the same 64-row tile
 // could keep two K/V stages (double buffering: load tile t+1 while computing on tile t) with
 // block_n 64 at d = 256 (2 x 68 KiB in the formula) or three blocks per CU at d = 128.
-#include "common.h"
+#include "hal_gpu.h"
 
 #define ATTN_BLOCK_M 64  // query rows per block (ABI)
 
@@ -161,7 +163,7 @@ __device__ __forceinline__ void flash_attention_simt_body(T* smem_t, const T* __
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int c = 16 * i + 4 * quarter + e;
-            qr[i][e] = row_ok && c < d ? to_f32(qrow[c]) : 0.0f;
+            qr[i][e] = row_ok && c < d ? to_float(qrow[c]) : 0.0f;
         }
     float acc[NB][4];
 #pragma unroll
@@ -176,7 +178,7 @@ __device__ __forceinline__ void flash_attention_simt_body(T* smem_t, const T* __
     T* Ks = smem_t;
     T* Vs = Ks + (long long)block_n * ldk;
     float* Ss = reinterpret_cast<float*>(Vs + (long long)block_n * ldv) + row;
-    const T zero = from_f32<T>(0.0f);
+    const T zero = from_float<T>(0.0f);
     const long long kv_stride = (long long)heads_kv * d, v_stride = (long long)heads_kv * dv;
     const T* kbase = k + s.k_tok0 * kv_stride + (long long)hkv * d;
     const T* vbase = v + s.k_tok0 * v_stride + (long long)hkv * dv;
@@ -252,7 +254,7 @@ __device__ __forceinline__ void flash_attention_simt_body(T* smem_t, const T* __
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
             const int c = 16 * i + 4 * quarter + e;
-            if (c < dv) orow[c] = from_f32<T>(acc[i][e] * inv);
+            if (c < dv) orow[c] = from_float<T>(acc[i][e] * inv);
         }
 }
 
@@ -309,7 +311,7 @@ __device__ __forceinline__ void attn_mfma(float d[16], const uint2& a, const uin
 
 template <typename T>
 __device__ __forceinline__ uint2 pack4(float a, float b, float c, float d) {
-    const T t[4] = {from_f32<T>(a), from_f32<T>(b), from_f32<T>(c), from_f32<T>(d)};
+    const T t[4] = {from_float<T>(a), from_float<T>(b), from_float<T>(c), from_float<T>(d)};
     uint2 r;
     __builtin_memcpy(&r, t, sizeof(r));
     return r;
@@ -366,7 +368,7 @@ __device__ __forceinline__ void flash_attention_mfma_body(T* smem_t, const T* __
     const int ldk = d + 4, ldt = kn + 4;
     T* Ks = smem_t;
     T* Vt = Ks + kn * ldk;
-    const T zero = from_f32<T>(0.0f);
+    const T zero = from_float<T>(0.0f);
     const long long kv_stride = (long long)heads_kv * d, v_stride = (long long)heads_kv * dv;
     const T* kbase = k + s.k_tok0 * kv_stride + (long long)hkv * d;
     const T* vbase = v + s.k_tok0 * v_stride + (long long)hkv * dv;
@@ -481,7 +483,7 @@ __device__ __forceinline__ void flash_attention_mfma_body(T* smem_t, const T* __
 #pragma unroll
                 for (int r = 0; r < 16; ++r) {
                     const float p = __expf(sacc[r] - base);
-                    sacc[r] = kSplitP ? p : to_f32(from_f32<T>(p));
+                    sacc[r] = kSplitP ? p : to_float(from_float<T>(p));
                     l += sacc[r];
                 }
 #pragma unroll
@@ -489,7 +491,7 @@ __device__ __forceinline__ void flash_attention_mfma_body(T* smem_t, const T* __
                     float hi[4], lo[4];
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
-                        hi[e] = to_f32(from_f32<T>(sacc[4 * kk + e]));
+                        hi[e] = to_float(from_float<T>(sacc[4 * kk + e]));
                         lo[e] = sacc[4 * kk + e] - hi[e];
                     }
                     pb[kk] = pack4<T>(hi[0], hi[1], hi[2], hi[3]);

@@ -1,3 +1,5 @@
+// Vendor file: the split-K decode is sized for wave64 (lane groups of a wave share a token, 4-element
+// chunks per lane to keep VGPRs low) and merges partials with wave-wide shuffles.
 // Decode attention over paged KV caches, written for AMD: one query token per sequence
 // (paged_decode_attention and DeepSeek's absorbed MLA decode, semantics in ops/attention.py),
 // split-K over the sequence as docs/gpu-kernels.md specifies:
@@ -25,9 +27,9 @@
 // static, so 4 blocks fit in a CU's 64 KiB; head dims up to DECODE_MAX_D (MLA: 512 + 64 = 576).
 //
 // fp8 caches (C = unsigned char): kv_format 1 = OCP e4m3fn, 2 = e4m3fnuz (MI300), decoded in
-// software (common.h); k_scale folds into the score scale and v_scale into the partial output,
+// software (hal_gpu.h); k_scale folds into the score scale and v_scale into the partial output,
 // both exact up to one fp32 rounding.
-#include "common.h"
+#include "hal_gpu.h"
 
 #define DECODE_CHUNK 512   // tokens whose probabilities sit in LDS at once
 #define DECODE_MAX_D 1024  // longest q / value row held in LDS
@@ -40,7 +42,7 @@ __device__ __forceinline__ float partial_dot(const float* q_s, const C* row, int
     float dot = 0.0f;
     for (int c = 4 * g; c < n; c += 4 * DECODE_GROUP) {
         float kv[4];
-        load4(row + c, n - c, vec, fmt, kv);
+        load4_float(row + c, n - c, vec, fmt, kv);
 #pragma unroll
         for (int e = 0; e < 4; ++e) dot += q_s[c + e] * kv[e];  // q_s is zero past n (see below)
     }
@@ -57,7 +59,7 @@ __device__ __forceinline__ void decode_partition_body(float* q_s, int start, int
     __shared__ float p_s[DECODE_CHUNK];
     __shared__ float acc_s[DECODE_MAX_D];
     __shared__ float red[4 * 256];  // per-wave partials: waves * 4 * warpSize = 4 * blockDim
-    __shared__ float scratch[HAL_MAX_WAVES];
+    __shared__ float scratch[HAL_MAX_WARPS];
     const int tid = threadIdx.x, lane = tid % warpSize, wave = tid / warpSize, waves = blockDim.x / warpSize;
     const int group = tid / DECODE_GROUP, g = tid % DECODE_GROUP, groups = blockDim.x / DECODE_GROUP;
     const int stretch = 4 * warpSize;  // value columns per wave pass
@@ -100,7 +102,7 @@ __device__ __forceinline__ void decode_partition_body(float* q_s, int start, int
                 for (int t = wave; t < n; t += waves) {
                     const float p = p_s[t];
                     float vv[4];
-                    load4(value_row(c0 + t) + col, dv - col, v_vec, kv_format, vv);
+                    load4_float(value_row(c0 + t) + col, dv - col, v_vec, kv_format, vv);
 #pragma unroll
                     for (int e = 0; e < 4; ++e) a[e] += p * vv[e];
                 }
@@ -143,14 +145,14 @@ __global__ __launch_bounds__(256) void paged_decode_partition(const T* __restric
     const int hkv = h / (heads_q / heads_kv);
 
     const T* qrow = q + ((long long)b * heads_q + h) * d;
-    for (int c = threadIdx.x; c < d + 4; c += blockDim.x) q_s[c] = c < d ? to_f32(qrow[c]) : 0.0f;
+    for (int c = threadIdx.x; c < d + 4; c += blockDim.x) q_s[c] = c < d ? to_float(qrow[c]) : 0.0f;
     __syncthreads();
 
     const int* table = block_table + (long long)b * max_blocks;
     const long long row_stride = (long long)heads_kv;  // rows of [block, slot] in units of heads
     // Row starts are multiples of d (dv) elements: 4-element vector loads need d % 4 == 0 and
     // an aligned base.
-    const bool k_vec = d % 4 == 0 && aligned4(k_cache), v_vec = dv % 4 == 0 && aligned4(v_cache);
+    const bool k_vec = chunks_aligned<C, 4>(k_cache, d), v_vec = chunks_aligned<C, 4>(v_cache, dv);
     auto slot = [&](int t) { return ((long long)table[t / block_size] * block_size + t % block_size) * row_stride + hkv; };
     auto key_dot = [&](int t, int g) { return partial_dot(q_s, k_cache + slot(t) * d, d, k_vec, kv_format, g); };
     auto value_row = [&](int t) { return v_cache + slot(t) * dv; };
@@ -183,20 +185,20 @@ __global__ __launch_bounds__(256) void mla_decode_partition(const T* __restrict_
     const T* qn = q_nope + ((long long)b * heads + h) * latent;
     const T* qp = q_pe + ((long long)b * heads + h) * rope;
     for (int c = threadIdx.x; c < pe0 + rope + 4; c += blockDim.x)
-        q_s[c] = c < latent ? to_f32(qn[c]) : c < pe0 ? 0.0f : c < pe0 + rope ? to_f32(qp[c - pe0]) : 0.0f;
+        q_s[c] = c < latent ? to_float(qn[c]) : c < pe0 ? 0.0f : c < pe0 + rope ? to_float(qp[c - pe0]) : 0.0f;
     __syncthreads();
 
     const int* table = block_table + (long long)b * max_blocks;
-    const bool c_vec = latent % 4 == 0 && aligned4(kv_latent), pe_vec = rope % 4 == 0 && aligned4(k_pe);
+    const bool c_vec = chunks_aligned<T, 4>(kv_latent, latent), pe_vec = chunks_aligned<T, 4>(k_pe, rope);
     auto slot = [&](int t) { return (long long)table[t / block_size] * block_size + t % block_size; };
     auto key_dot = [&](int t, int g) {
         const long long r = slot(t);
-        return partial_dot(q_s, kv_latent + r * latent, latent, c_vec, KV_NATIVE, g) +
-               partial_dot(q_s + pe0, k_pe + r * rope, rope, pe_vec, KV_NATIVE, g);
+        return partial_dot(q_s, kv_latent + r * latent, latent, c_vec, 0, g) +
+               partial_dot(q_s + pe0, k_pe + r * rope, rope, pe_vec, 0, g);
     };
     auto value_row = [&](int t) { return kv_latent + slot(t) * latent; };
     const long long at = ((long long)b * heads + h) * max_partitions + p;
-    decode_partition_body<T>(q_s, start, end, latent, scale, 0.0f, 1.0f, KV_NATIVE, c_vec, partial_out + at * latent, partial_max + at,
+    decode_partition_body<T>(q_s, start, end, latent, scale, 0.0f, 1.0f, 0, c_vec, partial_out + at * latent, partial_max + at,
                              partial_sum + at, key_dot, value_row);
 }
 
@@ -244,12 +246,12 @@ __global__ __launch_bounds__(256) void decode_merge(const float* __restrict__ pa
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
         const int c = tid + i * blockDim.x;
-        if (c < dv) orow[c] = from_f32<T>(acc[i]);
+        if (c < dv) orow[c] = from_float<T>(acc[i]);
     }
     // Columns past 4 * blockDim (dv > 1024): a plain loop over the partitions per column.
     for (int c = tid + 4 * blockDim.x; c < dv; c += blockDim.x) {
         float a = 0.0f;
         for (int p = 0; p < parts; ++p) a += partial_out[(at + p) * dv + c] * __expf(pm[p] - base);
-        orow[c] = from_f32<T>(a * inv);
+        orow[c] = from_float<T>(a * inv);
     }
 }

@@ -1,3 +1,5 @@
+// Vendor file: AMD's matrix cores change the algorithm (gemm_mfma: wave64 v_mfma_f32_32x32x8
+// fragments and their lane layouts set the LDS layout and a 4-wave, 256-thread block).
 // gemm with a fused epilogue: out = act(alpha * (a @ b) + bias) + beta * c.
 // a [M, K], b [K, N] of type T; c, out [M, N] of type To; bias [N] fp32; fp32 accumulation.
 // Every block covers a 64 x 64 tile of out: grid (ceil(N / 64), ceil(M / 64)), block 256.
@@ -15,7 +17,7 @@
 // so LDS never limits occupancy here (VGPRs do). On gfx950 (160 KiB) the 64 x 64 tile of the
 // ABI would stay the same; the K-slice could deepen (MFMA_BK 128, or a 3-stage LDS ring) to
 // cut barriers per FLOP, which is the only tile choice its larger LDS would change.
-#include "common.h"
+#include "hal_gpu.h"
 
 #define GEMM_TILE 64
 
@@ -27,8 +29,8 @@ __device__ __forceinline__ void epilogue(float acc, const float* __restrict__ bi
     if (bias) v += bias[n];
     v = activate(v, activation);
     const long long at = (long long)m * N + n;
-    if (c) v += beta * to_f32(c[at]);
-    out[at] = from_f32<To>(v);
+    if (c) v += beta * to_float(c[at]);
+    out[at] = from_float<To>(v);
 }
 
 // ====================================================================== SIMT
@@ -60,9 +62,9 @@ __global__ __launch_bounds__(256) void gemm_simt(const T* __restrict__ a, const 
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int m = m0 + a_m + 16 * r, ka = k0 + a_k;
-            ra[r] = (m < M && ka < K) ? to_f32(a[(long long)m * K + ka]) : 0.0f;
+            ra[r] = (m < M && ka < K) ? to_float(a[(long long)m * K + ka]) : 0.0f;
             const int kb = k0 + b_k + 4 * r, n = n0 + b_n;
-            rb[r] = (kb < K && n < N) ? to_f32(b[(long long)kb * N + n]) : 0.0f;
+            rb[r] = (kb < K && n < N) ? to_float(b[(long long)kb * N + n]) : 0.0f;
         }
     };
 
@@ -139,7 +141,7 @@ __global__ __launch_bounds__(256) void gemm_mfma(const T* __restrict__ a, const 
     const int a_m = tid / 4, a_k = (tid % 4) * 8;
     const int b_n = tid % 64, b_k = (tid / 64) * 8;
     T ra[8], rb[8];
-    const T zero = from_f32<T>(0.0f);
+    const T zero = from_float<T>(0.0f);
 
     // A's 8 halves are contiguous: one 16-byte global_load_dwordx4 when the row start and
     // the chunk are 16-byte aligned (K % 8 == 0, aligned base) and the chunk is in range.

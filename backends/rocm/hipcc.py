@@ -1,5 +1,5 @@
 """Offline compilation of hal's HIP kernels with Debian's hipcc (ROCm 5.2, clang 15): the ROCm
-half of the CI architecture matrix. No GPU is needed.
+half of the compile report (hal.backends.gpu.compile_report). No GPU is needed.
 
 hipcc has no name expressions (hipRTC's way of asking for template instantiations), so each
 build is a small generated translation unit that includes the kernel file and explicitly
@@ -8,7 +8,10 @@ instantiates the requested kernels:
     #include "gemm.hip"
     template __global__ decltype(gemm_simt<float, __half>) gemm_simt<float, __half>;
 
-It is compiled device-only for one architecture at a time with
+The kernel file is the vendor's own (backends/rocm/<family>.hip) or the shared CUDA-dialect one
+(backends/gpu/kernels/<family>.cu, compiled as HIP with `-x hip`); the include path is
+ROCM.include_dirs (the HIP shim hal_vendor.h first, then the shared headers) and the kernel codes
+come from hal.codes as -D options. It is compiled device-only for one architecture at a time with
 `-Rpass-analysis=kernel-resource-usage`; the remarks (SGPRs, VGPRs, AGPRs, spills, scratch,
 LDS, occupancy per kernel) are parsed and their mangled names mapped back to the name
 expressions through a demangler (llvm-cxxfilt or binutils' c++filt).
@@ -16,7 +19,7 @@ expressions through a demangler (llvm-cxxfilt or binutils' c++filt).
 Debian's hipcc is a wrapper that picks nvcc when one is on the PATH unless HIP_PLATFORM=amd;
 every call here sets it.
 
-    python -m hal.backends.gpu.matrix --vendor rocm      # the matrix and its JSON report
+    python -m hal.backends.gpu.compile_report --vendor rocm   # every family x arch, and its JSON report
 """
 import os
 import re
@@ -28,6 +31,7 @@ from pathlib import Path
 
 from hal.backends.gpu.catalog import FAMILIES, instantiations
 from hal.backends.gpu.vendor import ROCM
+from hal.codes import define_options
 from hal.errors import KernelCompileError
 
 ARCHS = ROCM.compile_archs  # Debian's clang 15 does not know gfx942
@@ -117,7 +121,8 @@ def compile_report(path, names, arch, options=OPTIONS, hipcc=None, timeout=900):
     with tempfile.TemporaryDirectory(prefix="hal-hipcc-") as tmp:
         tu = Path(tmp) / f"{path.stem}.{arch}.hip"
         tu.write_text(translation_unit(path, names))
-        cmd = [hipcc, "-x", "hip", f"--offload-arch={arch}", "--cuda-device-only", "-c", *options, f"-I{path.parent}",
+        cmd = [hipcc, "-x", "hip", f"--offload-arch={arch}", "--cuda-device-only", "-c", *options, *define_options(),
+               *(f"-I{d}" for d in (path.parent, *ROCM.include_dirs)),
                "-Rpass-analysis=kernel-resource-usage", str(tu), "-o", str(Path(tmp) / "out.o")]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -141,7 +146,7 @@ def compile_report(path, names, arch, options=OPTIONS, hipcc=None, timeout=900):
     return records
 
 
-def compile_matrix(families=FAMILIES, archs=ARCHS, jobs=None, hipcc=None):
+def compile_all(families=FAMILIES, archs=ARCHS, jobs=None, hipcc=None):
     """Every family for every architecture (one hipcc process each, `jobs` at a time)."""
     tasks = [(f, a) for f in families for a in archs]
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:

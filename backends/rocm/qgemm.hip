@@ -1,6 +1,8 @@
+// Vendor file: which MFMA forms exist (32x32x8 f16 / bf16, 32x32x16 fp8 FNUZ on gfx94x, i8 on
+// gfx90a / gfx94x) decides how operands are staged and decoded (docs/hardware.md).
 // Quantized GEMMs, out = a @ b.T with weights b [N, K] (K-contiguous, like a), written for AMD:
 //
-//   fp8_gemm_simt<To>      fp8 block-scaled, plain and grouped (MoE, optional silu_and_mul); any target
+//   fp8_gemm_simt<To>      fp8 block-scaled, plain and grouped (MoE, fused activation, optionally gated); any target
 //   fp8_gemm_mfma<To>      same, fp8 decoded exactly to f16, v_mfma_f32_32x32x8f16   (gfx90a, gfx94x)
 //   fp8_gemm_mfma_fp8<To>  same, fp8 codes straight into v_mfma_f32_32x32x16_fp8_fp8 (gfx94x, e4m3fnuz)
 //   int8_gemm_simt<To>     W8A8, exact int32 sums; any target
@@ -15,8 +17,8 @@
 // right for wave32 RDNA: nothing below the block level assumes a wave size).
 // Grid (chosen by backends/gpu/launch_qgemm.py): x = row tiles, y = position tiles. Plain GEMMs:
 // x = ceil(M / 64), position p of tile y is output column 64 y + p (32 y + p). Grouped fp8
-// (expert_offsets != nullptr): x is ceil(M / 64) + E + 1, see expert_row_tile in common.h.
-// silu_and_mul: positions pair up, p even = gate row, p odd = up row of output column 32 y + p / 2,
+// (expert_offsets != nullptr): x is ceil(M / 64) + E + 1, see expert_row_tile in hal_gpu.h.
+// Gated: positions pair up, p even = gate row, p odd = up row of output column 32 y + p / 2,
 // so such a block covers 32 output columns.
 //
 // Scales. Inside a scale group only exact values are multiplied: fp8 codes (every e4m3 value is an
@@ -31,7 +33,7 @@
 // the glue budgets. Registers: an MFMA lane holds 16 fp32 accumulators + 16 partials and keeps
 // the next k slice in flight as raw bytes (2-8 VGPRs); no kernel spills on gfx90a / gfx940 / gfx1030
 // (numbers in docs/gpu-kernels.md).
-#include "common.h"
+#include "hal_gpu.h"
 
 #define QG_BM 64       // rows of a per block
 #define QG_BN 64       // weight rows (positions) per block
@@ -39,20 +41,21 @@
 #define QG_CHUNK 8     // consecutive k a thread loads and stores at once
 
 // ====================================================================== what a block computes
-// Rows: expert_row_tile<QG_BM> (common.h; plain GEMMs pass no offsets). Positions: weight_row.
+// Rows: expert_row_tile<QG_BM> (hal_gpu.h; plain GEMMs pass no offsets). Positions: weight_row.
 struct Tile {
     int row0, rows;  // rows of a and out; rows <= 0: nothing
     int expert;      // which b / b_scales; -1: a zero tile (grouped rows outside every expert)
     int col0;        // first output column
     int n_out, gated;
+    int activation;  // epilogue: act(v), or act(gate) * up when gated (HAL_ACT_* of hal/codes.py)
 
     __device__ __forceinline__ int weight_row(int p) const { return ::weight_row(p, col0, n_out, gated); }
     __device__ __forceinline__ int columns() const { return gated ? QG_BN / 2 : QG_BN; }
 };
 
 // bn: positions per block (64, or 32 for the weight-only MFMA kernels).
-__device__ __forceinline__ Tile block_tile(const RowTile& r, int n_out, int gated, int bn = QG_BN) {
-    return Tile{r.row0, r.rows, r.expert, (int)blockIdx.y * (gated ? bn / 2 : bn), n_out, gated};
+__device__ __forceinline__ Tile block_tile(const RowTile& r, int n_out, int gated, int bn = QG_BN, int activation = HAL_ACT_NONE) {
+    return Tile{r.row0, r.rows, r.expert, (int)blockIdx.y * block_columns(bn, gated), n_out, gated, activation};
 }
 
 __device__ __forceinline__ Tile plain_tile(int rows, int n_out, int bn = QG_BN) {
@@ -83,7 +86,7 @@ __device__ __forceinline__ void load_bytes(unsigned char (&dst)[N], const unsign
 template <typename A, typename B> struct SameType { static constexpr bool value = false; };
 template <typename A> struct SameType<A, A> { static constexpr bool value = true; };
 
-template <typename S> __device__ __forceinline__ S staged(float v) { return from_f32<S>(v); }  // exact for every value staged here
+template <typename S> __device__ __forceinline__ S staged(float v) { return from_float<S>(v); }  // exact for every value staged here
 
 // Activations of T (f32 / f16 / bf16).
 template <typename T>
@@ -101,7 +104,7 @@ struct RowsOf {
 #pragma unroll
         for (int e = 0; e < QG_CHUNK; ++e) {
             if constexpr (SameType<S, T>::value) v[e] = t[e];
-            else v[e] = staged<S>(to_f32(t[e]));
+            else v[e] = staged<S>(to_float(t[e]));
         }
     }
 };
@@ -167,8 +170,6 @@ struct W4Scales {  // scales [N, K / group] (widened to fp32 by the glue)
     __device__ __forceinline__ float col(int n, int g) const { return s[(long long)n * groups + g]; }
 };
 
-enum { FP4_MX = 1, FP4_NV = 2 };
-
 struct Fp4Scales {  // mxfp4: E8M0 codes [N, ceil(K / 32)]; nvfp4: e4m3fn codes [N, ceil(K / 16)] x tensor scale
     const unsigned char* __restrict__ codes;
     int groups, size, fmt;
@@ -177,7 +178,7 @@ struct Fp4Scales {  // mxfp4: E8M0 codes [N, ceil(K / 32)]; nvfp4: e4m3fn codes 
     __device__ __forceinline__ int group() const { return size; }
     __device__ __forceinline__ float col(int n, int g) const {
         const unsigned c = codes[(long long)n * groups + g];
-        return fmt == FP4_MX ? e8m0_to_float(c) : fp8_to_float(c, FP8_E4M3FN) * tensor_scale;
+        return fmt == HAL_FMT_MXFP4 ? e8m0_to_float(c) : fp8_to_float(c, HAL_FMT_FP8_E4M3FN) * tensor_scale;
     }
 };
 
@@ -364,7 +365,7 @@ struct MfmaEngine {
     }
 
     // store(i, c, v): tile row i, output column col0 + c, fp32 value; only for valid outputs.
-    // silu_and_mul: lanes 2j and 2j + 1 hold the gate and the up row of one column; one xor-1
+    // Gated: lanes 2j and 2j + 1 hold the gate and the up row of one column; one xor-1
     // shuffle (DPP on CDNA) gives the even lane both.
     template <class Store>
     __device__ __forceinline__ void epilogue(const Tile& t, Store store) const {
@@ -375,10 +376,10 @@ struct MfmaEngine {
             const int i = wm + 8 * (r / 4) + 4 * (lane / 32) + r % 4;
             const float v = (float)acc[r];
             if (t.gated) {
-                const float up = __shfl_xor(v, 1);
-                if (!(p & 1) && i < t.rows && t.col0 + p / 2 < t.n_out) store(i, p / 2, silu_f32(v) * up);
+                const float up = warp_shfl_xor(v, 1);
+                if (!(p & 1) && i < t.rows && t.col0 + p / 2 < t.n_out) store(i, p / 2, activate(v, t.activation) * up);
             } else if (i < t.rows && t.col0 + p < t.n_out) {
-                store(i, p, v);
+                store(i, p, activate(v, t.activation));
             }
         }
     }
@@ -490,9 +491,9 @@ struct SimtEngine {
             for (int j = 0; j < 4; ++j) {
                 const int p = 4 * tx + j;
                 if (t.gated) {
-                    if (j % 2 == 0 && t.col0 + p / 2 < t.n_out) store(4 * ty + i, p / 2, silu_f32((float)acc[i][j]) * (float)acc[i][j + 1]);
+                    if (j % 2 == 0 && t.col0 + p / 2 < t.n_out) store(4 * ty + i, p / 2, activate((float)acc[i][j], t.activation) * (float)acc[i][j + 1]);
                 } else if (t.col0 + p < t.n_out) {
-                    store(4 * ty + i, p, (float)acc[i][j]);
+                    store(4 * ty + i, p, activate((float)acc[i][j], t.activation));
                 }
             }
         }
@@ -507,8 +508,8 @@ struct SimtEngine {
 #define FP8_GEMM_PARAMS                                                                                                       \
     const unsigned char *__restrict__ a, const float *__restrict__ a_scales, const unsigned char *__restrict__ b,             \
         const float *__restrict__ b_scales, const int *__restrict__ expert_offsets, To *__restrict__ out, int rows, int n_out, \
-        int K, int experts, int fp8_format, int silu_and_mul
-#define FP8_GEMM_ARGS a, a_scales, b, b_scales, expert_offsets, out, rows, n_out, K, experts, fp8_format, silu_and_mul
+        int K, int experts, int fp8_format, int activation, int gated
+#define FP8_GEMM_ARGS a, a_scales, b, b_scales, expert_offsets, out, rows, n_out, K, experts, fp8_format, activation, gated
 
 // LDS besides the engine's slices: the grouped row tile the block found.
 #define FP8_LDS QG_LDS; __shared__ RowTile rows_
@@ -517,17 +518,17 @@ template <class Engine, typename To>
 __device__ __forceinline__ void fp8_gemm(unsigned char* lds, RowTile* shared_rows, FP8_GEMM_PARAMS) {
     const RowTile r = expert_row_tile<QG_BM>(expert_offsets, experts, rows, shared_rows);
     if (r.rows <= 0) return;  // uniform: the block has nothing to do
-    const Tile t = block_tile(r, n_out, silu_and_mul);
+    const Tile t = block_tile(r, n_out, gated, QG_BN, activation);
     if (t.expert < 0) {
         zero_rows(out, r, t.col0, t.columns(), n_out);
         return;
     }
-    const int nw = n_out * (silu_and_mul ? 2 : 1), kb = (K + 127) / 128;
+    const int nw = n_out * (gated ? 2 : 1), kb = (K + 127) / 128;
     const ByteRows A{a, K, fp8_format}, B{b + (long long)t.expert * nw * K, K, fp8_format};
     const Fp8BlockScales sc{a_scales, b_scales + (long long)t.expert * ((nw + 127) / 128) * kb, kb};
     Engine engine;
     engine.run(lds, A, B, sc, t, K);
-    engine.epilogue(t, [&](int i, int c, float v) { out[(long long)(t.row0 + i) * n_out + t.col0 + c] = from_f32<To>(v); });
+    engine.epilogue(t, [&](int i, int c, float v) { out[(long long)(t.row0 + i) * n_out + t.col0 + c] = from_float<To>(v); });
 }
 
 template <typename To>
@@ -571,7 +572,7 @@ __device__ __forceinline__ void int8_gemm(unsigned char* lds, INT8_GEMM_PARAMS) 
         const int m = t.row0 + i, n = t.col0 + c;
         v = v * a_scales[a_per_row ? m : 0] * b_scales[b_per_row ? n : 0];
         if (bias) v += bias[n];
-        out[(long long)m * N + n] = from_f32<To>(v);
+        out[(long long)m * N + n] = from_float<To>(v);
     });
 }
 
@@ -600,7 +601,7 @@ __device__ __forceinline__ void weight_only_gemm(unsigned char* lds, const T* __
     if (t.rows <= 0) return;
     Engine engine;
     engine.run(lds, RowsOf<T>{a, K}, B, sc, t, K);
-    engine.epilogue(t, [&](int i, int c, float v) { out[(long long)(t.row0 + i) * N + t.col0 + c] = from_f32<T>(v); });
+    engine.epilogue(t, [&](int i, int c, float v) { out[(long long)(t.row0 + i) * N + t.col0 + c] = from_float<T>(v); });
 }
 
 #define W4A16_GEMM_PARAMS                                                                                  \
@@ -635,8 +636,8 @@ __global__ __launch_bounds__(QG_THREADS) void w4a16_gemm_mfma(W4A16_GEMM_PARAMS)
 
 template <class Engine, typename T>
 __device__ __forceinline__ void fp4_gemm(unsigned char* lds, FP4_GEMM_PARAMS) {
-    const int group = fmt == FP4_MX ? 32 : 16;
-    const Fp4Scales sc{b_scales, (K + group - 1) / group, group, fmt, fmt == FP4_NV ? *tensor_scale : 1.0f};
+    const int group = fmt == HAL_FMT_MXFP4 ? 32 : 16;
+    const Fp4Scales sc{b_scales, (K + group - 1) / group, group, fmt, fmt == HAL_FMT_NVFP4 ? *tensor_scale : 1.0f};
     weight_only_gemm<Engine>(lds, a, NibbleRows{b_packed, nullptr, K, group, 1}, sc, out, M, N, K);
 }
 

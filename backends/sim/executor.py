@@ -41,11 +41,11 @@ import struct
 import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 
+from hal.codes import defines as kernel_codes
 from hal.errors import KernelCompileError, KernelLaunchError
 
 INCLUDE_DIR = Path(__file__).resolve().parent / "include"
@@ -160,6 +160,16 @@ def _headers_sha() -> str:
     for p in sorted(INCLUDE_DIR.rglob("*")):
         if p.is_file():
             h.update(str(p.relative_to(INCLUDE_DIR)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _dir_headers_sha(dirs) -> str:
+    """The headers (.h, .cuh) directly in the given include directories."""
+    h = hashlib.sha256()
+    for d in dirs:
+        for p in sorted(Path(d).glob("*")):
+            if p.suffix in (".h", ".cuh") and p.is_file():
+                h.update(str(p).encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()
 
 
@@ -362,12 +372,13 @@ class SimModule:
             raise ValueError("at least one name expression is needed")
         self._index = {self._canonical(n): i for i, n in enumerate(self.name_expressions)}
         self.include_dirs = [Path(d).resolve() for d in include_dirs]
-        self.defines = dict(defines or {})
+        # The kernel codes of hal/codes.py (HAL_ACT_*, HAL_FMT_*, ...) come with every build, as they
+        # do with NVRTC and hipcc; `defines` adds to (or overrides) them.
+        self.defines = {**kernel_codes(), **(defines or {})}
         ok, reason = toolchain() if mode == "release" else sanitizer_available(mode)
         if not ok:
             raise KernelCompileError(f"{self.source.name}: the {vendor}-sim {mode} build is unavailable: {reason}")
         self.cache_hit = False
-        self.build_seconds = 0.0
         self.artifact = self._build()
         self._lib = None
         if mode == "release":
@@ -411,8 +422,10 @@ class SimModule:
         _, _, identity = _probe(tuple(compiler))
         flags = self._flags()
         generated = self._generated()
+        # flags carry the include path and the defines (kernel codes); the headers of the include
+        # directories (vendor shim, shared hal_gpu.h) are hashed here as well as in the manifest.
         base = _sha(json.dumps([GENERATOR_VERSION, identity, compiler, flags, self.mode, generated, str(self.source),
-                                _file_sha(self.source), _headers_sha()]).encode())[:24]
+                                _file_sha(self.source), _headers_sha(), _dir_headers_sha(self.include_dirs)]).encode())[:24]
         directory = _cache_root() / f"{self.source.stem}-{self.vendor}-{self.mode}-{base}"
         suffix = ".so" if self.mode == "release" else ".driver"
         for manifest in sorted(directory.glob("*.json")) if directory.exists() else ():
@@ -425,7 +438,6 @@ class SimModule:
                 self.cache_hit = True
                 _touch(directory)
                 return artifact
-        start = time.perf_counter()
         with _build_lock:
             runtime = _runtime_object(compiler, identity, self.mode, self.warp, _runtime_flags(self.mode, self.warp))
         directory.mkdir(parents=True, exist_ok=True)
@@ -453,7 +465,6 @@ class SimModule:
             tmp_manifest.write_text(json.dumps(deps, indent=0))
             os.replace(tmp_manifest, artifact.with_suffix(".json"))
         _prune(directory, artifact)
-        self.build_seconds = time.perf_counter() - start
         return artifact
 
     def _load(self):

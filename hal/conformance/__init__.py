@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..dispatch import backend as use_backend
-from ..dispatch import poisoned_outputs
+from ..dispatch import poisoned_outputs, scoped
 from ..dtypes import TOLERANCE, name_of
 from ..errors import BackendUnavailable, KernelNotFound
 from ..registry import registry
@@ -175,7 +174,7 @@ def run(case):
     if case.kind == "error":
         expected = case.sample.error
         try:
-            with use_backend(case.backend, fallback="error"):
+            with scoped(case.backend, fallback="error"):
                 op(**args)
         except expected as exc:
             ok = case.sample.match.lower() in str(exc).lower()
@@ -185,7 +184,7 @@ def run(case):
         return Result(case, "fail", f"no error raised; expected {expected.__name__}")
     before = _snapshot(args)
     try:
-        with use_backend(case.backend, fallback="error"), poisoned_outputs():
+        with scoped(case.backend, fallback="error"), poisoned_outputs():
             outs = op(**args)
     except (KernelNotFound, BackendUnavailable) as exc:
         return Result(case, "unsupported", str(exc))

@@ -19,7 +19,7 @@ def parametrize_cases(metafunc, default_backends=None):
     from hal import conformance
 
     config = metafunc.config
-    names = config.getoption("hal_backend") or default_backends or [b["name"] for b in hal.backends() if b["available"]]
+    names = config.getoption("hal_backend") or default_backends or [b["name"] for b in hal.list_backends() if b["available"]]
     seed = config.stash[_SEED]
     params = []
     for name in names:

@@ -52,7 +52,7 @@ __global__ void mma_layout_dump(int* a, int* b, int* cd) {
 
 // One warp computes D = A*B + C through the wrapper; each lane builds its fragments from the
 // row-major A [16x16], B [16x8], C [16x8] with the layout tables the test passes in (Python
-// computes them from the formulas of gpu-facts.md), so the wrapper is checked against them.
+// computes them from the formulas of docs/hardware.md), so the wrapper is checked against them.
 template <class T>
 __global__ void mma_tile(const T* a, const T* b, const float* c, float* d, const int* la, const int* lb, const int* lcd) {
     int lane = threadIdx.x;

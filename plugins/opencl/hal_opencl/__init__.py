@@ -8,7 +8,7 @@ CI). Its device type is DLPack CPU: it takes host arrays (NumPy, torch CPU tenso
 each input into an OpenCL buffer (`to_native`), runs the kernel into OpenCL output buffers, and
 copies the results back into host arrays of the caller's kind (`from_native`). On a discrete GPU
 that is two PCIe copies per call; the point of the plugin is portability, not zero-copy. Its
-priority (5) is below cpu (10), so host arrays go to cpu unless opencl is asked for by name.
+priority (hal.Priority.OFFLOAD) is below cpu's (HOST), so host arrays go to cpu unless opencl is asked for by name.
 
 Kernels (cl/*.cl, one file per op family, all arithmetic in fp32): rms_norm and layer_norm
 (fused residual), softmax, silu_and_mul, rope, gemm (local-memory tiled, fused epilogue),
@@ -40,7 +40,7 @@ class OpenCLBackend(hal.Backend):
     to OpenCL buffers for the kernels, results copied back to host arrays of the caller's kind."""
 
     name = "opencl"
-    priority = 5  # below cpu (10): host arrays run on cpu unless opencl is asked for
+    priority = hal.Priority.OFFLOAD
 
     def probe(self):
         try:
@@ -50,15 +50,20 @@ class OpenCLBackend(hal.Backend):
         return True, ""
 
     def info(self):
-        rt = runtime()
-        dev = rt.device
+        """Facts of the OpenCL device the kernels run on, as strings."""
+        dev = runtime().device
+        mib = 1 << 20
         return {
             "device": dev.name.strip(),
             "arch": dev.opencl_c_version.strip(),
             "platform": dev.platform.name.strip(),
-            "max_work_group_size": dev.max_work_group_size,
-            "local_mem_bytes": dev.local_mem_size,
-            "cl_khr_fp16": "cl_khr_fp16" in dev.extensions,
+            "driver": dev.driver_version.strip(),
+            "compute_units": str(dev.max_compute_units),
+            "clock_mhz": str(dev.max_clock_frequency),
+            "global_memory": f"{dev.global_mem_size // mib} MiB",
+            "local_memory": f"{dev.local_mem_size // 1024} KiB",
+            "max_work_group_size": str(dev.max_work_group_size),
+            "cl_khr_fp16": "yes" if "cl_khr_fp16" in dev.extensions else "no (float16 through vload_half / vstore_half)",
             "memory": "host arrays copied to OpenCL buffers and back",
         }
 

@@ -17,6 +17,9 @@ import hal
 CL_DIR = Path(__file__).parent / "cl"
 HEADER = CL_DIR / "common.h"
 
+# hal's kernel codes (activations, formats, ...) as -D options of every build: hal.codes is their one table.
+_CODES = tuple(hal.codes.define_options())
+
 # hal dtype name -> storage kind understood by common.h
 KINDS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
@@ -105,7 +108,7 @@ class Runtime:
         except OSError as exc:
             raise hal.KernelCompileError(f"opencl: cannot read kernel source {path}: {exc}") from None
         source = HEADER.read_text() + f'\n#line 1 "{path.name}"\n' + text
-        options = tuple(f"-D{k}={v}" for k, v in sorted(defines.items())) + ("-cl-std=CL1.2",)
+        options = tuple(f"-D{k}={v}" for k, v in sorted(defines.items())) + ("-cl-std=CL1.2",) + _CODES
         key = (hashlib.sha1(source.encode()).hexdigest(), options)
         with self._lock:
             prg = self._programs.get(key)

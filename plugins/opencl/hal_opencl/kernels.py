@@ -10,26 +10,30 @@ from pathlib import Path
 
 import numpy as np
 
+import hal
+
 from .device import CL_DIR, kind, runtime
+
+# The gated elementwise ops hal has (silu_and_mul, ...): one kernel source, built per op with its code.
+GATED_OPS = tuple(name for name in hal.codes.GATED_ACTIVATIONS if name in hal.ops.ALL)
 
 FILES = {
     "rms_norm": "norms.cl",
     "layer_norm": "norms.cl",
     "softmax": "activations.cl",
-    "silu_and_mul": "activations.cl",
+    **{op: "activations.cl" for op in GATED_OPS},
     "rope": "rotary.cl",
     "gemm": "linear.cl",
     "attention": "attention.cl",
 }
 OPS = tuple(FILES)
-ACT = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 # Build options of each op's float32 variant: what a candidate file is first built with.
 DEFAULT_DEFINES = {
     "rms_norm": dict(X_KIND="F32", W_KIND="F32", B_KIND="F32", HAS_RESIDUAL=1, HAS_BIAS=0),
     "layer_norm": dict(X_KIND="F32", W_KIND="F32", B_KIND="F32", HAS_RESIDUAL=1, HAS_BIAS=1),
     "softmax": dict(X_KIND="F32"),
-    "silu_and_mul": dict(X_KIND="F32"),
+    **{op: dict(X_KIND="F32", GATED_OP=op, ACT=hal.codes.activation_code(op)[0]) for op in GATED_OPS},
     "rope": dict(X_KIND="F32", T_KIND="F32", POS_T="long"),
     "gemm": dict(A_KIND="F32", BIAS_KIND="F32", C_KIND="F32", O_KIND="F32"),
     "attention": dict(X_KIND="F32", D_MAX=64, DV_MAX=64, BK=32),
@@ -75,6 +79,8 @@ class Launcher:
         return runtime().kernel(self.path, self.op, defines)
 
     def __call__(self, outs, **a):
+        if self.op in GATED_OPS:
+            return self._gated(outs, **a)
         return getattr(self, "_" + self.op)(outs, **a)
 
     # ------------------------------------------------------------------ norms
@@ -111,12 +117,13 @@ class Launcher:
         wg = _pow2(n)
         runtime().run(self.build(X_KIND=kind(x)), (rows * wg,), (wg,), x.buffer, outs[0].buffer, np.int32(n), np.int32(inner))
 
-    def _silu_and_mul(self, outs, x):
+    def _gated(self, outs, x):
         y = outs[0]
         if y.size == 0:
             return
         # 64 work-items per group, the global size rounded up to it (the kernel checks the bound).
-        runtime().run(self.build(X_KIND=kind(x)), (_up(y.size, 64),), (64,), x.buffer, y.buffer,
+        kern = self.build(X_KIND=kind(x), GATED_OP=self.op, ACT=hal.codes.activation_code(self.op)[0])
+        runtime().run(kern, (_up(y.size, 64),), (64,), x.buffer, y.buffer,
                       np.int32(y.shape[-1]), np.int64(y.size))
 
     # ------------------------------------------------------------------ rotary
@@ -141,8 +148,9 @@ class Launcher:
         if m * n == 0:
             return
         kern = self.build(A_KIND=kind(a), BIAS_KIND=kind(bias), C_KIND=kind(c), O_KIND=kind(out))
+        act = hal.codes.activation_code(activation)[0]
         runtime().run(kern, (_up(n, 32) // 4, _up(m, 32) // 4), (8, 8), _buf(a), _buf(b), _buf(bias), _buf(c), out.buffer,
-                      np.int32(m), np.int32(n), np.int32(kdim), np.float32(alpha), np.float32(beta), np.int32(ACT[activation]),
+                      np.int32(m), np.int32(n), np.int32(kdim), np.float32(alpha), np.float32(beta), np.int32(act),
                       np.int32(bias is not None), np.int32(c is not None))
 
     # ------------------------------------------------------------------ attention

@@ -51,7 +51,7 @@ def test_other_backends_get_none(opencl, tmp_path):
 WRONG = {  # op -> (text in the real kernel, a plausible slip)
     "softmax": ("exp(LOAD(X_KIND, x, i) - mx) * inv", "exp(LOAD(X_KIND, x, i)) * inv"),  # forgot to subtract the max
     "gemm": ("v += beta * LOAD(C_KIND, c,", "v += LOAD(C_KIND, c,"),  # dropped beta
-    "silu_and_mul": ("STORE(X_KIND, y, i, silu(g) * u)", "STORE(X_KIND, y, i, silu(u) * g)"),  # halves swapped
+    "silu_and_mul": ("STORE(X_KIND, y, i, activate(g, ACT) * u)", "STORE(X_KIND, y, i, activate(u, ACT) * g)"),  # halves swapped
 }
 
 

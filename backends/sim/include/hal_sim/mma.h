@@ -1,5 +1,5 @@
 // hal_sim/mma.h: the matrix wrappers of docs/gpu-kernels.md, emulated as warp collectives with the
-// ISA lane layouts of gpu-facts.md. The lane that completes the collective gathers every lane's
+// ISA lane layouts of docs/hardware.md. The lane that completes the collective gathers every lane's
 // fragments into whole A, B, C matrices, computes D = A*B + C in fp32 (each product of two half or
 // bfloat16 values is exact in fp32; the sum runs over k in order, then C is added), and scatters D.
 // The index maps are exposed (hal_sim::mma_layout) so that tests check them against the formulas.

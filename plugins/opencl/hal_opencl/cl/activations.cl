@@ -1,4 +1,4 @@
-/* softmax along any dim, and silu_and_mul (SwiGLU).
+/* softmax along any dim, and the gated elementwise ops (silu_and_mul: SwiGLU).
 
    softmax: x is viewed as [outer, n, inner] with the softmax dim in the middle (inner = 1 for
    the last dim). One work-group per (outer, inner) row; the launcher uses the smallest power of
@@ -8,11 +8,13 @@
    whole share is -inf keeps (max, sum) = (-inf, 0) and is skipped when merging, so masked tails
    never make exp(-inf - -inf) = NaN.
 
-   silu_and_mul: elementwise, one work-item per output element, no local memory; work-groups of
-   64 with the global size rounded up to a multiple of it (the kernel checks the bound), so a
-   prime element count does not force the runtime into tiny groups.
+   <act>_and_mul (silu_and_mul, ...): y = act(x[..., :d]) * x[..., d:], elementwise, one work-item
+   per output element, no local memory; work-groups of 64 with the global size rounded up to a
+   multiple of it (the kernel checks the bound), so a prime element count does not force the
+   runtime into tiny groups. One kernel source for every gated op: GATED_OP names the kernel (the
+   op) and ACT is its activation code (hal.codes).
 
-   Build options: X_KIND.
+   Build options: X_KIND; GATED_OP and ACT for the gated ops.
 */
 #define WG_MAX 256
 
@@ -62,10 +64,12 @@ __kernel void softmax(__global const TYPE(X_KIND) *x, __global TYPE(X_KIND) *y, 
 }
 
 /* x [rows, 2d] -> y [rows, d]; total = rows * d. */
-__kernel void silu_and_mul(__global const TYPE(X_KIND) *x, __global TYPE(X_KIND) *y, const int d, const long total) {
+#ifdef GATED_OP
+__kernel void GATED_OP(__global const TYPE(X_KIND) *x, __global TYPE(X_KIND) *y, const int d, const long total) {
     const long i = get_global_id(0);
     if (i >= total) return;
     const long row = i / d, j = i - row * d;
     const float g = LOAD(X_KIND, x, row * 2 * d + j), u = LOAD(X_KIND, x, row * 2 * d + d + j);
-    STORE(X_KIND, y, i, silu(g) * u);
+    STORE(X_KIND, y, i, activate(g, ACT) * u);
 }
+#endif

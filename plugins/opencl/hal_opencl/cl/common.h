@@ -40,21 +40,16 @@ inline ushort float_to_bf16(float f) {
    LLVM turns such a div/rem pair into a `freeze` instruction that Oclgrind 21.10's
    --uninitialized checker cannot interpret (it aborts the kernel with "Unsupported instruction"). */
 
-/* Activations of the gemm epilogue (ACT_*: the values of the ACT build option) and silu_and_mul. */
-#define ACT_NONE 0
-#define ACT_RELU 1
-#define ACT_GELU 2
-#define ACT_GELU_TANH 3
-#define ACT_SILU 4
-
+/* The epilogue activations: `act` is a code of hal.codes.ACTIVATIONS, which the build options
+   define as HAL_ACT_* (hal.codes.define_options(), given to every build); 0 (none) passes x. */
 inline float silu(float x) { return x / (1.0f + exp(-x)); }
 
 inline float activate(float x, int act) {
     switch (act) {
-    case ACT_RELU: return fmax(x, 0.0f);
-    case ACT_GELU: return 0.5f * x * (1.0f + erf(x * 0.70710678118654752f));
-    case ACT_GELU_TANH: return 0.5f * x * (1.0f + tanh(0.79788456080286536f * (x + 0.044715f * x * x * x)));
-    case ACT_SILU: return silu(x);
+    case HAL_ACT_RELU: return fmax(x, 0.0f);
+    case HAL_ACT_GELU: return 0.5f * x * (1.0f + erf(x * 0.70710678118654752f));
+    case HAL_ACT_GELU_TANH: return 0.5f * x * (1.0f + tanh(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+    case HAL_ACT_SILU: return silu(x);
     default: return x;
     }
 }

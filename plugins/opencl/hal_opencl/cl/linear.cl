@@ -12,7 +12,7 @@
 
    a [M, K], b [K, N], c and out [M, N], bias [N], all C-contiguous.
    Build options: A_KIND (a and b), BIAS_KIND, C_KIND, O_KIND (out). The epilogue's choices are
-   arguments, not build options: act (ACT_* in common.h), has_bias, has_c (0/1; a missing bias or
+   arguments, not build options: act (a code of hal.codes.ACTIVATIONS), has_bias, has_c (0/1; a missing bias or
    c is NULL and never read). They are uniform over the launch, so the branches cost nothing next
    to the K loop, and one build per dtype combination serves every epilogue.
 */

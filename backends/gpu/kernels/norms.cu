@@ -1,3 +1,5 @@
+// Written once for both vendors in CUDA's dialect; compiled as HIP for AMD through the vendor
+// shim hal_vendor.h (docs/gpu-kernels.md).
 // rms_norm and layer_norm with the fused residual add of transformer blocks.
 //
 // One block of 256 threads per row (grid = rows). With `residual`, the row normalized is
@@ -9,7 +11,7 @@
 // Threads stride the row by blockDim.x so that a warp touches 32 consecutive elements per access
 // (coalesced). Statistics are fp32, the variance is taken around the mean (no E[s^2] - mean^2
 // cancellation), and nothing is squared in the input type (fp16 overflows past 256).
-#include "common.cuh"
+#include "hal_gpu.h"
 
 #define NORM_THREADS 256
 // Values per thread held in registers. 16 floats keep the kernel far below the 255-register

@@ -1,3 +1,5 @@
+// Written once for both vendors in CUDA's dialect; compiled as HIP for AMD through the vendor
+// shim hal_vendor.h (docs/gpu-kernels.md).
 // softmax over the middle axis of an [outer, n, inner] view: element (o, j, i) at
 // (o * n + j) * inner + i, normalized over j.
 //
@@ -9,7 +11,7 @@
 // per element, with a block max and a block sum in between. Longer slices use an online
 // softmax (running max and rescaled running sum per thread) for a single reading pass, then a
 // second pass that writes. exp is expf (not __expf): full fp32 accuracy for logits ~1e3.
-#include "common.cuh"
+#include "hal_gpu.h"
 
 #define SOFTMAX_THREADS 256
 #define SOFTMAX_CACHED 16  // floats per thread in registers: constant trip counts, fully unrolled

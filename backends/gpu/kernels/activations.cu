@@ -1,9 +1,11 @@
+// Written once for both vendors in CUDA's dialect; compiled as HIP for AMD through the vendor
+// shim hal_vendor.h (docs/gpu-kernels.md).
 // silu_and_mul (SwiGLU): out[r, j] = silu(x[r, j]) * x[r, d + j] for x of shape [rows, 2d].
 //
 // One block of 256 threads per row (grid = rows); each thread strides the row by blockDim.x, so a
 // warp reads 32 consecutive gate elements and 32 consecutive up elements (two coalesced streams)
 // and writes 32 consecutive outputs. Pure bandwidth: no shared memory, no reduction.
-#include "common.cuh"
+#include "hal_gpu.h"
 
 #define ACTIVATION_THREADS 256
 

@@ -1,6 +1,8 @@
+// Written once for both vendors in CUDA's dialect; compiled as HIP for AMD through the vendor
+// shim hal_vendor.h (docs/gpu-kernels.md).
 // quantize / dequantize: float tensors to and from fp8, int8, int4, mxfp4 and nvfp4 with their scales.
 // ops/quant.py gives the semantics, hal/formats.py the formats and the cast (round to nearest even,
-// satfinite); the element conversions are the software ones of common.cuh, bit-exact everywhere.
+// satfinite); the element conversions are the software ones of hal_gpu.h, bit-exact everywhere.
 //
 // x is [batch, M, K] (leading dimensions flattened), row-major. A scale group is a rectangle of
 // group_rows x group_cols elements: tensor (M x K), row (1 x K), group (1 x g), block (g x g),
@@ -13,20 +15,15 @@
 //                    (also nvfp4's per-tensor amax, before quantize_groups).
 //   quantize_apply   tensor / channel, second pass: stores the scales and encodes element-wise.
 //   dequantize       element-wise, 8 consecutive elements of a row per thread.
-#include "common.cuh"
+#include "hal_gpu.h"
 
-// Format codes of the kernels (FORMAT_CODES in backends/gpu/launch_quant.py); 1-3 are the fp8
-// codes of common.cuh.
-#define HAL_Q_INT8 4
-#define HAL_Q_INT4 5   // signed nibbles -8..7, symmetric
-#define HAL_Q_UINT4 6  // int4 with zero points: nibbles 0..15
-#define HAL_Q_MXFP4 7
-#define HAL_Q_NVFP4 8
+// Formats are the HAL_FMT_* codes of hal/codes.py (int4: signed nibbles -8..7, symmetric; uint4:
+// int4 with zero points, nibbles 0..15; mxfp4 / nvfp4: E2M1 with E8M0 / e4m3fn block scales).
 
 #define HAL_NVFP4_TENSOR_MAX 2688.0f  // e4m3fn max x E2M1 max
 #define HAL_QUANT_BLOCK 256
 
-__device__ __forceinline__ bool is_packed(int fmt) { return fmt >= HAL_Q_INT4; }  // two 4-bit codes per byte
+__device__ __forceinline__ bool is_packed(int fmt) { return fmt >= HAL_FMT_INT4; }  // two 4-bit codes per byte
 
 // ---------------------------------------------------------------- group statistics
 // A group is summarized by the largest positive part max(x, 0) and negative part max(-x, 0), as
@@ -50,7 +47,7 @@ __device__ __forceinline__ void atomic_max_bits(unsigned* p, unsigned bits) { at
 // xor shuffles below `team` stay inside the team's aligned lanes; a team wider than a warp then
 // combines its warps through `scratch` (HAL_MAX_WARPS entries). Every thread of the block calls it.
 __device__ __forceinline__ unsigned team_max(unsigned v, int team, unsigned* scratch) {
-    for (int offset = min(team, warpSize) / 2; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    for (int offset = min(team, warpSize) / 2; offset > 0; offset >>= 1) v = max(v, warp_shfl_xor(v, offset));
     if (team > warpSize) {
         const int warps = team / warpSize, warp = threadIdx.x / warpSize, first = warp / warps * warps;
         __syncthreads();  // the previous call's readers are done with scratch
@@ -76,10 +73,10 @@ struct GroupScale {
 
 __device__ __forceinline__ float symmetric_max(int fmt) {
     switch (fmt) {
-        case HAL_FP8_E4M3FN: return 448.0f;
-        case HAL_FP8_E4M3FNUZ: return 240.0f;
-        case HAL_FP8_E5M2: return 57344.0f;
-        case HAL_Q_INT8: return 127.0f;
+        case HAL_FMT_FP8_E4M3FN: return 448.0f;
+        case HAL_FMT_FP8_E4M3FNUZ: return 240.0f;
+        case HAL_FMT_FP8_E5M2: return 57344.0f;
+        case HAL_FMT_INT8: return 127.0f;
         default: return 7.0f;  // int4
     }
 }
@@ -134,20 +131,20 @@ __device__ __forceinline__ float multiply_to_odd(float a, float b) {
 __device__ __forceinline__ GroupScale group_scale(GroupMax m, int fmt, float tensor_scale) {
     const unsigned amax = max(m.pos, m.neg);
     GroupScale s = {1.0f, 0.0f, 1.0f, 0u};
-    if (fmt == HAL_Q_UINT4) {
+    if (fmt == HAL_FMT_UINT4) {
         const float hi = __builtin_bit_cast(float, m.pos), lo = -__builtin_bit_cast(float, m.neg);
         s.divisor = s.stored = hi == lo ? 1.0f : (hi - lo) / 15.0f;
         s.zero = (float)round_clamped(-lo / s.divisor, 0.0f, 15.0f);
-    } else if (fmt == HAL_Q_MXFP4) {
+    } else if (fmt == HAL_FMT_MXFP4) {
         // e = floor(log2 amax) - 2 (E2M1's emax) clamped to [-127, 127], stored as e + 127: amax's
         // fp32 exponent field is floor(log2) + 127 for a normal amax, and a field below 2 (amax
         // below 2^-125, zero and subnormals included) clamps to -127. Non-finite amax: 0xFF, NaN.
         const unsigned field = amax >> 23;
         s.code = amax >= 0x7F800000u ? 0xFFu : (field > 2u ? field : 2u) - 2u;
         s.divisor = e8m0_to_float(s.code);  // a NaN divisor makes every code +0
-    } else if (fmt == HAL_Q_NVFP4) {
-        s.code = float_to_fp8(__builtin_bit_cast(float, amax) / 6.0f / tensor_scale, HAL_FP8_E4M3FN);
-        s.divisor = fp8_to_float(s.code, HAL_FP8_E4M3FN) * tensor_scale;
+    } else if (fmt == HAL_FMT_NVFP4) {
+        s.code = float_to_fp8(__builtin_bit_cast(float, amax) / 6.0f / tensor_scale, HAL_FMT_FP8_E4M3FN);
+        s.divisor = fp8_to_float(s.code, HAL_FMT_FP8_E4M3FN) * tensor_scale;
     } else {
         s.divisor = s.stored = amax_scale(amax, symmetric_max(fmt));
     }
@@ -158,11 +155,11 @@ __device__ __forceinline__ GroupScale group_scale(GroupMax m, int fmt, float ten
 __device__ __forceinline__ unsigned quantize_value(float x, float divisor, float zero, int fmt) {
     const float v = divide_to_odd(x, divisor);
     switch (fmt) {
-        case HAL_Q_INT8: return (unsigned)round_clamped(v, -128.0f, 127.0f) & 0xFFu;
-        case HAL_Q_INT4: return (unsigned)round_clamped(v, -8.0f, 7.0f) & 0xFu;
-        case HAL_Q_UINT4: return (unsigned)min(max(round_clamped(v, -16.0f, 16.0f) + (int)zero, 0), 15);
-        case HAL_Q_MXFP4: return float_to_e2m1(v);
-        case HAL_Q_NVFP4: return divisor == 0.0f ? 0u : float_to_e2m1(v);  // a zero block scale: code 0
+        case HAL_FMT_INT8: return (unsigned)round_clamped(v, -128.0f, 127.0f) & 0xFFu;
+        case HAL_FMT_INT4: return (unsigned)round_clamped(v, -8.0f, 7.0f) & 0xFu;
+        case HAL_FMT_UINT4: return (unsigned)min(max(round_clamped(v, -16.0f, 16.0f) + (int)zero, 0), 15);
+        case HAL_FMT_MXFP4: return float_to_e2m1(v);
+        case HAL_FMT_NVFP4: return divisor == 0.0f ? 0u : float_to_e2m1(v);  // a zero block scale: code 0
         default: return float_to_fp8(v, fmt);
     }
 }
@@ -212,10 +209,10 @@ __global__ void __launch_bounds__(HAL_QUANT_BLOCK) quantize_groups(const T* __re
     GroupMax m = {0u, 0u};
     for (RectWalk w(lane, team, cols); w.r < rows; w.next()) accumulate(m, to_float(x[(row0 + w.r) * K + c0 + w.c]));
     m = team_max(m, team, scratch);
-    const GroupScale s = group_scale(m, fmt, valid && fmt == HAL_Q_NVFP4 ? tensor_scale[entry] : 1.0f);
+    const GroupScale s = group_scale(m, fmt, valid && fmt == HAL_FMT_NVFP4 ? tensor_scale[entry] : 1.0f);
     if (valid && lane == 0) {
         const long long at = band * groups_per_band + gcol;
-        if (fmt == HAL_Q_MXFP4 || fmt == HAL_Q_NVFP4) scale_codes[at] = (unsigned char)s.code;
+        if (fmt == HAL_FMT_MXFP4 || fmt == HAL_FMT_NVFP4) scale_codes[at] = (unsigned char)s.code;
         else scales[at] = s.stored;
         if (zeros) zeros[at] = (unsigned char)s.zero;
         shared_divisor[slot] = s.divisor, shared_zero[slot] = s.zero;
@@ -286,7 +283,7 @@ __global__ void __launch_bounds__(HAL_QUANT_BLOCK) quantize_apply(const T* __res
     const long long groups = (long long)batch * (per_column ? K : 1);
     if (i < groups) {
         const GroupMax m = {maxima[2 * i], maxima[2 * i + 1]};
-        if (fmt == HAL_Q_NVFP4) {
+        if (fmt == HAL_FMT_NVFP4) {
             scales[i] = amax_scale(max(m.pos, m.neg), HAL_NVFP4_TENSOR_MAX);
         } else {
             const GroupScale s = group_scale(m, fmt, 1.0f);
@@ -318,7 +315,7 @@ __global__ void __launch_bounds__(HAL_QUANT_BLOCK) quantize_apply(const T* __res
 // The bits of one element, in the low bits of a 32-bit word.
 __device__ __forceinline__ unsigned element_bits(float v) { return __builtin_bit_cast(unsigned, v); }
 __device__ __forceinline__ unsigned element_bits(__half v) { return __builtin_bit_cast(unsigned short, v); }
-__device__ __forceinline__ unsigned element_bits(__nv_bfloat16 v) { return __builtin_bit_cast(unsigned short, v); }
+__device__ __forceinline__ unsigned element_bits(bf16 v) { return __builtin_bit_cast(unsigned short, v); }
 
 template <typename T>
 __device__ __forceinline__ void store8(T* p, const float v[8], int valid, bool vec) {
@@ -341,11 +338,11 @@ __device__ __forceinline__ float dequantize_value(unsigned code, long long g, co
                                                   const unsigned char* __restrict__ zeros, float tensor_scale, int fmt) {
     float value, scale;
     switch (fmt) {
-        case HAL_Q_INT8: value = (float)((int)(code ^ 0x80u) - 128), scale = scales[g]; break;
-        case HAL_Q_INT4: value = (float)int4_to_int(code), scale = scales[g]; break;
-        case HAL_Q_UINT4: value = (float)((int)code - (int)zeros[g]), scale = scales[g]; break;
-        case HAL_Q_MXFP4: value = e2m1_to_float(code), scale = e8m0_to_float(scale_codes[g]); break;
-        case HAL_Q_NVFP4: value = e2m1_to_float(code) * fp8_to_float(scale_codes[g], HAL_FP8_E4M3FN), scale = tensor_scale; break;
+        case HAL_FMT_INT8: value = (float)((int)(code ^ 0x80u) - 128), scale = scales[g]; break;
+        case HAL_FMT_INT4: value = (float)int4_to_int(code), scale = scales[g]; break;
+        case HAL_FMT_UINT4: value = (float)((int)code - (int)zeros[g]), scale = scales[g]; break;
+        case HAL_FMT_MXFP4: value = e2m1_to_float(code), scale = e8m0_to_float(scale_codes[g]); break;
+        case HAL_FMT_NVFP4: value = e2m1_to_float(code) * fp8_to_float(scale_codes[g], HAL_FMT_FP8_E4M3FN), scale = tensor_scale; break;
         default: value = fp8_to_float(code, fmt), scale = scales[g];
     }
     return sizeof(T) == 4 ? value * scale : multiply_to_odd(value, scale);
@@ -379,7 +376,7 @@ __global__ void __launch_bounds__(HAL_QUANT_BLOCK) dequantize(const unsigned cha
     const int bands_per_entry = (M + group_rows - 1) / group_rows, groups_per_band = (K + group_cols - 1) / group_cols;
     const long long band_at = ((long long)entry * bands_per_entry + r / group_rows) * groups_per_band;
     int gcol = c0 / group_cols, next = (gcol + 1) * group_cols;
-    const float tensor = fmt == HAL_Q_NVFP4 ? tensor_scale[entry] : 1.0f;
+    const float tensor = fmt == HAL_FMT_NVFP4 ? tensor_scale[entry] : 1.0f;
     float v[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int e = 0; e < 8; ++e) {  // unrolled: constant indices keep codes[] and v[] in registers

@@ -1,56 +1,49 @@
-// Sparse ops of recommendation models: embedding_bag<T, I> and spmm_csr<T, I>, written for AMD
-// (wave64 CDNA, also correct on wave32 RDNA). Semantics in ops/sparse.py, ABI in
-// docs/gpu-kernels.md. T is the element type, I the index type (int or long long) of the ids and
-// of the offsets / indptr.
+// Written once for both vendors in CUDA's dialect; compiled as HIP for AMD through the vendor
+// shim hal_vendor.h (docs/gpu-kernels.md).
+// Sparse ops of recommendation models: embedding_bag<T, I> and spmm_csr<T, I>. Semantics in
+// ops/sparse.py, ABI in docs/gpu-kernels.md. T is the element type, I the index type (int or
+// long long) of the ids and of the offsets / indptr.
 //
 // Both are one gather-reduce: segment s (a bag, or a row of the CSR matrix) covers the entries
 // [offsets[s], offsets[s + 1]); entry e adds w[e] * table[ids[e]] to output row s (or takes the
-// max). spmm_csr is "sum" with the matrix values as weights and the dense matrix as the table.
+// max). spmm_csr is the "sum" mode with the matrix values as weights and the dense matrix as the
+// table, so both kernels call reduce_segments below.
 //
-// Work split for a 64-lane wave: a segment is served by a group of G lanes, G the smallest power
-// of two with 8 * G >= D, at most warpSize (read at run time: 64 on CDNA, 32 on RDNA). Lane `sub`
-// of a group owns the 8-element chunks sub, sub + G, ... of the output row, so on CDNA:
-//   D = 64  -> G = 8,  8 bags per wave;      D = 128 -> G = 16, 4 bags per wave;
-//   D = 512 -> G = 64, the whole wave;       larger D loops over 512-wide column slices.
-// A wave64 would leave half its lanes idle on D = 128 with one bag per wave; packing bags keeps
-// every lane loading. A chunk is one global_load_dwordx4 (16 bytes, two for float) when the rows
-// are 16-byte aligned, else element by element. Every lane of a group reads the entry's id itself
-// (the same address across the group: one memory transaction), so there are no cross-lane
-// operations: groups of one wave may serve segments of different lengths, the wave simply runs
-// until its longest segment is done. Four entries' rows are loaded before any is accumulated, so
-// each lane has four independent loads outstanding (the gather is bound by memory latency, and a
-// CU runs fewer waves than an SM runs warps). Groups stride over the segments, so any grid
-// covers any number of segments.
+// Work split: a segment is served by a group of G lanes, G the smallest power of two with
+// 8 * G >= D, at most 32; lane `sub` owns the 8-element chunks sub, sub + G, ... of the output row.
+// D = 128 thus takes 16 lanes and a warp reduces two bags at once, so small embedding dims keep
+// every lane busy. Per entry, a lane loads its chunk of the gathered row: 16 bytes (two float4 for
+// float) when rows are 16-byte aligned, element by element otherwise; the G lanes of a group read
+// one contiguous, coalesced piece of the row. The lanes of a group all read the entry's id (one
+// broadcast transaction), which needs no shuffle and so no convergence: groups of one warp may
+// run segments of different lengths. Four entries are loaded before any is accumulated, so four
+// row loads are in flight per lane (gathers are latency-bound: each row is a random address).
+// Groups stride over the segments (grid-stride), so any grid covers any number of segments.
 //
-// fp32 accumulation in VGPRs; ids outside [0, rows) and the padding id are skipped and offsets
-// are clamped to [0, length], so nothing is read out of bounds even for invalid inputs.
-#include "common.h"
+// Accumulation is fp32 in registers; ids outside [0, rows) and the padding id are skipped, and
+// offsets are clamped to [0, length]: nothing is read out of bounds even for invalid inputs.
+#include "hal_gpu.h"
 
-#define SPARSE_THREADS 256  // 4 waves on CDNA
-#define SPARSE_CHUNK 8      // elements per lane and row load: one dwordx4 of a 16-bit type
-#define SPARSE_INFLIGHT 4
-
-enum { SEGMENT_SUM = 0, SEGMENT_MEAN = 1, SEGMENT_MAX = 2 };
-
-// Whether chunks of rows `row_elems` long starting at `base` are all 16-byte aligned.
-template <typename T>
-__device__ __forceinline__ bool rows_aligned(const T* base, int row_elems) {
-    return (unsigned long long)row_elems * sizeof(T) % 16 == 0 && reinterpret_cast<unsigned long long>(base) % 16 == 0;
-}
+#define SPARSE_THREADS 256
+#define SPARSE_CHUNK 8     // elements per lane and row load: 16 bytes of a 16-bit type
+#define SPARSE_INFLIGHT 4  // entries whose rows are loaded before they are accumulated
+// CUDA: blocks per SM the register budget must allow (at most 128 registers a thread). Without it
+// ptxas aims for 3-4 blocks and spills the rows in flight; 2 x 8 warps with 4 rows each in flight
+// are plenty to cover memory latency (the gather is bound by it, not by occupancy). HIP: plain
+// __launch_bounds__(256) (see the shim).
+#define SPARSE_MIN_BLOCKS 2
 
 // The bits of an element, zero-extended, and back (little-endian: the low bytes of the word).
 template <typename T>
 __device__ __forceinline__ unsigned bits_of(T x) {
-    unsigned bits = 0;
-    __builtin_memcpy(&bits, &x, sizeof(T));
-    return bits;
+    if constexpr (sizeof(T) == 4) return __builtin_bit_cast(unsigned, x);
+    else return __builtin_bit_cast(unsigned short, x);
 }
 
 template <typename T>
 __device__ __forceinline__ T of_bits(unsigned bits) {
-    T x;
-    __builtin_memcpy(&x, &bits, sizeof(T));
-    return x;
+    if constexpr (sizeof(T) == 4) return __builtin_bit_cast(T, bits);
+    else return __builtin_bit_cast(T, (unsigned short)bits);
 }
 
 // One lane's 8 elements of a row, kept raw as 32-bit words (4 for a 16-bit type, 8 for float)
@@ -64,7 +57,7 @@ struct Chunk {
     unsigned w[WORDS];
 
     // Element i (a constant after unrolling) as fp32; put() ORs an element into a cleared chunk.
-    __device__ __forceinline__ float get(int i) const { return to_f32(of_bits<T>(w[i / PER_WORD] >> shift(i))); }
+    __device__ __forceinline__ float get(int i) const { return to_float(of_bits<T>(w[i / PER_WORD] >> shift(i))); }
     __device__ __forceinline__ void put(int i, T x) { w[i / PER_WORD] |= bits_of(x) << shift(i); }
     __device__ __forceinline__ void clear() {
 #pragma unroll
@@ -97,14 +90,14 @@ __device__ __forceinline__ void store_chunk(T* p, const float v[SPARSE_CHUNK], i
         Chunk<T> c;
         c.clear();
 #pragma unroll
-        for (int i = 0; i < SPARSE_CHUNK; ++i) c.put(i, from_f32<T>(v[i]));
+        for (int i = 0; i < SPARSE_CHUNK; ++i) c.put(i, from_float<T>(v[i]));
 #pragma unroll
         for (int q = 0; q < Chunk<T>::WORDS / 4; ++q)
             reinterpret_cast<uint4*>(p)[q] = make_uint4(c.w[4 * q], c.w[4 * q + 1], c.w[4 * q + 2], c.w[4 * q + 3]);
     } else {
 #pragma unroll
         for (int i = 0; i < SPARSE_CHUNK; ++i)
-            if (i < valid) p[i] = from_f32<T>(v[i]);
+            if (i < valid) p[i] = from_float<T>(v[i]);
     }
 }
 
@@ -127,7 +120,7 @@ __device__ __forceinline__ void reduce_segments(const T* __restrict__ table, con
     const int sub = threadIdx.x % lanes;
     const long long first = ((long long)blockIdx.x * blockDim.x + threadIdx.x) / lanes;
     const long long stride = (long long)gridDim.x * blockDim.x / lanes;
-    const bool vec = rows_aligned(table, dim) && rows_aligned(out, dim);
+    const bool vec = chunks_aligned(table, dim) && chunks_aligned(out, dim);
 
     for (long long s = first; s < segments; s += stride) {
         const long long start = clamped(offsets[s], 0, length), end = clamped(offsets[s + 1], start, length);
@@ -148,7 +141,7 @@ __device__ __forceinline__ void reduce_segments(const T* __restrict__ table, con
                     const long long e = e0 + u;
                     const long long id = e < end ? (long long)ids[e] : -1;
                     row[u] = (id >= 0 && id < rows && id != padding_idx) ? (int)id : -1;
-                    w[u] = (!MAX && row[u] >= 0 && weights) ? to_f32(weights[e]) : 1.0f;
+                    w[u] = (!MAX && row[u] >= 0 && weights) ? to_float(weights[e]) : 1.0f;
                     if (row[u] >= 0) load_chunk(v[u], table + (long long)row[u] * dim + col, valid, vec);
                 }
 #pragma unroll
@@ -172,17 +165,17 @@ __device__ __forceinline__ void reduce_segments(const T* __restrict__ table, con
 }
 
 template <typename T, typename I>
-__global__ __launch_bounds__(SPARSE_THREADS) void embedding_bag(const T* __restrict__ table, const I* __restrict__ indices, const I* __restrict__ offsets,
+__global__ void HAL_LAUNCH_BOUNDS_MIN_BLOCKS(SPARSE_THREADS, SPARSE_MIN_BLOCKS) embedding_bag(const T* __restrict__ table, const I* __restrict__ indices, const I* __restrict__ offsets,
                                                                 const T* __restrict__ per_sample_weights, T* __restrict__ out, int bags, int rows,
                                                                 int dim, long long length, int mode, int padding_idx) {
-    if (mode == SEGMENT_MAX)
+    if (mode == HAL_BAG_MAX)
         reduce_segments<true>(table, indices, offsets, per_sample_weights, out, bags, rows, dim, length, false, padding_idx);
     else
-        reduce_segments<false>(table, indices, offsets, per_sample_weights, out, bags, rows, dim, length, mode == SEGMENT_MEAN, padding_idx);
+        reduce_segments<false>(table, indices, offsets, per_sample_weights, out, bags, rows, dim, length, mode == HAL_BAG_MEAN, padding_idx);
 }
 
 template <typename T, typename I>
-__global__ __launch_bounds__(SPARSE_THREADS) void spmm_csr(const I* __restrict__ indptr, const I* __restrict__ indices, const T* __restrict__ values,
+__global__ void HAL_LAUNCH_BOUNDS_MIN_BLOCKS(SPARSE_THREADS, SPARSE_MIN_BLOCKS) spmm_csr(const I* __restrict__ indptr, const I* __restrict__ indices, const T* __restrict__ values,
                                                            const T* __restrict__ dense, T* __restrict__ out, int m, int k, int n, long long nnz) {
     reduce_segments<false>(dense, indices, indptr, values, out, m, k, n, nnz, false, -1);
 }

@@ -1,13 +1,13 @@
-"""The architecture matrix: every kernel file compiled for every CI architecture, offline, and the
-compilers' resource reports (registers or VGPRs/SGPRs, spills, shared memory or LDS, occupancy)
-collected per kernel and architecture into one JSON report.
+"""The compile report: every kernel file compiled offline for every architecture of the vendor's
+`compile_archs`, and the compilers' resource reports (registers or VGPRs/SGPRs, spills, shared
+memory or LDS, occupancy) collected per kernel and architecture into one JSON report.
 
-    python -m hal.backends.gpu.matrix [--vendor cuda|rocm] [--out FILE]
+    python -m hal.backends.gpu.compile_report [--vendor cuda|rocm] [--out FILE]
 
 CUDA files compile with NVRTC from pip (no GPU needed), HIP files with Debian's hipcc. The
-report lands in the user cache (`hal backends --kernels` shows it); `BASELINE` is the report
-committed with the kernels, which the tests compare against so that a kernel that was
-spill-free cannot start spilling unnoticed.
+report lands in the user cache (each GPU backend's `compile_report()` shows its vendor's rows:
+`hal backends --kernels`); `BASELINE` is the report committed with the kernels, which the tests
+compare against so that a kernel that was spill-free cannot start spilling unnoticed.
 """
 import argparse
 import datetime
@@ -21,7 +21,7 @@ from pathlib import Path
 from .vendor import VENDORS
 
 BASELINE = Path(__file__).resolve().parent / "resources-baseline.json"
-TOOLCHAINS = {"cuda": "hal.backends.cuda.nvrtc", "rocm": "hal.backends.rocm.hipcc"}
+MODULE = "hal.backends.gpu.compile_report"
 
 
 def report_path():
@@ -35,11 +35,11 @@ def spills(record):
 
 def toolchain(vendor):
     """(available, reason) of the offline compiler for a vendor's kernel files."""
-    return import_module(TOOLCHAINS[vendor]).available()
+    return import_module(VENDORS[vendor].offline_compiler).available()
 
 
 def build(vendors=tuple(VENDORS)):
-    """Compile the matrix for the vendors whose toolchain is here; the report as a dict."""
+    """Compile every kernel file for every architecture, for the vendors whose toolchain is here; the report as a dict."""
     report = {"generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "toolchains": {}, "kernels": []}
     for name in vendors:
         available, reason = toolchain(name)
@@ -47,7 +47,7 @@ def build(vendors=tuple(VENDORS)):
         if not available:
             continue
         start = time.perf_counter()
-        records = import_module(TOOLCHAINS[name]).compile_matrix()
+        records = import_module(VENDORS[name].offline_compiler).compile_all()
         entry["seconds"] = round(time.perf_counter() - start, 1)
         report["kernels"] += [{"vendor": name, **r, "spills": spills(r)} for r in records]
     return report
@@ -61,8 +61,33 @@ def load(path=None):
     return None, None
 
 
+def vendor_report(vendor, path=None):
+    """One vendor's part of the latest report in the form of `hal.Backend.compile_report()`: the
+    vendor's columns, rows with the common keys (VGPRs are "registers", LDS bytes "shared_bytes")."""
+    title = f"{vendor.name} kernels per architecture"
+    report, where = load(path)
+    if report is None:
+        return {"title": title, "columns": list(vendor.report_columns), "rows": [],
+                "note": f"no compile report yet: python -m {MODULE} builds one"}
+    rows = []
+    for r in report["kernels"]:
+        if r.get("vendor") != vendor.name:
+            continue
+        row = dict(r)
+        for theirs, common in vendor.report_keys.items():
+            row.setdefault(common, r.get(theirs, 0))
+        row.setdefault("file", "")
+        rows.append(row)
+    toolchain_entry = report.get("toolchains", {}).get(vendor.name, {})
+    if rows:
+        note = f"{where}, generated {report.get('generated', '?')}"
+    else:
+        note = f"no {vendor.name} rows in {where} ({toolchain_entry.get('reason') or 'toolchain missing'}): python -m {MODULE} builds them"
+    return {"title": title, "columns": list(vendor.report_columns), "rows": rows, "note": note}
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
     parser.add_argument("--vendor", action="append", choices=list(VENDORS))
     parser.add_argument("--out", default=None, help=f"default: {report_path()}")
     args = parser.parse_args(argv)

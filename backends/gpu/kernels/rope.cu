@@ -1,3 +1,5 @@
+// Written once for both vendors in CUDA's dialect; compiled as HIP for AMD through the vendor
+// shim hal_vendor.h (docs/gpu-kernels.md).
 // Rotary position embedding of q [tokens, heads_q, head_dim] and k [tokens, heads_kv, head_dim].
 //
 // One block of 128 threads per token (grid = tokens). The token's work is flattened into items:
@@ -9,7 +11,7 @@
 //
 // NeoX (interleaved = 0) pairs (i, i + rotary_dim/2): consecutive items touch consecutive
 // addresses. GPT-J (interleaved = 1) pairs (2i, 2i + 1).
-#include "common.cuh"
+#include "hal_gpu.h"
 
 #define ROPE_THREADS 128
 

@@ -1,0 +1,331 @@
+"""Shared Numba helpers of the CPU kernels, and how a kernel module declares its kernels.
+
+Numba has no float16 / bfloat16 arithmetic, so the public functions hand the compiled code
+integer views of such arrays (`raw_view`): float16 as ``uint16`` and bfloat16 as ``int16``. The
+integer type is what tells a compiled specialization which format it holds; `load` widens an
+element to float32 and `store` narrows a float32 into one (round to nearest even), chosen at
+compile time from the array's dtype, so each op has one kernel body for every mix of dtypes.
+
+Also here: the vectorizable float32 math (`exp`, the activations and `activate(v, code)` with the
+codes of hal.codes), the jit options every module uses (KERNEL, HELPER, FASTMATH), widening to
+float32 (`as_f32`), and `Kernel`, the entry of a module's KERNELS table that backends/cpu/__init__.py
+registers.
+
+This module imports only numpy, numba (and its llvmlite), ml_dtypes, math and hal's tables, so it
+can be tested on its own.
+"""
+import math
+from typing import NamedTuple
+
+import llvmlite.binding as llvm
+import ml_dtypes
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import config as numba_config
+from numba.extending import intrinsic, overload
+
+from hal.codes import ACTIVATIONS
+from hal.dtypes import FLOATS
+
+F32 = np.float32
+U32 = np.uint32
+# Reductions may be reordered (so they vectorize) and mul+add fused; never nnan/ninf: inputs hold inf.
+FASTMATH = {"contract", "reassoc"}
+KERNEL = dict(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+# Scalar helpers: no reassociation (the exp and float16 rounding tricks rely on exact IEEE adds).
+HELPER = dict(cache=True, fastmath={"contract"}, error_model="numpy")
+
+
+# ---------------------------------------------------------------- bit casts and dtype conversion
+
+@intrinsic
+def f32_bits(typingctx, x):
+    """The bits of a float32 as uint32 (an LLVM bitcast: free)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], context.get_value_type(types.uint32))
+
+    return types.uint32(x), codegen
+
+
+@intrinsic
+def bits_f32(typingctx, x):
+    """The float32 whose bits are the low 32 bits of integer x."""
+    if not isinstance(x, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        i32 = context.get_value_type(types.uint32)
+        v = args[0]
+        if x.bitwidth > 32:
+            v = builder.trunc(v, i32)
+        elif x.bitwidth < 32:
+            v = builder.zext(v, i32)
+        return builder.bitcast(v, context.get_value_type(types.float32))
+
+    return types.float32(x), codegen
+
+
+# Exact float16 -> float32 table, built once at import (Numba embeds it as a constant).
+F16_TO_F32 = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def _target_features():
+    """The ISA features of the CPU Numba compiles for, as LLVM names them: the host's enabled ones,
+    or the "+name" entries of NUMBA_CPU_FEATURES, or none for a NUMBA_CPU_NAME given without
+    features (e.g. "generic" for a portable cache). Hand-built IR that uses an intrinsic of a missing
+    feature aborts the process in LLVM's instruction selection, so this must not overstate."""
+    if numba_config.CPU_FEATURES is not None:
+        return frozenset(f[1:] for f in numba_config.CPU_FEATURES.split(",") if f.startswith("+"))
+    if numba_config.CPU_NAME not in (None, "host"):
+        return frozenset()
+    return frozenset(name for name, on in llvm.get_host_cpu_features().items() if on)
+
+
+CPU_FEATURES = _target_features()
+HAS_F16C = "f16c" in CPU_FEATURES
+
+
+@intrinsic
+def f16_f32(typingctx, x):
+    """float16 bits (uint16) -> float32 as an LLVM fpext from half: exact (a signalling NaN comes
+    back quiet); only used when the host has F16C, else LLVM would call a runtime helper."""
+    if x != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@njit(**HELPER)
+def f32_to_f16(f):
+    """float32 -> float16 bits, round to nearest even; overflow -> inf, NaN stays a (quiet) NaN."""
+    x = f32_bits(f)
+    sign = (x >> U32(16)) & U32(0x8000)
+    x &= U32(0x7FFFFFFF)
+    if x >= U32(0x47800000):  # |f| >= 2**16 (rounds to inf), inf or NaN
+        h = U32(0x7C00)
+        if x > U32(0x7F800000):  # NaN: set the quiet bit, keep the top payload bits
+            h |= U32(0x200) | ((x >> U32(13)) & U32(0x3FF))
+    elif x < U32(0x38800000):  # |f| < 2**-14: float16 subnormal or zero
+        # Adding 0.5 lines the 2**-24 units up with the float32 mantissa's low bits; the FPU rounds
+        # to nearest even and a carry into bit 10 correctly yields the smallest normal.
+        h = f32_bits(bits_f32(x) + F32(0.5)) - U32(0x3F000000)
+    else:  # normal: rebias the exponent, add 0xFFF + odd bit = round half to even, drop 13 bits
+        h = (x + U32(0xC8000FFF) + ((x >> U32(13)) & U32(1))) >> U32(13)
+    return np.uint16(h | sign)
+
+
+@njit(**HELPER)
+def f32_to_bf16(f):
+    """float32 -> bfloat16 bits (as int16), round to nearest even; NaN stays a (quiet) NaN."""
+    x = f32_bits(f)
+    if (x & U32(0x7FFFFFFF)) > U32(0x7F800000):
+        return np.int16(np.uint16((x >> U32(16)) | U32(0x40)))
+    # Carries into the exponent give the right answer, including overflow to inf.
+    return np.int16(np.uint16((x + U32(0x7FFF) + ((x >> U32(16)) & U32(1))) >> U32(16)))
+
+
+def load(a, i):
+    """a[i] as float32, for a float32, float16 (uint16 view) or bfloat16 (int16 view) array."""
+
+
+def store(a, i, v):
+    """a[i] = float32 v, narrowed to the array's format."""
+
+
+@overload(load, jit_options=HELPER)
+def _ld_impl(a, i):
+    if a.dtype == types.float32:
+        return lambda a, i: a[i]
+    if a.dtype == types.uint16:
+        if HAS_F16C:  # one vcvtph2ps per vector instead of a gather from the table
+            return lambda a, i: f16_f32(a[i])
+        return lambda a, i: F16_TO_F32[a[i]]
+    if a.dtype == types.int16:  # bfloat16 is the top half of a float32: a shift is exact
+        return lambda a, i: bits_f32(U32(np.uint16(a[i])) << U32(16))
+    return None
+
+
+@overload(store, jit_options=HELPER)
+def _st_impl(a, i, v):
+    if a.dtype == types.float32:
+        def st(a, i, v):
+            a[i] = v
+    elif a.dtype == types.uint16:
+        def st(a, i, v):
+            a[i] = f32_to_f16(v)
+    elif a.dtype == types.int16:
+        def st(a, i, v):
+            a[i] = f32_to_bf16(v)
+    else:
+        return None
+    return st
+
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def raw_view(a):
+    """The array Numba sees: float32 as is, float16 as uint16, bfloat16 as int16 (None passes)."""
+    if a is None or a.dtype == np.float32:
+        return a
+    if a.dtype == np.float16:
+        return a.view(np.uint16)
+    if a.dtype == BF16:
+        return a.view(np.int16)
+    raise TypeError(f"cpu kernels take float32, float16 or bfloat16 tensors, not {a.dtype}")
+
+
+def as_rows(a, n):
+    """A C-contiguous tensor [..., n] as a 2-D [rows, n] raw view (works for empty tensors)."""
+    if a is None:
+        return None
+    return raw_view(a).reshape(math.prod(a.shape[:-1]), n)
+
+
+# ---------------------------------------------------------------- vectorizable float32 math
+
+_LOG2E = F32(1.4426950408889634)
+_LN2_HI = F32(0.693359375)  # Cody-Waite split of ln 2: n * _LN2_HI is exact for |n| <= 2**9
+_LN2_LO = F32(-2.12194440e-4)
+_ROUND = F32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer held in the low bits
+_ROUND_BITS = 0x4B400000
+
+
+@njit(**HELPER)
+def exp(x):
+    """exp for float32 in straight-line code (Cephes polynomial, ~1 ulp) so loops vectorize.
+
+    Subnormal results and overflow to inf are right; NaN propagates.
+    """
+    x = F32(-104.0) if x < F32(-104.0) else x  # exp(-104) rounds to 0; comparisons pass NaN
+    x = F32(89.0) if x > F32(89.0) else x  # exp(89) overflows
+    t = x * _LOG2E + _ROUND
+    n = t - _ROUND
+    r = x - n * _LN2_HI - n * _LN2_LO
+    p = F32(1.9875691500e-4)
+    p = p * r + F32(1.3981999507e-3)
+    p = p * r + F32(8.3334519073e-3)
+    p = p * r + F32(4.1665795894e-2)
+    p = p * r + F32(1.6666665459e-1)
+    p = p * r + F32(5.0000001201e-1)
+    p = p * r * r + r + F32(1.0)
+    # Scale by 2**n as 2**h * 2**(n-h): both factors stay normal for n in [-151, 128].
+    ni = np.int32(f32_bits(t)) - np.int32(_ROUND_BITS)
+    h = ni >> 1
+    return p * bits_f32((h + 127) << 23) * bits_f32((ni - h + 127) << 23)
+
+
+@njit(**HELPER)
+def silu(x):
+    return x / (F32(1.0) + exp(-x))
+
+
+@njit(**HELPER)
+def gelu_tanh(x):
+    # 0.5 x (1 + tanh(u)) == x * sigmoid(2u): no cancellation for negative x.
+    u = F32(0.7978845608028654) * (x + F32(0.044715) * x * x * x)
+    return x / (F32(1.0) + exp(F32(-2.0) * u))
+
+
+@njit(**HELPER)
+def gelu(x):
+    # x * Phi(x) with Phi from erfc(|x|/sqrt2) (Numerical Recipes erfcc: relative error < 1.2e-7
+    # everywhere, so the negative tail stays accurate rather than 1 + erf cancelling).
+    z = abs(x) * F32(0.7071067811865476)
+    t = F32(1.0) / (F32(1.0) + F32(0.5) * z)
+    p = F32(0.17087277)
+    p = p * t + F32(-0.82215223)
+    p = p * t + F32(1.48851587)
+    p = p * t + F32(-1.13520398)
+    p = p * t + F32(0.27886807)
+    p = p * t + F32(-0.18628806)
+    p = p * t + F32(0.09678418)
+    p = p * t + F32(0.37409196)
+    p = p * t + F32(1.00002368)
+    p = p * t + F32(-1.26551223)
+    half_erfc = F32(0.5) * t * exp(p - z * z)
+    return x * (F32(1.0) - half_erfc if x >= F32(0.0) else half_erfc)
+
+
+# Activation codes (hal.codes): module globals, so Numba folds them into the kernels as constants.
+RELU, GELU, GELU_TANH, SILU = (ACTIVATIONS[name] for name in ("relu", "gelu", "gelu_tanh", "silu"))
+_CODES = tuple(code for code in ACTIVATIONS.values() if code)
+
+
+@njit(**HELPER)
+def activate(v, code):
+    """The epilogue activation with code `code` (hal.codes.ACTIVATIONS; 0: none) of a float32 v."""
+    if code == RELU:
+        return F32(0.0) if v < F32(0.0) else v  # relu keeps NaN, like torch
+    if code == GELU:
+        return gelu(v)
+    if code == GELU_TANH:
+        return gelu_tanh(v)
+    if code == SILU:
+        return silu(v)
+    return v
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def activate_row(v, n, code):
+    """v[:n] = activate(v[:n], code) in place, v a float32 row. The loop over the codes is unrolled,
+    so each copy of the row loop has its code a constant and vectorizes (a row loop calling
+    activate() with the code an argument keeps the branches inside: 5-10x slower)."""
+    for c in _CODES:
+        if c == code:
+            for j in range(n):
+                v[j] = activate(v[j], c)
+
+
+# ---------------------------------------------------------------- widening and dot products
+
+@njit(**KERNEL)
+def widen_kernel(src, dst):
+    """dst[r, j] = float32(src[r, j]); src may be strided."""
+    rows, cols = dst.shape
+    for r in prange(rows):
+        for j in range(cols):
+            dst[r, j] = load(src, (r, j))
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def dot4(x, c):
+    """x . c[0], ..., x . c[3]: four columns of b per pass over the row x of a."""
+    s0 = s1 = s2 = s3 = F32(0.0)
+    c0, c1, c2, c3 = c[0], c[1], c[2], c[3]
+    for p in range(x.shape[0]):
+        s0 += x[p] * c0[p]
+        s1 += x[p] * c1[p]
+        s2 += x[p] * c2[p]
+        s3 += x[p] * c3[p]
+    return s0, s1, s2, s3
+
+
+def as_f32(a):
+    """A float32 version of a 2-D tensor for BLAS, keeping a transposed layout contiguous."""
+    if a.dtype == np.float32:
+        return a
+    if a.flags.f_contiguous and not a.flags.c_contiguous:
+        return as_f32(a.T).T
+    dst = np.empty(a.shape, np.float32)
+    widen_kernel(raw_view(a), dst)
+    return dst
+
+
+# ---------------------------------------------------------------- kernel tables
+
+
+class Kernel(NamedTuple):
+    """One entry of a kernel module's KERNELS table: registry.add_kernel(op, "cpu", fn, dtypes=..., **options)."""
+
+    op: str
+    fn: object
+    dtypes: tuple = FLOATS
+    options: dict = {}  # supports=, requires=, contiguous=
