@@ -13,6 +13,7 @@ from .errors import (
     KernelCompileError,
     KernelLaunchError,
     KernelNotFound,
+    OutOfMemory,
     SchemaError,
 )
 from .registry import FALLBACK_BACKEND, Backend, Priority, hookimpl, register_plugin, registry, unregister_plugin
@@ -49,5 +50,5 @@ from . import backends  # noqa: E402  (the package of the built-in backends; not
 __all__ = [
     "ops", "use", "list_backends", "fallbacks", "hookimpl", "register_plugin", "unregister_plugin", "registry",
     "Backend", "Priority", "FALLBACK_BACKEND", "HalError", "BackendUnavailable", "KernelNotFound", "SchemaError",
-    "KernelCompileError", "KernelLaunchError", "FallbackWarning", "backends",
+    "KernelCompileError", "KernelLaunchError", "OutOfMemory", "FallbackWarning", "backends",
 ]

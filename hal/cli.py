@@ -92,7 +92,7 @@ def op_table(per_dtype):
     names = sorted(reg.backends, key=lambda b: -reg.backends[b].backend.priority)
     table = {}
     for op_name, op in hal.ops.ALL.items():
-        dtypes = sorted({d for t in op.tensors[:1] for d in t.dtypes})
+        dtypes = sorted(next(t.dtypes for t in op.tensors if t.name == op.primary))  # the dtypes it dispatches on
         cpu = {d for k in reg.kernels.get((op_name, FALLBACK_BACKEND), []) for d in k.dtypes}
         for key, wanted in ([(f"{op_name} {d}", [d]) for d in dtypes] if per_dtype else [(op_name, dtypes)]):
             row = table[key] = {}
@@ -159,6 +159,8 @@ def cmd_check(args):
 
     if args.kernel:
         return cmd_candidate(args)
+    if args.hostile:
+        return cmd_hostile(args)
 
     seed = conformance.new_seed() if args.seed is None else args.seed
     try:
@@ -206,6 +208,39 @@ def cmd_check(args):
     passed = sum(r.status == "pass" for r in results)
     console.print(f"{passed} passed, {len(failed)} failed, {len(results) - passed - len(failed)} unsupported "
                   f"(seed {seed}; reproduce with --seed {seed})")
+    return 1 if failed else 0
+
+
+def cmd_hostile(args):
+    """`hal check NAME --hostile`: the bad-input suite (hal.conformance.hostile), a table of outcomes per
+    category and every failure with the command that reruns it."""
+    from hal.conformance import hostile
+
+    if args.case is not None and len(args.op or ()) != 1:
+        console.print("[red]--case needs exactly one --op[/]")
+        return 2
+    seed = 0 if args.seed is None else args.seed
+    with Progress(TextColumn(f"[bold]hal check {args.backend} --hostile"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), disable=args.json) as progress:
+        task = progress.add_task("", total=None)
+        report = hostile.run(args.backend, args.op, seed, args.budget, only=args.case,
+                             progress=lambda done, total: progress.update(task, completed=done, total=total))
+    failed = bool(report["failures"])
+    if args.json:
+        _print_json(report)
+        return 1 if failed else 0
+    table = Table(title=f"hal check {args.backend} --hostile (seed {seed}): {report['cases']} cases in {report['seconds']} s")
+    table.add_column("category")
+    for k in hostile.OUTCOMES:
+        table.add_column(k, justify="right")
+    for category, counts in [*report["counts"].items(), ("total", hostile.totals(report))]:
+        table.add_row(category, *[f"[red]{counts[k]}[/]" if counts[k] and k in hostile.FAILURES else str(counts[k]) for k in hostile.OUTCOMES])
+    console.print(table)
+    for f in report["failures"]:
+        console.print(escape(f"{f['outcome']}: {f['op']} {f['category']} [{f['variant']}]: {f['message']}"), style="red", highlight=False)
+        console.print(f"    {escape(f['reproduce'])}", highlight=False)
+    if report["left_out"]:
+        console.print(f"[yellow]{report['left_out']} cases left out by --budget {args.budget:g}[/]")
     return 1 if failed else 0
 
 
@@ -335,6 +370,9 @@ def main(argv=None):
     p.add_argument("--op", action="append", help="only this op (repeatable)")
     p.add_argument("--seed", type=int, help="seed of the random inputs (default: fresh)")
     p.add_argument("--kernel", help="a kernel source that is not registered (with one --op): check it and time it")
+    p.add_argument("--hostile", action="store_true", help="run the bad-input suite instead (docs/errors.md); --seed defaults to 0")
+    p.add_argument("--budget", type=float, help="with --hostile: stop starting cases after this many seconds")
+    p.add_argument("--case", type=int, help="with --hostile and one --op: only this case (as a failure's reproducer names it)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("checklist", help="porting checklist of a backend: native / falls back / missing / failing, resources")

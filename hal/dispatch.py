@@ -6,11 +6,13 @@ type) and then the backends' priority (`hal.registry.Priority`). When the chosen
 run the call (no kernel for the op and dtype, a kernel's `supports` refuses the arguments, the
 backend is unavailable), the policy decides: "warn" (default) runs it on
 `hal.registry.FALLBACK_BACKEND` (cpu), warns once per (op, backend) and records the event for
-`hal.fallbacks()`; "error" (`hal.use(..., fallback="error")`, `HAL_FALLBACK=error`) raises.
+`hal.fallbacks()`; "error" (`hal.use(..., fallback="error")`, `HAL_FALLBACK=error`; any case) raises.
 Resolved plans are cached per (op, backend asked for, device, dtype, policy).
 `HAL_BACKEND` and `HAL_FALLBACK` are read at the first call and again by every `hal.use()`.
 """
 import contextvars
+import functools
+import math
 import os
 import threading
 import warnings
@@ -18,8 +20,8 @@ from collections import Counter
 from contextlib import contextmanager
 
 from .arrays import device_type
-from .dtypes import name_of
-from .errors import BackendUnavailable, FallbackWarning, KernelNotFound, SchemaError
+from .dtypes import name_of, to_numpy
+from .errors import BackendUnavailable, FallbackWarning, KernelNotFound, OutOfMemory, SchemaError
 from .registry import FALLBACK_BACKEND, registry
 
 POLICIES = ("warn", "error")
@@ -45,9 +47,9 @@ class use:
 
     def __init__(self, name=None, *, fallback=None):
         _check_policy(fallback)
-        self.choice = (name, fallback)
+        self.choice = (name, fallback and fallback.lower())
         self._previous = tuple(_global)
-        _global[:] = [name, fallback]
+        _global[:] = self.choice
         _read_env()
 
     def __enter__(self):
@@ -68,7 +70,7 @@ class scoped(use):
 
     def __init__(self, name, fallback=None):
         _check_policy(fallback)
-        self.choice = (name, fallback)
+        self.choice = (name, fallback and fallback.lower())
 
     def __enter__(self):
         self._token = _context.set(self.choice)
@@ -84,13 +86,13 @@ def backend(name, fallback=None):
 
 def _read_env():
     policy = os.environ.get("HAL_FALLBACK") or None
-    _check_policy(policy)
-    _env[:] = [os.environ.get("HAL_BACKEND") or None, policy]
+    _check_policy(policy, "environment", "HAL_FALLBACK")
+    _env[:] = [os.environ.get("HAL_BACKEND") or None, policy and policy.lower()]
 
 
-def _check_policy(policy):
-    if policy is not None and policy not in POLICIES:
-        raise SchemaError("hal.use", "fallback", f"one of {POLICIES}", repr(policy))
+def _check_policy(policy, where="hal.use", name="fallback"):
+    if policy is not None and (not isinstance(policy, str) or policy.lower() not in POLICIES):
+        raise SchemaError(where, name, f"one of {POLICIES} (any case)", repr(policy))
 
 
 def fallbacks(clear=False):
@@ -225,19 +227,41 @@ def select(op, a, requested=None):
     return kernel, registry().backends[FALLBACK_BACKEND].backend
 
 
+@functools.cache
+def _memory_bound():
+    """The most output bytes one call may ask for: the host's physical memory (for every backend; a
+    device's own limit shows as OutOfMemory when it allocates)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def dispatch(op, a, requested=None):
-    """Validate, pick a kernel, move arguments to its backend, run it, return results like the input."""
+    """Validate, pick a kernel, move arguments to its backend, run it, return results like the input.
+
+    The outputs' total size is checked against `_memory_bound()` before anything is allocated, and a
+    call whose outputs are all empty returns them without running a kernel."""
     op.validate(a)
+    shapes = op.outputs(a)
+    sizes = [math.prod(shape) for shape, _ in shapes]
+    total = sum(n * to_numpy(dtype).itemsize for n, (_, dtype) in zip(sizes, shapes))
+    if total > _memory_bound():
+        raise SchemaError(op.name, "outputs", f"at most {_memory_bound()} bytes (physical memory)",
+                          f"{total} bytes for shapes {[tuple(s) for s, _ in shapes]}")
     kernel, be = select(op, a, requested)
     like = a[op.primary]
-    native = dict(a)  # attributes pass as they are; tensors go through the backend
-    for t in op.tensors:
-        x = native[t.name]
-        if x is not None:
-            native[t.name] = be.to_native(x, kernel.contiguous)
     make = be.poisoned if _poison[0] else be.empty
-    outs = tuple([make(shape, dtype) for shape, dtype in op.outputs(a)])
-    kernel.fn(outs, **native)
+    try:
+        outs = tuple([make(shape, dtype) for shape, dtype in shapes])
+        if any(sizes):
+            native = dict(a)  # attributes pass as they are; tensors go through the backend
+            for t in op.tensors:
+                x = native[t.name]
+                if x is not None:
+                    native[t.name] = be.to_native(x, kernel.contiguous)
+            kernel.fn(outs, **native)
+    except MemoryError as e:
+        if isinstance(e, OutOfMemory):
+            raise
+        raise OutOfMemory(f"{op.name} on {be.name}: out of memory ({e})") from e
     if len(outs) == 1:
         return be.from_native(outs[0], like)
     return tuple([be.from_native(y, like) for y in outs])

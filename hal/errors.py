@@ -35,6 +35,10 @@ class KernelLaunchError(HalError):
     """A compiled kernel failed at launch or while running."""
 
 
+class OutOfMemory(HalError, MemoryError):
+    """Memory ran out while a call allocated or ran (the size check before allocating passed)."""
+
+
 class FallbackWarning(UserWarning):
     """An op ran on another backend than the one asked for (shown once per op and backend)."""
 

@@ -6,12 +6,16 @@ shape relations between arguments, output shape/dtype inference, a float64 NumPy
 sample generators (ordinary, edge and error samples) that the conformance suite runs on every
 backend. Calling an OpDef dispatches it (see `hal.dispatch`).
 """
+import importlib
 import inspect
+import math
+import numbers
+import reprlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .arrays import DLPACK_CPU, device_type, is_tensor
+from .arrays import DLPACK_CPU, device_type, is_tensor, kind_of, to_host
 from .dispatch import dispatch
 from .dtypes import FLOATS, name_of
 from .errors import SchemaError, renamed
@@ -40,14 +44,25 @@ class Tensor:
     min_rank: int = 1
 
 
+INT32 = (-2**31, 2**31 - 1)  # kernels take int dims, indices and int attributes as int32
+POSITIVE = (1, 2**31 - 1)  # the range of counts and sizes (Attr.range)
+MAX_DIM = 2**31 - 1
+
+
 @dataclass(frozen=True)
 class Attr:
-    """A keyword-only attribute. `kind` converts and checks the value; `choices` limits it."""
+    """A keyword-only attribute.
+
+    `kind` is bool, int or float, taken strictly: a bool is True/False (or np.bool_), an int is an
+    integer (not a float, not a bool) within `range` (inclusive; int32 unless given), a float is any
+    real number but finite. `choices` limits the value. None is accepted only when it is the default
+    (None then means "not given" and the op's check says what that implies)."""
 
     name: str
     default: object = None
     kind: type = None
     choices: tuple = None
+    range: tuple = None
 
 
 @dataclass
@@ -163,12 +178,20 @@ class OpDef:
             dtype = name_of(x.dtype)
             if dtype not in t.dtypes:
                 raise SchemaError(self.name, t.name, f"dtype in ({', '.join(t.dtypes)})", dtype)
+            if not getattr(x.dtype, "isnative", True):  # NumPy '>f4' on a little-endian host: kernels read raw bytes
+                raise SchemaError(self.name, t.name, f"{dtype} in native byte order", f"byte-swapped dtype {x.dtype.str!r}")
             ndim = len(x.shape)
             if t.rank is not None and ndim != t.rank:
                 raise SchemaError(self.name, t.name, f"rank {t.rank}", f"rank {ndim} with shape {_shape(x)}")
             if ndim < t.min_rank:
                 raise SchemaError(self.name, t.name, f"rank >= {t.min_rank}", f"rank {ndim}")
-            dev = DLPACK_CPU if type(x) is np.ndarray else device_type(x)
+            if ndim and max(x.shape) > MAX_DIM:
+                raise SchemaError(self.name, t.name, "dimensions < 2**31", f"shape {_shape(x)}")
+            try:
+                dev = DLPACK_CPU if type(x) is np.ndarray else device_type(x)
+            except Exception as e:  # torch 'meta' tensors and producers DLPack cannot place
+                raise SchemaError(self.name, t.name, "an array on a device DLPack describes (CPU, CUDA, ROCm)",
+                                  f"{type(x).__name__} whose device query failed: {e}") from None
             if first_device is None:
                 first_device = dev
             elif dev != first_device:
@@ -176,19 +199,113 @@ class OpDef:
         for p in self.attrs:
             value = a[p.name]
             if value is None:
+                if p.default is not None:
+                    raise SchemaError(self.name, p.name, _expected(p), "None")
                 continue
             if p.kind is not None:
-                try:
-                    value = a[p.name] = p.kind(value)
-                except (TypeError, ValueError):
-                    raise SchemaError(self.name, p.name, p.kind.__name__, repr(value)) from None
-            if p.choices is not None and value not in p.choices:
-                raise SchemaError(self.name, p.name, f"one of {p.choices}", repr(value))
+                value = a[p.name] = _convert(self.name, p, value)
+            if p.choices is not None and not _among(value, p.choices):
+                raise SchemaError(self.name, p.name, f"one of {p.choices}", reprlib.repr(value))
         try:
             self.check(a)
         except InvalidArgument as bad:
             raise SchemaError(self.name, bad.arg, bad.expected, bad.got) from None
         return a
+
+
+def _expected(p):
+    if p.choices is not None:
+        return f"one of {p.choices}"
+    if p.kind is int:
+        lo, hi = p.range or INT32
+        return f"an int in [{lo}, {hi}]"
+    return {bool: "True or False", float: "a finite real number"}.get(p.kind, "a value")
+
+
+def _convert(op, p, value):
+    """The value of attribute `p` as its kind, or SchemaError: no coercion of strings, floats to ints
+    or bools to numbers."""
+    if p.kind is bool:
+        ok = isinstance(value, (bool, np.bool_))
+    elif p.kind is int:
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+        if ok:
+            lo, hi = p.range or INT32
+            ok = lo <= value <= hi
+    elif p.kind is float:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+        if ok:
+            try:
+                ok = math.isfinite(value)
+            except OverflowError:  # an int past the float range, 10**400
+                ok = False
+    else:
+        return value
+    if not ok:
+        raise SchemaError(op, p.name, _expected(p), reprlib.repr(value))
+    return p.kind(value)
+
+
+def _among(value, choices):
+    # by type first: an array compared with a string would compare elementwise
+    return any(isinstance(value, type(c)) and value == c for c in choices if c is not None)
+
+
+# ---------------------------------------------------------------- values of index tensors, for checks
+
+
+def host_values(name, x):
+    """The values of tensor argument `name` as NumPy: a view of host memory (torch CPU tensors and
+    other host DLPack producers included), a copy of device memory (one synchronization: for small
+    index tensors such as block tables)."""
+    try:
+        return to_host(x)
+    except Exception as e:
+        raise InvalidArgument(name, "an array whose values hal can read", f"{type(x).__name__} ({e})") from None
+
+
+def index_values(name, x):
+    """The values of an integer tensor, for a check to reduce: a NumPy view when `x` is in host memory
+    (no copy), `x` itself when it is a torch or CuPy device array (its library reduces it on the
+    device; converting a reduction to a Python int synchronizes once)."""
+    if device_type(x) != DLPACK_CPU and kind_of(x) in ("torch", "cupy"):
+        return x
+    return host_values(name, x)
+
+
+def check_range(name, x, lo, hi, what="values"):
+    """Every value of the integer tensor `x` in [lo, hi), else InvalidArgument (see index_values)."""
+    v = index_values(name, x)
+    if math.prod(v.shape) == 0:
+        return
+    low, high = int(v.min()), int(v.max())
+    if low < lo or high >= hi:
+        raise InvalidArgument(name, f"{what} in [{lo}, {hi})", f"values in [{low}, {high}]")
+
+
+def check_offsets(name, x, lo, hi, exact=False):
+    """The integer vector `x` non-decreasing within [lo, hi] (from lo to hi when `exact`), else
+    InvalidArgument (see index_values)."""
+    v = index_values(name, x)
+    if v.shape[0] == 0:
+        return
+    start, end = int(v[0]), int(v[-1])
+    if v.shape[0] > 1 and bool((v[1:] < v[:-1]).any()):
+        raise InvalidArgument(name, "non-decreasing values", f"a decrease in [{start}, ..., {end}]")
+    if exact and (start != lo or end != hi):
+        raise InvalidArgument(name, f"{name}[0] == {lo} and {name}[-1] == {hi}", f"[{start}, ..., {end}]")
+    if start < lo or end > hi:
+        raise InvalidArgument(name, f"non-decreasing values in [{lo}, {hi}]", f"[{start}, ..., {end}]")
+
+
+def check_finite(name, x):
+    """Every value of the float tensor `x` finite, else InvalidArgument (read as index_values reads)."""
+    v = index_values(name, x)
+    if math.prod(v.shape) == 0:
+        return
+    xp = np if isinstance(v, np.ndarray) else importlib.import_module(kind_of(v))
+    if not bool(xp.isfinite(v).all()):
+        raise InvalidArgument(name, "finite values", "a NaN or an infinity")
 
 
 def random(rng, shape, dtype, scale=1.0):

@@ -52,6 +52,11 @@ class Kernel:
     source: str = ""
 
 
+PLUGIN_FAILURES = (Exception, SystemExit)
+"""What a plugin's code may raise (at import, in hal_register, probe, info, compile_report) that makes the
+plugin or backend unusable with the reason, never the caller's failure: sys.exit() included, Ctrl-C not."""
+
+
 FALLBACK_BACKEND = "cpu"
 """The backend that runs a call the chosen backend cannot run (policy "warn"); it takes arrays of any
 device through `to_host`. Every op has a kernel on it."""
@@ -150,7 +155,7 @@ class BackendEntry:
         if self._status is None:
             try:
                 self._status = tuple(self.backend.probe())
-            except Exception as exc:  # a broken probe means unavailable, never a crash
+            except PLUGIN_FAILURES as exc:  # a broken probe means unavailable, never a crash
                 self._status = (False, f"probe raised {exc!r}")
         return self._status
 
@@ -162,7 +167,7 @@ class BackendEntry:
         try:
             info = self.backend.info()
             return {str(k): str(v) for k, v in dict(info).items()}
-        except Exception as exc:
+        except PLUGIN_FAILURES as exc:
             return {"error": f"info() raised {exc!r}"}
 
     def compile_report(self):
@@ -171,7 +176,7 @@ class BackendEntry:
         raises or returns a malformed report; never an exception."""
         try:
             report = self.backend.compile_report()
-        except Exception as exc:
+        except PLUGIN_FAILURES as exc:
             return None, f"compile_report() raised {exc!r}"
         if report is None:
             return None, None
@@ -225,7 +230,7 @@ class Registry:
         self._plugin = name
         try:
             hook(registry=self)
-        except Exception as exc:
+        except PLUGIN_FAILURES as exc:
             self.backends, self.kernels = before
             self.failures[name] = f"plugin {name!r} raised in hal_register: {exc!r}"
         finally:
@@ -249,7 +254,7 @@ def registry():
                 for ep in entry_points(group="hal.plugins"):
                     try:
                         plugin = ep.load()
-                    except Exception as exc:
+                    except PLUGIN_FAILURES as exc:
                         _registry.failures[ep.name] = f"plugin {ep.name!r} ({ep.value}) failed to import: {exc!r}"
                         continue
                     register_plugin(plugin, ep.name)

@@ -131,6 +131,7 @@ The {name} backend for [hal](https://pypi.org/project/hal). Install and check it
     hal backends                 # {name} is listed
     hal checklist {name}         # what is native, what falls back, what is left
     python -m pytest -q          # the conformance suite on this backend
+    hal check {name} --hostile   # bad input: a HalError or the right answer, never a crash (hal's docs/errors.md)
 
 Port one op at a time: write the kernel, register it in `{module}/__init__.py` with
 `registry.add_kernel(op, "{name}", fn, dtypes=...)`, and run `hal check {name} --op OP`. Describe the

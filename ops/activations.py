@@ -113,7 +113,7 @@ def _softmax_check(a):
 
 def _softmax_reference(a):
     x = a["x"]
-    e = np.exp(x - x.max(axis=a["dim"], keepdims=True))
+    e = np.exp(x - x.max(axis=a["dim"], keepdims=True, initial=-np.inf))  # initial: an empty dim
     return [e / e.sum(axis=a["dim"], keepdims=True)]
 
 

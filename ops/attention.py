@@ -20,7 +20,7 @@ import math
 import numpy as np
 
 from hal.dtypes import FLOATS, name_of, to_numpy
-from hal.opdef import Attr, InvalidArgument, ErrorSample, OpDef, Sample, Tensor, random
+from hal.opdef import Attr, POSITIVE, InvalidArgument, check_offsets, check_range, host_values, ErrorSample, OpDef, Sample, Tensor, random
 
 FP8_KV = ("float8_e4m3fn", "float8_e4m3fnuz")
 INDEX = ("int32",)
@@ -72,7 +72,10 @@ def _attend(q, k, v, scale, causal, window, softcap, rounding=None):
             rows = slice(start, start + chunk)
             s = rnd(_softcap(rnd(q[rows, h, :] @ kh.T) * scale, softcap))
             p = rnd(_rows_softmax(s, allowed[rows]))
-            out[rows, h, :] = rnd(p @ vh)
+            if np.isfinite(vh).all():
+                out[rows, h, :] = rnd(p @ vh)
+            else:  # a key a row may not see is left out, not weighted by 0 (0 * inf is NaN)
+                out[rows, h, :] = rnd(np.stack([p[i, m] @ vh[m] for i, m in enumerate(allowed[rows])]))
     return out
 
 
@@ -87,6 +90,13 @@ def _sequences(a):
 
 def _scale(a):
     return a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(a["q"].shape[-1])
+
+
+def _score_growth(a, d):
+    """A score's fp32 rounding grows with |scale| * sum |q_i k_i| ~ |scale| * d (d the dot length), and the
+    output moves with it; the naive fp32 run sums in another order, so it does not bound that part."""
+    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(d)
+    return max(1.0, abs(scale) * d)
 
 
 def _attention_run(a, rounding=None, dtype=np.float64):
@@ -106,9 +116,7 @@ def _check_cu(name, cu, total):
         return
     if name_of(cu.dtype) != "int32" or len(cu.shape) != 1 or cu.shape[0] < 1:
         raise InvalidArgument(name, "an int32 vector [num_sequences + 1]", f"{name_of(cu.dtype)} {tuple(cu.shape)}")
-    host = np.asarray(cu)
-    if host[0] != 0 or host[-1] != total or (np.diff(host) < 0).any():
-        raise InvalidArgument(name, f"non-decreasing offsets from 0 to {total}", f"[{host[0]}, ..., {host[-1]}]")
+    check_offsets(name, cu, 0, total, exact=True)
 
 
 def _attention_check(a):
@@ -139,8 +147,6 @@ def _attention_check(a):
         _check_cu("cu_seqlens_k", a["cu_seqlens_k"], k.shape[0])
         if a["cu_seqlens_q"].shape != a["cu_seqlens_k"].shape:
             raise InvalidArgument("cu_seqlens_k", f"as many sequences as cu_seqlens_q ({a['cu_seqlens_q'].shape[0] - 1})", a["cu_seqlens_k"].shape[0] - 1)
-    if a["window"] is not None and a["window"] < 1:
-        raise InvalidArgument("window", "an int >= 1", a["window"])
     if a["softcap"] is not None and not a["softcap"] > 0:
         raise InvalidArgument("softcap", "a float > 0", a["softcap"])
 
@@ -236,12 +242,13 @@ attention = OpDef(
     "softmax(q k^T * scale) v without materializing the scores; q [batch, seq_q, heads_q, d] (or [tokens, heads_q, d] "
     "with cu_seqlens), GQA/MQA, causal aligned bottom-right, sliding window, tanh soft-capping.",
     params=[Tensor("q", min_rank=3), Tensor("k", min_rank=3), Tensor("v", min_rank=3), "*",
-            Attr("causal", False, bool), Attr("scale", None, float), Attr("window", None, int), Attr("softcap", None, float),
+            Attr("causal", False, bool), Attr("scale", None, float), Attr("window", None, int, range=POSITIVE), Attr("softcap", None, float),
             Tensor("cu_seqlens_q", INDEX, optional=True, rank=1), Tensor("cu_seqlens_k", INDEX, optional=True, rank=1)],
     check=_attention_check,
     outputs=lambda a: [(_out_shape(a), name_of(a["q"].dtype))],
     reference=_attention_run,
     naive=lambda a, dtype: _attention_run(a, to_numpy(dtype), np.float32),
+    growth=lambda a: _score_growth(a, a["q"].shape[-1]),
     # fp32 accumulation of P V is accurate relative to P |V|, not to a result that cancels
     magnitude=lambda a, refs: _attention_run(_abs_values(a, ("v",))),
     samples=_attention_samples,
@@ -268,18 +275,22 @@ def _check_paging(a, cache):
     num_blocks, block_size = a[cache].shape[:2]
     if len(table.shape) != 2 or table.shape[0] != len(lens):
         raise InvalidArgument("block_table", f"shape [{lens.shape[0]}, max_blocks]", tuple(table.shape))
-    host_lens, host_table = np.asarray(lens), np.asarray(table)
-    if len(host_lens) and (host_lens.min() < 1 or host_lens.max() > table.shape[1] * block_size):
-        raise InvalidArgument("seq_lens", f"lengths in [1, {table.shape[1] * block_size}] (block_table width x block size)", f"[{host_lens.min()}, {host_lens.max()}]")
-    for b, n in enumerate(host_lens):
-        used = host_table[b, : -(-int(n) // block_size)]
-        if used.size and (used.min() < 0 or used.max() >= num_blocks):
-            raise InvalidArgument("block_table", f"block ids in [0, {num_blocks}) for the blocks in use", f"row {b}: [{used.min()}, {used.max()}]")
+    check_range("seq_lens", lens, 1, table.shape[1] * block_size + 1, "lengths (block_table width x block size at most)")
+    # Block tables are small: read on the host, where the blocks in use are picked by each row's length.
+    host_lens, host_table = host_values("seq_lens", lens).astype(np.int64), host_values("block_table", table)
+    used = np.arange(table.shape[1])[None, :] < -(-host_lens // block_size)[:, None]
+    bad = used & ((host_table < 0) | (host_table >= num_blocks))
+    if bad.any():
+        b = int(np.argmax(bad.any(axis=1)))
+        row = host_table[b][used[b]]
+        raise InvalidArgument("block_table", f"block ids in [0, {num_blocks}) for the blocks in use", f"row {b}: [{row.min()}, {row.max()}]")
 
 
 def _paged_check(a):
     q, kc, vc = a["q"], a["k_cache"], a["v_cache"]
     b, hq, d = q.shape
+    if d == 0 or vc.shape[-1] == 0:
+        raise InvalidArgument("q", "non-empty head dims", f"{d} and {vc.shape[-1]}")
     if len(kc.shape) != 4 or kc.shape[-1] != d:
         raise InvalidArgument("k_cache", f"[num_blocks, block_size, heads_kv, {d}]", tuple(kc.shape))
     if tuple(vc.shape[:3]) != tuple(kc.shape[:3]) or len(vc.shape) != 4:
@@ -385,6 +396,7 @@ paged_decode_attention = OpDef(
     outputs=lambda a: [((a["q"].shape[0], a["q"].shape[1], a["v_cache"].shape[-1]), name_of(a["q"].dtype))],
     reference=_paged_run,
     naive=lambda a, dtype: _paged_run(a, to_numpy(dtype), np.float32),
+    growth=lambda a: _score_growth(a, a["q"].shape[-1]),
     magnitude=lambda a, refs: _paged_run(_abs_values(a, ("v_cache",))),
     samples=_paged_samples,
     error_samples=_paged_errors,
@@ -468,6 +480,7 @@ mla_decode = OpDef(
     outputs=lambda a: [(tuple(a["q_nope"].shape), name_of(a["q_nope"].dtype))],
     reference=_mla_run,
     naive=lambda a, dtype: _mla_run(a, to_numpy(dtype), np.float32),
+    growth=lambda a: _score_growth(a, a["kv_latent"].shape[-1] + a["k_pe"].shape[-1]),
     samples=_mla_samples,
     error_samples=_mla_errors,
     bench=lambda rng, dtype: _mla_args(rng, dtype, [4096] * 8, 128, 64),

@@ -69,6 +69,9 @@ def _samples(rng, dtype):
     yield Sample(s, "strided b", "edge")
     yield Sample(_args(rng, dtype, 0, 8, 5, bias=True), "M = 0", "edge")
     yield Sample(_args(rng, dtype, 6, 0, 5, bias=True, activation="gelu"), "K = 0: act(bias)", "edge")
+    nan = _args(rng, dtype, 5, 12, 7, bias=True, activation="relu")
+    nan["a"][2, 4] = np.nan
+    yield Sample(nan, "relu on a NaN row: NaN, as torch", "edge")
     big = _args(rng, dtype, 8, 64, 8, bias=True)
     big["a"] = random(rng, (8, 64), dtype, 30.0)
     yield Sample(big, "magnitude ~30 per element", "edge")

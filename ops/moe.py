@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from hal.dtypes import INTS, name_of, to_numpy
-from hal.opdef import Attr, InvalidArgument, ErrorSample, OpDef, Sample, Tensor, random, strided
+from hal.opdef import Attr, POSITIVE, InvalidArgument, check_offsets, check_range, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 from .activations import EPILOGUES, epilogue, epilogue_columns, epilogue_magnitude, is_gated, torch_epilogue
 
@@ -65,6 +65,13 @@ def _route_check(a):
         raise InvalidArgument("bias", f"shape ({e},), one per expert", tuple(a["bias"].shape))
 
 
+def _ranked(s):
+    """Indices sorting the last axis of `s` in torch.topk's order: descending, NaN above every number,
+    equal values (several NaN included) in ascending index order (the tie rule)."""
+    nan = np.isnan(s)
+    return np.lexsort((np.where(nan, 0.0, -s), ~nan), axis=-1)
+
+
 def _route_reference(a):
     x, k = a["logits"], a["k"]
     t, e = x.shape
@@ -74,15 +81,15 @@ def _route_reference(a):
     else:
         scores = 1.0 / (1.0 + np.exp(-x))
     s = scores if a["bias"] is None else scores + a["bias"]
-    # Stable argsort of -s: descending, equal values in ascending index order (the tie rule).
     if a["n_group"] is not None:
         g = a["n_group"]
-        top2 = -np.sort(-s.reshape(t, g, e // g), axis=2)[:, :, :2]
-        best = np.argsort(-top2.sum(axis=2), axis=1, kind="stable")[:, :a["topk_group"]]
+        grouped = s.reshape(t, g, e // g)
+        top2 = np.take_along_axis(grouped, _ranked(grouped)[:, :, :2], axis=2)
+        best = _ranked(top2.sum(axis=2))[:, :a["topk_group"]]
         kept = np.zeros((t, g), bool)
         np.put_along_axis(kept, best, True, axis=1)
         s = np.where(np.repeat(kept, e // g, axis=1), s, -np.inf)
-    ids = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    ids = _ranked(s)[:, :k]
     w = np.take_along_axis(scores, ids, axis=1)
     if a["renormalize"]:
         w = w / w.sum(axis=1, keepdims=True)
@@ -130,6 +137,13 @@ def _route_samples(rng, dtype):
     tiled = _route_args(rng, dtype, 7, 16, 3, "sigmoid", n_group=4, topk_group=2)
     tiled["logits"] = np.tile(tiled["logits"][:, :4], (1, 4))
     yield Sample(tiled, "equal groups: lowest group indices kept", "edge")
+    nan = _route_args(rng, dtype, 6, 8, 2)
+    nan["logits"][2, 5] = np.nan
+    yield Sample(nan, "softmax, a NaN logit: every score of its token NaN, ids 0..k-1", "edge")
+    nan = _route_args(rng, dtype, 6, 16, 3, "sigmoid", n_group=4, topk_group=2)
+    nan["logits"][1, 9] = np.nan
+    nan["logits"][4, [3, 12]] = np.nan
+    yield Sample(nan, "grouped sigmoid, NaN logits: NaN ranks above every score", "edge")
     low = "float16" if dtype != "float16" else "bfloat16"
     yield Sample(_route_args(rng, dtype, 17, 64, 8, "sigmoid", bias=True, bias_dtype=low, n_group=8, topk_group=4),
                  f"bias in {low}", "edge")
@@ -240,8 +254,10 @@ def align(topk_ids, experts, block_m):
 
 def _align_check(a):
     for name in ("num_experts", "block_m"):
-        if a[name] is None or a[name] < 1:
+        if a[name] is None:
             raise InvalidArgument(name, "an int >= 1", a[name])
+    if name_of(a["topk_ids"].dtype) == "int64":  # kernels read ids as int32: 2**32 + 3 must not become 3
+        check_range("topk_ids", a["topk_ids"], -2**31, 2**31, "expert ids (int32 values)")
     t, k = a["topk_ids"].shape
     if align_capacity(t, k, a["num_experts"], a["block_m"]) >= 2**31:
         raise InvalidArgument("topk_ids", "T*k + num_experts*(block_m - 1) < 2**31 (int32 row indices)", f"shape {tuple(a['topk_ids'].shape)}")
@@ -330,7 +346,8 @@ moe_align = OpDef(
     "expert_offsets [E + 1], total [1]), int32, cap = round_up(T*k + E*(block_m - 1), block_m): the flat indices "
     "t*k + j grouped by expert (ascending within one), each segment padded with the sentinel T*k to a multiple "
     "of block_m; ids outside [0, E) are skipped.",
-    params=[Tensor("topk_ids", dtypes=INTS, rank=2), Attr("num_experts", None, int), Attr("block_m", None, int)],
+    params=[Tensor("topk_ids", dtypes=INTS, rank=2), Attr("num_experts", None, int, range=POSITIVE),
+            Attr("block_m", None, int, range=POSITIVE)],
     check=_align_check,
     outputs=_align_outputs,
     reference=lambda a: list(align(a["topk_ids"], a["num_experts"], a["block_m"])),
@@ -535,9 +552,7 @@ def _gg_check(a):
         raise InvalidArgument("w", f"an even N (gate and up halves) for {a['activation']}", f"shape {tuple(w.shape)}")
     if tuple(off.shape) != (e + 1,):
         raise InvalidArgument("expert_offsets", f"shape ({e + 1},), E + 1 for w's {e} experts", tuple(off.shape))
-    if isinstance(off, np.ndarray) and off.size:  # device arrays are not read back to check values
-        if off[0] < 0 or (np.diff(off) < 0).any() or off[-1] > rows:
-            raise InvalidArgument("expert_offsets", f"non-decreasing values in [0, {rows}] (rows of x_sorted)", off.tolist())
+    check_offsets("expert_offsets", off, 0, rows)
 
 
 def _gg_products(a, x, w):

@@ -18,7 +18,7 @@ import numpy as np
 
 from hal import formats as F
 from hal.dtypes import FLOATS, name_of, to_numpy
-from hal.opdef import Attr, InvalidArgument, ErrorSample, OpDef, Sample, Tensor, random, strided
+from hal.opdef import Attr, InvalidArgument, check_finite, check_offsets, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 from .activations import EPILOGUES, epilogue, epilogue_columns, epilogue_magnitude, is_gated, torch_epilogue
 
@@ -36,9 +36,24 @@ def _values(x):
     return np.asarray(x).astype(np.float64)
 
 
+def _promoted(a, a_scales, b, b_scales):
+    """a @ b.T of fp8 codes as DeepSeek promotes it: each 128-wide K block's partial sum times
+    a_scale * b_scale, summed (an inf scale gives +-inf, or NaN where that block's partial sum is 0).
+    a [M, K], a_scales [M, KB]; b [N, K], b_scales [ceil(N / 128), KB]."""
+    x, w, xs = _values(a), _values(b), _values(a_scales)
+    ws = np.repeat(_values(b_scales), BLOCK, axis=0)[: w.shape[0]]
+    out = np.zeros((x.shape[0], w.shape[0]))
+    with np.errstate(invalid="ignore"):  # inf * 0 is the NaN the rule asks for
+        for kb, start in enumerate(range(0, x.shape[1], BLOCK)):
+            part = x[:, start:start + BLOCK] @ w[:, start:start + BLOCK].T
+            out += part * (xs[:, kb, None] * ws[None, :, kb])
+    return out
+
+
 def _fp8_operand(q, scales, granularity):
     x = _values(q)
-    return x * F.expand_scales(_values(scales), x.shape, granularity, BLOCK)
+    with np.errstate(invalid="ignore"):  # an inf scale on a 0 code
+        return x * F.expand_scales(_values(scales), x.shape, granularity, BLOCK)
 
 
 def _int4_weights(packed, scales, zeros, group):
@@ -137,9 +152,7 @@ def _fp8_check(a):
 
 
 def _fp8_reference(a):
-    x = _fp8_operand(a["a"], a["a_scales"], "group")
-    w = _fp8_operand(a["b"], a["b_scales"], "block")
-    return [x @ w.T]
+    return [_promoted(a["a"], a["a_scales"], a["b"], a["b_scales"])]
 
 
 def _fp8_magnitude(a, refs):
@@ -163,6 +176,11 @@ def _fp8_samples(rng, fmt):
     s = _fp8_args(rng, fmt, 19, 260, 23)
     s["a"] = strided(s["a"])
     yield Sample(s, "strided a", "edge")
+    inf = _fp8_args(rng, fmt, 6, 300, 9)
+    inf["a_scales"][1, 2] = np.inf  # row 1, K block 2: +-inf
+    inf["a_scales"][3, 0] = np.inf
+    inf["a"][3, :BLOCK] = 0  # row 3, K block 0: inf * 0 = NaN
+    yield Sample(inf, "inf scales: +-inf, NaN where the block's partial sum is 0", "edge")
     yield Sample(_fp8_args(rng, fmt, 0, 256, 33), "M = 0", "edge")
     yield Sample(_fp8_args(rng, fmt, 9, 130, 0), "N = 0", "edge")
 
@@ -244,10 +262,7 @@ def _grouped_check(a):
     _want_shape("expert_offsets", a["expert_offsets"], (e + 1,))
     if is_gated(a["activation"]) and nw % 2:
         raise InvalidArgument("b", f"an even number of rows per expert (gate and up halves) for {a['activation']}", f"shape {tuple(a['b'].shape)}")
-    offsets = a["expert_offsets"]
-    if isinstance(offsets, np.ndarray) and offsets.size:  # device arrays are not read back to check
-        if offsets[0] < 0 or np.any(np.diff(offsets) < 0) or offsets[-1] > r:
-            raise InvalidArgument("expert_offsets", f"non-decreasing offsets in [0, {r}] (rows of a)", offsets.tolist())
+    check_offsets("expert_offsets", a["expert_offsets"], 0, r)
 
 
 def _experts(a):
@@ -262,7 +277,8 @@ def _grouped_products(a):
     out = []
     for e, lo, hi in _experts(a):
         w = _fp8_operand(a["b"][e], a["b_scales"][e], "block")
-        out.append((slice(lo, hi), x[lo:hi] @ w.T, _product_magnitude(x[lo:hi], w)))
+        h = _promoted(a["a"][lo:hi], a["a_scales"][lo:hi], a["b"][e], a["b_scales"][e])
+        out.append((slice(lo, hi), h, _product_magnitude(x[lo:hi], w)))
     return out
 
 
@@ -503,6 +519,11 @@ int8_gemm = OpDef(
 
 # ---------------------------------------------------------------- w4a16_gemm
 
+# _WEIGHT_SCALES: the float scales of the weight-only GEMMs (w4a16 scales, nvfp4's tensor scale) must be
+# finite. A quantizer never makes an infinite one, and with one the answer would depend on where a
+# kernel applies it: per element (inf x a zero code = NaN, the dequantize-then-matmul reference and
+# the cpu kernel) or to each group's partial sum (inf, the GPU tensor-op kernels).
+
 
 def _w4_check(a):
     k = a["a"].shape[1]
@@ -512,6 +533,7 @@ def _w4_check(a):
     if k % g:
         raise InvalidArgument("a", f"K a multiple of group_size {g}", f"K = {k}")
     _want_shape("scales", a["scales"], (n, k // g))
+    check_finite("scales", a["scales"])  # see _WEIGHT_SCALES
     if a["zeros"] is not None:
         _want_shape("zeros", a["zeros"], (n, k // g))
 
@@ -558,6 +580,9 @@ def _w4_errors(rng):
     yield ErrorSample(args(zeros=np.ones((5, 2), np.int8)), "int8 zeros", match="dtype")
     yield ErrorSample(args(zeros=np.ones((2, 5), np.uint8)), "zeros transposed", match="zeros")
     yield ErrorSample(args(a=np.ones((3, 128), np.int8)), "int8 a", match="dtype")
+    inf = args()
+    inf["scales"][2, 1] = np.inf
+    yield ErrorSample(inf, "an infinite group scale", match="scales")
     yield ErrorSample(args(a=random(rng, (3, 127), f32)), "odd K", match="even")
 
 
@@ -628,6 +653,7 @@ def _fp4_check(a):
         if ts is None:
             raise InvalidArgument("tensor_scale", "a float32 [1, 1] tensor scale for nvfp4", "None")
         _want_shape("tensor_scale", ts, (1, 1))
+        check_finite("tensor_scale", ts)  # see _WEIGHT_SCALES
     elif ts is not None:
         raise InvalidArgument("tensor_scale", "None for mxfp4 (its E8M0 scales are the whole scale)", f"shape {tuple(ts.shape)}")
 
@@ -673,6 +699,7 @@ def _fp4_errors(rng):
     yield ErrorSample(mx | {"fmt": "fp4"}, "unknown fmt", match="fmt")
     yield ErrorSample(nv | {"tensor_scale": np.ones((1,), np.float32)}, "rank-1 tensor_scale", match="rank")
     yield ErrorSample(mx | {"a": random(rng, (3, 64), "float32").astype(np.float64)}, "float64 a", match="dtype")
+    yield ErrorSample(nv | {"tensor_scale": np.full((1, 1), np.inf, np.float32)}, "an infinite tensor scale", match="tensor_scale")
 
 
 _E2M1 = F.decode(np.arange(16, dtype=np.uint8), "e2m1")

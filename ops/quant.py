@@ -34,7 +34,7 @@ import numpy as np
 
 from hal import formats as F
 from hal.dtypes import FLOATS, name_of, to_numpy
-from hal.opdef import Attr, InvalidArgument, ErrorSample, OpDef, Sample, Tensor, random, strided
+from hal.opdef import Attr, POSITIVE, InvalidArgument, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 FP8 = ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz")
 FMTS = FP8 + ("int8", "int4", "mxfp4", "nvfp4")
@@ -68,8 +68,6 @@ def _check_layout(a, k):
         a["granularity"], a["group_size"] = "group", FP4_GROUP[fmt]
     elif a["granularity"] is None:
         a["granularity"] = "row"
-    if a["group_size"] <= 0:
-        raise InvalidArgument("group_size", "a positive int", a["group_size"])
     if k == 0:
         raise InvalidArgument("x" if "x" in a else "q", "a non-empty last dimension", "K = 0")
 
@@ -546,7 +544,7 @@ quantize = OpDef(
         Attr("fmt", None, choices=FMTS),
         Attr("granularity", None, choices=F.GRANULARITIES),
         "*",
-        Attr("group_size", 128, int),
+        Attr("group_size", 128, int, range=POSITIVE),
         Attr("zero_point", False, bool),
     ],
     check=_check_quantize,
@@ -573,7 +571,7 @@ dequantize = OpDef(
         "*",
         Tensor("zeros", dtypes=("uint8",), optional=True, min_rank=2),
         Tensor("tensor_scale", dtypes=("float32",), optional=True, min_rank=2),
-        Attr("group_size", 128, int),
+        Attr("group_size", 128, int, range=POSITIVE),
         Attr("out_dtype", "float32", choices=FLOATS),
     ],
     check=_check_dequantize,

@@ -8,7 +8,7 @@ Dimensions from rotary_dim on pass through unchanged.
 import numpy as np
 
 from hal.dtypes import INTS, name_of
-from hal.opdef import Attr, InvalidArgument, ErrorSample, OpDef, Sample, Tensor, random, strided
+from hal.opdef import Attr, InvalidArgument, check_range, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 
 def _check(a):
@@ -28,8 +28,7 @@ def _check(a):
         raise InvalidArgument("sin", f"the shape of cos {tuple(cos.shape)}", tuple(sin.shape))
     if tuple(pos.shape) != (tokens,):
         raise InvalidArgument("positions", f"shape ({tokens},)", tuple(pos.shape))
-    if tokens and not 0 <= int(pos.min()) <= int(pos.max()) < cos.shape[0]:
-        raise InvalidArgument("positions", f"values in [0, {cos.shape[0]})", f"[{int(pos.min())}, {int(pos.max())}]")
+    check_range("positions", pos, 0, cos.shape[0])
 
 
 def _pairs(rotary, interleaved):

@@ -139,11 +139,19 @@ def unchecked_bag(rng):
     return table, ids, offsets, expected
 
 
-def test_kernels_skip_ids_the_checks_could_not_see(backend, rng):
-    # Torch CPU tensors are viewed, not copied to NumPy first, so the host-array checks do not run.
+def test_ids_out_of_range_are_refused_whatever_the_array_library(backend, rng):
+    table, ids, offsets, _ = unchecked_bag(rng)
+    with pytest.raises(hal.SchemaError, match="embedding_bag"):
+        hal.ops.embedding_bag(torch.from_numpy(table), torch.from_numpy(ids), torch.from_numpy(offsets), backend=backend)
+
+
+def test_kernels_skip_ids_the_checks_would_refuse(backend, rng):
+    # Defence in depth: the kernel itself, called past the op's checks, stays in bounds.
     table, ids, offsets, expected = unchecked_bag(rng)
-    out = hal.ops.embedding_bag(torch.from_numpy(table), torch.from_numpy(ids), torch.from_numpy(offsets), backend=backend)
-    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-6)
+    kernel = next(k for k in hal.registry().kernels[("embedding_bag", backend)] if "float32" in k.dtypes)
+    out = np.full(expected.shape, np.nan, np.float32)
+    kernel.fn((out,), **hal.ops.embedding_bag.bind((table, ids, offsets), {}))
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("vendor", ["cuda", "rocm"])

@@ -4,17 +4,28 @@ KERNELS table of common.Kernel entries; hal_register adds them all. Shared helpe
 
 Numba compiles each kernel on first use per dtype signature and caches the machine code in the
 user cache directory (`$XDG_CACHE_HOME/hal/numba`, else `~/.cache/hal/numba`), so it works after
-a plain `pip install` with no system compiler; a one-line notice says when a compile happens.
+a plain `pip install` with no system compiler; a one-line notice says when a compile happens, and a
+cache file that no longer loads (truncated, corrupt) is deleted and rebuilt with one warning.
+
+Parallel kernels run on Numba's TBB threading layer (the `tbb` wheel is a dependency where it
+exists; Numba prefers TBB when it loads): it survives fork and concurrent calls from many threads.
+Without TBB, Numba on Linux falls back to GNU OpenMP, which kills a fork child that runs a parallel
+region once the parent has; there a forked child gets a HalError saying to use spawn instead.
 """
+import functools
 import os
 import platform
 import sys
+import warnings
 from pathlib import Path
 
+from hal.errors import HalError
 from hal.registry import Backend, Priority, hookimpl
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hal" / "numba"
 os.environ.setdefault("NUMBA_CACHE_DIR", str(CACHE_DIR))  # read by Numba when it is first imported
+if "numba" in sys.modules:  # imported before hal: tell it before a kernel module makes its cached dispatchers
+    sys.modules["numba"].config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
 
 class CpuBackend(Backend):
@@ -60,17 +71,49 @@ def _threading_layer():
     import numba
 
     try:
-        return numba.threading_layer()
+        layer = numba.threading_layer()
     except ValueError:  # no parallel kernel has run yet
         return f"{numba.config.THREADING_LAYER} (not started yet)"
+    return f"{layer} (" + ("GNU OpenMP: fork children must use spawn" if _gnu_openmp(layer) else "fork-safe") + ")"
+
+
+def _gnu_openmp(layer):
+    """Numba's omp layer is GNU OpenMP on Linux: a fork child of a process that ran a parallel region
+    on it is killed in its own first one."""
+    return layer == "omp" and sys.platform.startswith("linux")
+
+
+_forked_from_gnu_openmp = False  # set in a fork child of a process whose kernels ran on GNU OpenMP
+
+
+def _after_fork_in_child():
+    global _forked_from_gnu_openmp
+    numba = sys.modules.get("numba")
+    try:
+        _forked_from_gnu_openmp = numba is not None and _gnu_openmp(numba.threading_layer())
+    except ValueError:  # no parallel kernel ran in the parent: the child picks its own layer
+        pass
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _fork_checked(fn):
+    """fn, refusing to run in a fork child that GNU OpenMP would kill with SIGTERM."""
+    @functools.wraps(fn)
+    def kernel(*args, **kwargs):
+        if _forked_from_gnu_openmp:
+            raise HalError("cpu backend: this process was forked after its parent ran cpu kernels on Numba's GNU OpenMP "
+                           "threading layer, which cannot run in a fork child; use the 'spawn' (or 'forkserver') start "
+                           "method of multiprocessing, or install tbb (`pip install tbb`) so Numba uses its fork-safe TBB layer")
+        return fn(*args, **kwargs)
+    return kernel
 
 
 def _install_compile_notice():
     """Print one line when a hal kernel is compiled (not when it is loaded from the cache)."""
     import numba
     from numba.core import event
-
-    numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 
     class Notice(event.Listener):
         depth = 0  # kernels call other jitted helpers; announce only the outermost compile
@@ -87,12 +130,51 @@ def _install_compile_notice():
     event.install_listener("numba:compile", Notice())
 
 
+def _install_cache_healing():
+    """Numba unpickles its cache files unchecked: a truncated or corrupt index (.nbi) or data (.nbc) file
+    (a full disk, a killed copy) would raise UnpicklingError / EOFError on every later call. Under Numba's
+    cache directory (hal's, unless NUMBA_CACHE_DIR says otherwise) a file that fails to load is deleted
+    instead, with one warning per process; the kernel then compiles again and rewrites it."""
+    from numba.core import caching
+
+    cls = caching.IndexDataCacheFile
+    root = Path(os.environ["NUMBA_CACHE_DIR"]).resolve()
+    warned = []
+
+    def healing(load, path_of, missing):
+        @functools.wraps(load)
+        def wrapped(self, *args):
+            try:
+                return load(self, *args)
+            except OSError:
+                raise
+            except Exception as exc:
+                path = Path(path_of(self, *args))
+                if not path.resolve().is_relative_to(root):
+                    raise
+                path.unlink(missing_ok=True)
+                if not warned:
+                    warned.append(path)
+                    warnings.warn(f"hal: deleted the unreadable Numba cache file {path} ({type(exc).__name__}: {exc}); "
+                                  "its kernel compiles again (further bad files are deleted silently)", RuntimeWarning, stacklevel=2)
+                return missing()
+        return wrapped
+
+    def no_data():
+        raise FileNotFoundError  # IndexDataCacheFile.load takes a missing data file as a cache miss
+
+    if not hasattr(cls._load_index, "__wrapped__"):  # once per process
+        cls._load_index = healing(cls._load_index, lambda self: self._index_path, dict)
+        cls._load_data = healing(cls._load_data, cls._data_path, no_data)
+
+
 @hookimpl
 def hal_register(registry):
     _install_compile_notice()
+    _install_cache_healing()
     from . import attention, kernels, moe, qgemm, quant, sparse
 
     registry.add_backend(CpuBackend())
     for module in (kernels, attention, moe, quant, qgemm, sparse):
         for k in module.KERNELS:
-            registry.add_kernel(k.op, "cpu", k.fn, dtypes=k.dtypes, source=module.__file__, **k.options)
+            registry.add_kernel(k.op, "cpu", _fork_checked(k.fn), dtypes=k.dtypes, source=module.__file__, **k.options)

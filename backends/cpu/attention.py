@@ -129,17 +129,15 @@ def _round_up(x, m):
 # ---------------------------------------------------------------- online softmax on a tile
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _softmax_tile(s, n, rows, lo, hi, j0, masked, scale, softcap, m, l, alpha):
-    """Turn raw scores S^T [n keys, rows] (keys j0.. of the sequence) into P^T in place and update
-    the running max m (of the unscaled scores) and sum l of each row; alpha gets the factor
-    rescaling the old accumulator. Row r sees keys [lo[r], hi[r]); `masked` is False when the
-    whole tile is visible to all rows. The scale goes into the exponent's fma, not into q: one
-    rounding less."""
+def _softmax_tile(s, n, rows, lo, hi, j0, masked, softcap, m, l, alpha):
+    """Turn scores S^T [n keys, rows] (keys j0.. of the sequence; the scale is already in q) into P^T
+    in place and update the running max m and sum l of each row; alpha gets the factor rescaling
+    the old accumulator. Row r sees keys [lo[r], hi[r]); `masked` is False when the whole tile is
+    visible to all rows. Hidden keys are -inf after scaling, so any scale (0, negative, huge) works."""
     if softcap > 0:
         for j in range(n):
             for r in range(rows):
-                s[j, r] = softcap * math.tanh(s[j, r] * scale / softcap)
-        scale = F32(1.0)
+                s[j, r] = softcap * math.tanh(s[j, r] / softcap)
     if masked:
         for j in range(n):
             key = j0 + j
@@ -151,13 +149,13 @@ def _softmax_tile(s, n, rows, lo, hi, j0, masked, scale, softcap, m, l, alpha):
             new[r] = s[j, r] if s[j, r] > new[r] else new[r]
     for r in range(rows):
         # A row with nothing visible yet keeps m = -inf; exp(-inf - 0) = 0 gives it p = 0.
-        alpha[r] = exp((m[r] - new[r]) * scale) if new[r] > -np.inf else F32(1.0)
+        alpha[r] = exp(m[r] - new[r]) if new[r] > -np.inf else F32(1.0)
         m[r] = new[r]
-        new[r] = new[r] * scale if new[r] > -np.inf else F32(0.0)
+        new[r] = new[r] if new[r] > -np.inf else F32(0.0)
         l[r] *= alpha[r]
     for j in range(n):
         for r in range(rows):
-            p = exp(s[j, r] * scale - new[r])
+            p = exp(s[j, r] - new[r])
             s[j, r] = p
             l[r] += p
 
@@ -171,18 +169,27 @@ def _tile_state(d, dvp, mp):
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, j0, masked, scale, softcap):
+def _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, j0, masked, softcap):
     """One key tile of the online softmax: keys j0 .. j0 + n - 1 in kt [>= n, d] and
     vt [>= n, dvp] (float32) against the queries qt [d, mp]; updates O^T o [dvp, mp] and
     the running max m and sum l. s [>= n, mp] is scratch for S^T / P^T."""
     d, mp = qt.shape
     dvp = o.shape[0]
     _gemm(kt, d, 1, _round_up(n, _MR), qt, mp, mp, s, mp, d, False)
-    _softmax_tile(s, n, mp, lo, hi, j0, masked, scale, softcap, m, l, alpha)
+    _softmax_tile(s, n, mp, lo, hi, j0, masked, softcap, m, l, alpha)
     for c in range(dvp):
         for r in range(mp):
             o[c, r] *= alpha[r]
-    _gemm(vt, 1, dvp, dvp, s, mp, mp, o, mp, n, True)
+    if masked and not np.isfinite(vt[:n]).all():
+        # A NaN / inf of V at a key some rows may not see: those rows leave it out rather than weigh it
+        # by 0 (0 * inf is NaN), as the reference does. Only tiles on a mask's edge take this loop.
+        for j in range(n):
+            for r in range(mp):
+                if lo[r] <= j0 + j < hi[r]:
+                    for c in range(dvp):
+                        o[c, r] += s[j, r] * vt[j, c]
+    else:
+        _gemm(vt, 1, dvp, dvp, s, mp, mp, o, mp, n, True)
 
 
 # ---------------------------------------------------------------- attention (prefill)
@@ -241,7 +248,7 @@ def _attention_task(q, k, v, out, task, scale, causal, window, softcap):
     for r in range(rows):
         qrow = q[qs0 + i0 + r % bm, h0 + r // bm]
         for p in range(d):
-            qt[p, r] = load(qrow, p)
+            qt[p, r] = load(qrow, p) * scale
         lo[r], hi[r] = _visible(i0 + r % bm + sk - sq, sk, causal, window)
     k_lo, k_hi = lo[:rows].min(), hi[:rows].max()
     all_lo, all_hi = lo[:rows].max(), hi[:rows].min()  # keys in [all_lo, all_hi) are seen by every row
@@ -254,7 +261,7 @@ def _attention_task(q, k, v, out, task, scale, causal, window, softcap):
         _prefetch_rows(k, ks0 + j0 + n, kvh, n_next)
         _prefetch_rows(v, ks0 + j0 + n, kvh, n_next)
         masked = j0 < all_lo or j0 + n > all_hi
-        _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, j0, masked, scale, softcap)
+        _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, j0, masked, softcap)
     for r in range(rows):
         total = l[r] if l[r] > 0 else F32(np.inf)  # no visible key: zeros
         orow = out[qs0 + i0 + r % bm, h0 + r // bm]
@@ -310,16 +317,22 @@ def _attention_tasks(lens_q, lens_k, starts_q, starts_k, hq, hkv, causal, window
     return np.ascontiguousarray(np.concatenate(tasks)[order], dtype=np.int64), bounds
 
 
+def _default_scale(q):
+    """1 / sqrt(d); with d = 0 every score is 0 whatever the scale."""
+    return 1.0 / math.sqrt(max(q.shape[-1], 1))
+
+
 def attention(outs, q, k, v, causal, scale, window, softcap, cu_seqlens_q, cu_seqlens_k):
     """softmax(q k^T * scale) v, dense [B, S, H, D] or varlen [T, H, D] with cu_seqlens."""
     (out,) = outs
-    d = q.shape[-1]
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if out.size == 0:
+        return
+    scale = _default_scale(q) if scale is None else scale
     if cu_seqlens_q is None:
         b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
         lens_q, lens_k = [sq] * b, [sk] * b
         starts_q, starts_k = [i * sq for i in range(b)], [i * sk for i in range(b)]
-        q, k, v, out = (x.reshape((-1,) + x.shape[2:]) for x in (q, k, v, out))
+        q, k, v, out = (x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:]) for x in (q, k, v, out))
     else:
         cq, ck = np.asarray(cu_seqlens_q, np.int64), np.asarray(cu_seqlens_k, np.int64)
         lens_q, lens_k, starts_q, starts_k = np.diff(cq), np.diff(ck), cq[:-1], ck[:-1]
@@ -484,10 +497,10 @@ def _paged_kernel(q, kc, vc, table, parts, order, bounds, qk_scale, softcap, par
 def paged_decode_attention(outs, q, k_cache, v_cache, block_table, seq_lens, scale, softcap, k_scale, v_scale):
     """One query token per sequence against a paged KV cache (q's dtype or fp8 with scales)."""
     (out,) = outs
-    b, hq, d = q.shape
-    if b == 0:
+    if out.size == 0:
         return
-    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    hq = q.shape[1]
+    scale = _default_scale(q) if scale is None else scale
     k_scale = 1.0 if k_scale is None else k_scale
     v_scale = 1.0 if v_scale is None else v_scale
     parts, first = _partitions(seq_lens, _DECODE_PART)
@@ -518,9 +531,9 @@ def _mla_task(q_nope, q_pe, latent, k_pe, table, part, scale, m_out, l_out, o_ou
     qt = np.zeros((d, mp), np.float32)
     for h in range(heads):
         for p in range(dl):
-            qt[p, h] = load(q_nope[b, h], p)
+            qt[p, h] = load(q_nope[b, h], p) * scale
         for p in range(d - dl):
-            qt[dl + p, h] = load(q_pe[b, h], p)
+            qt[dl + p, h] = load(q_pe[b, h], p) * scale
     lo = np.zeros(mp, np.int64)
     hi = np.zeros(mp, np.int64)
     hi[:heads] = j1
@@ -530,9 +543,9 @@ def _mla_task(q_nope, q_pe, latent, k_pe, table, part, scale, m_out, l_out, o_ou
         _widen_paged(latent.reshape(latent.shape[0], latent.shape[1], 1, dl), table, b, 0, c0, n, j1, kt)
         _widen_paged(k_pe.reshape(k_pe.shape[0], k_pe.shape[1], 1, d - dl), table, b, 0, c0, n, j1, kt[:, dl:])
         vt[:n, :dl] = kt[:n, :dl]
-        _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, c0, False, scale, F32(0.0))
+        _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, c0, False, F32(0.0))
     for h in range(heads):
-        m_out[h] = m[h] * scale  # the merge works on exponents: scaled scores
+        m_out[h] = m[h]
         l_out[h] = l[h]
         for c in range(dl):
             o_out[h, c] = o[c, h]
@@ -549,9 +562,9 @@ def _mla_kernel(q_nope, q_pe, latent, k_pe, table, parts, order, bounds, scale, 
 def mla_decode(outs, q_nope, q_pe, kv_latent, k_pe, block_table, seq_lens, scale):
     """DeepSeek MLA decode, absorbed form: scores q_nope . c + q_pe . k_pe, values c."""
     (out,) = outs
-    b, heads, dl = q_nope.shape
-    if b == 0:
+    if out.size == 0:
         return
+    heads, dl = q_nope.shape[1:]
     parts, first = _partitions(seq_lens, _MLA_PART)
     order, bounds = _balance(parts[:, 2] - parts[:, 1])
     part_m = np.empty((len(parts), heads), np.float32)

@@ -15,7 +15,7 @@ from numba.extending import intrinsic
 from hal.codes import activation_code
 from hal.dtypes import INTS
 
-from .common import CPU_FEATURES, F32, FASTMATH, HELPER, KERNEL, Kernel, activate_row, exp, load, raw_view, store
+from .common import CPU_FEATURES, F32, FASTMATH, HELPER, KERNEL, Kernel, activate_row, exp, f32_bits, load, raw_view, store
 
 # ---------------------------------------------------------------- moe_route
 
@@ -43,11 +43,21 @@ def _scores(logits, t, sigmoid, out):
 
 
 @njit(**HELPER)
-def _best(values, allowed):
-    """Index of the largest allowed value, the lowest index among equals (-1 if none allowed)."""
+def _rank(v):
+    """An int32 ordered as torch.topk orders float32 v: NaN above +inf (NaNs equal), -0.0 equal to 0.0.
+    The selection compares these: integer compares, and no NaN test in the argmax loops."""
+    if v != v:
+        return np.int32(0x7FFFFFFF)
+    b = np.int32(f32_bits(v + F32(0.0)))  # + 0.0 turns -0.0 into 0.0
+    return b ^ ((b >> np.int32(31)) & np.int32(0x7FFFFFFF))  # negative: flip the magnitude bits
+
+
+@njit(**HELPER)
+def _best(ranks, allowed):
+    """Index of the largest allowed rank, the lowest index among equals (-1 if none allowed)."""
     best = -1
-    for j in range(values.shape[0]):
-        if allowed[j] and (best < 0 or values[j] > values[best]):
+    for j in range(ranks.shape[0]):
+        if allowed[j] and (best < 0 or ranks[j] > ranks[best]):
             best = j
     return best
 
@@ -63,18 +73,21 @@ def _route_kernel(logits, bias, sigmoid, n_group, topk_group, renormalize, scali
         if bias is not None:
             for j in range(e):
                 s[j] += load(bias, j)
+        rank = np.empty(e, np.int32)
+        for j in range(e):
+            rank[j] = _rank(s[j])
         allowed = np.ones(e, np.bool_)
         if n_group > 0:  # DeepSeek-V3: keep the topk_group groups with the best sum of their top two
-            size = e // n_group
-            group = np.empty(n_group, np.float32)
+            size = e // n_group  # >= 2
+            group = np.empty(n_group, np.int32)
             for g in range(n_group):
-                first = second = F32(-np.inf)
+                first = second = -1
                 for j in range(g * size, (g + 1) * size):
-                    if s[j] > first:
-                        first, second = s[j], first
-                    elif s[j] > second:
-                        second = s[j]
-                group[g] = first + second
+                    if first < 0 or rank[j] > rank[first]:
+                        first, second = j, first
+                    elif second < 0 or rank[j] > rank[second]:
+                        second = j
+                group[g] = _rank(s[first] + s[second])
             kept = np.zeros(n_group, np.bool_)
             free = np.ones(n_group, np.bool_)
             for _ in range(topk_group):
@@ -85,7 +98,7 @@ def _route_kernel(logits, bias, sigmoid, n_group, topk_group, renormalize, scali
                 allowed[j] = kept[j // size]
         total = F32(0.0)
         for slot in range(k):  # k passes of an argmax: k <= E is small, and ties go to the lower index
-            j = _best(s, allowed)
+            j = _best(rank, allowed)
             allowed[j] = False
             ids[t, slot] = j
             weights[t, slot] = scores[j]

@@ -16,8 +16,9 @@ Both write an fp32 (int32 for int8) accumulator [M, N]; one parallel epilogue th
 applies the activation (plain or gated, hal.codes) and rounds to the output dtype.
 
 fp8 block scales are applied to both operands before the product, so DeepSeek's promotion of each
-128-K partial sum folds into the ordinary fp32 accumulation of scaled values (the reference and its
-tolerance describe exactly that). int8 products are integers: fp32 arithmetic is exact on them while
+128-K partial sum folds into the ordinary fp32 accumulation of scaled values (equal up to rounding,
+which the reference's tolerance allows); scales that are inf or NaN take a literal per-block path,
+whose results differ (see _fp8_promoted). int8 products are integers: fp32 arithmetic is exact on them while
 every partial sum stays within 2^24, which K chunks of 1024 guarantee (1024 * 128 * 128 = 2^24);
 the chunks' sums are added in int32.
 """
@@ -245,11 +246,35 @@ def _fp8_activations(a, a_scales, table):
     return x
 
 
+def _finite(*scales):
+    return all(np.isfinite(s).all() for s in scales)
+
+
+def _fp8_promoted(acc, a, a_scales, codes, b_scales, table):
+    """acc = the sum over 128-K blocks of (a_blk @ b_blk.T) * (a_scale * b_scale): DeepSeek's promotion
+    taken literally, for scales that are not all finite. Scaling the operands first (the fast path)
+    would turn an inf scale into inf * 0 = NaN products, where the rule wants +-inf unless the block's
+    partial sum is 0. Rare, so plain NumPy: one float32 matmul per block."""
+    x, w = table[a.view(np.uint8)], table[codes]
+    sb = np.repeat(b_scales, BLOCK, axis=0)[: w.shape[0]]  # per weight row
+    acc[:] = 0
+    with np.errstate(invalid="ignore", over="ignore"):  # inf * 0 = NaN is the answer here
+        for kb in range(a_scales.shape[1]):
+            blk = slice(kb * BLOCK, (kb + 1) * BLOCK)
+            acc += (x[:, blk] @ w[:, blk].T) * (a_scales[:, kb:kb + 1] * sb[:, kb])
+
+
 def fp8_gemm_blockscale(outs, a, a_scales, b, b_scales, *, out_dtype):
     """out = (a * a_scales) @ (b * b_scales).T: activations dequantized per token per 128 K, weights
     per 128 x 128 block."""
+    (out,) = outs
     table = _FP8_TABLES[a.dtype.name]
-    _float_gemm(outs[0], _fp8_activations(a, a_scales, table), Fp8Rows(b.view(np.uint8), b_scales, BLOCK, table))
+    if _finite(a_scales, b_scales):
+        _float_gemm(out, _fp8_activations(a, a_scales, table), Fp8Rows(b.view(np.uint8), b_scales, BLOCK, table))
+    else:
+        acc = _accumulator(out, False)
+        _fp8_promoted(acc, a, a_scales, b.view(np.uint8), b_scales, table)
+        _finish(acc, out)
 
 
 def fp8_grouped_gemm_blockscale(outs, a, a_scales, b, b_scales, expert_offsets, *, activation, out_dtype):
@@ -258,7 +283,8 @@ def fp8_grouped_gemm_blockscale(outs, a, a_scales, b, b_scales, expert_offsets, 
     (out,) = outs
     act, gated = activation_code(activation)
     table = _FP8_TABLES[a.dtype.name]
-    x = _fp8_activations(a, a_scales, table)
+    finite = _finite(a_scales, b_scales)
+    x = _fp8_activations(a, a_scales, table) if finite else None
     codes = b.view(np.uint8)
     acc = _accumulator(out, gated)
     offsets = [int(o) for o in expert_offsets]  # E + 1 >= 1 of them
@@ -266,7 +292,10 @@ def fp8_grouped_gemm_blockscale(outs, a, a_scales, b, b_scales, expert_offsets, 
     acc[offsets[-1]:] = 0
     experts = [(hi - lo, e, lo, hi) for e, (lo, hi) in enumerate(zip(offsets, offsets[1:]))]
     for _, e, lo, hi in sorted(experts):
-        _product(x[lo:hi], Fp8Rows(codes[e], b_scales[e], BLOCK, table), acc[lo:hi], x.shape[1])
+        if finite:
+            _product(x[lo:hi], Fp8Rows(codes[e], b_scales[e], BLOCK, table), acc[lo:hi], x.shape[1])
+        else:
+            _fp8_promoted(acc[lo:hi], a[lo:hi], a_scales[lo:hi], codes[e], b_scales[e], table)
     _finish(acc, out, act, gated)
 
 

@@ -85,7 +85,7 @@ def _add_row(acc, table, i, w):
 def _max_row(acc, table, i):
     for j in range(acc.shape[0]):
         v = load(table, (i, j))
-        acc[j] = v if v > acc[j] else acc[j]
+        acc[j] = v if v > acc[j] or v != v else acc[j]  # a NaN wins and stays, like torch.amax
 
 
 @njit(**_INLINE)

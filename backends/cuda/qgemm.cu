@@ -20,7 +20,9 @@
 // bounds-checked, so any size works. Scales never go into the 8- or 16-bit matrix operands (they
 // would round there): the matrix variants feed exact small values (fp8, int8, int4 - zero, E2M1)
 // and multiply each partial sum by its scales in fp32 when its scale group ends ("promotion",
-// DeepSeek's every-128-K scheme for fp8); the SIMT variants work in fp32 and scale on staging.
+// DeepSeek's every-128-K scheme for fp8); the SIMT variants work in fp32 and scale on staging,
+// except fp8, whose scales multiply each 128-k block's partial sum there too: an inf scale must
+// give inf, not NaN from inf * a zero element (the rule of docs/conformance.md).
 #include "hal_gpu.h"
 
 #define QG_TILE 64           // a rows, and weight rows, per block tile
@@ -109,7 +111,9 @@ __device__ __forceinline__ unsigned weight_nibble(const W& w, int n, int k) {
 // stages 4 elements of each operand (element q = tid + 256 r: row q / 16, k q % 16, so 16 lanes
 // read 16 consecutive k of a row), prefetched into registers while the previous slice is multiplied.
 // The operands say which matrix row a tile row / position reads (`a_row`, `b_row`, -1 for none;
-// resolved once per thread) and give its element at k (`a_value`, `b_value`, 0 past K).
+// resolved once per thread) and give its element at k (`a_value`, `b_value`, 0 past K). Operands
+// with a `scale_block` (a multiple of SIMT_BK) are promoted: per block of that many k a fresh
+// partial sum, added as part * (a_scale(a row, block) * b_scale(b row, block)) when the block ends.
 
 #define SIMT_THREADS 256
 #define SIMT_BK 16
@@ -134,8 +138,10 @@ __device__ __forceinline__ void simt_tile(const Operands& op, int K, Acc acc[4][
         a_rows[r] = op.a_row(row + 16 * r);
         b_rows[r] = op.b_row(row + 16 * r);
     }
+    constexpr int scale_block = Operands::scale_block;
+    Acc part[4][4];
     for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0;
+        for (int j = 0; j < 4; ++j) acc[i][j] = part[i][j] = 0;
 
     unsigned a_next[4], b_next[4];
     const int slices = cdiv(K, SIMT_BK);
@@ -154,20 +160,38 @@ __device__ __forceinline__ void simt_tile(const Operands& op, int K, Acc acc[4][
                 b_flat[kk * SIMT_STRIDE + row + 16 * r] = b_next[r];
             }
         },
-        [&](int) {
+        [&](int slice) {
+            Acc (*sum)[4] = scale_block ? part : acc;
             for (int k = 0; k < SIMT_BK; ++k) {
                 const uint4 av = a_tile[k * (SIMT_STRIDE / 4) + ty], bv = b_tile[k * (SIMT_STRIDE / 4) + tx];
                 const Acc ar[4] = {from_word<Acc>(av.x), from_word<Acc>(av.y), from_word<Acc>(av.z), from_word<Acc>(av.w)};
                 const Acc br[4] = {from_word<Acc>(bv.x), from_word<Acc>(bv.y), from_word<Acc>(bv.z), from_word<Acc>(bv.w)};
                 for (int i = 0; i < 4; ++i)
-                    for (int j = 0; j < 4; ++j) acc[i][j] += ar[i] * br[j];
+                    for (int j = 0; j < 4; ++j) sum[i][j] += ar[i] * br[j];
+            }
+            if constexpr (scale_block > 0) {
+                const int k_end = (slice + 1) * SIMT_BK, kb = (k_end - 1) / scale_block;
+                if (k_end % scale_block == 0 || k_end >= K) {
+                    float row_scale[4], col_scale[4];  // 0 for rows / positions past the edge (never stored)
+                    for (int i = 0; i < 4; ++i) {
+                        const int ar = op.a_row(4 * ty + i), br = op.b_row(4 * tx + i);
+                        row_scale[i] = ar >= 0 ? op.a_scale(ar, kb) : 0.0f;
+                        col_scale[i] = br >= 0 ? op.b_scale(br, kb) : 0.0f;
+                    }
+                    for (int i = 0; i < 4; ++i)
+                        for (int j = 0; j < 4; ++j) {
+                            acc[i][j] += part[i][j] * (row_scale[i] * col_scale[j]);
+                            part[i][j] = 0;
+                        }
+                }
             }
         });
 }
 
-// fp8 operands decoded and scaled on staging: a * a_scale, b * b_scale (b and its scales already
+// fp8 operands decoded on staging, their scales promoted per 128-k block (b and its scales already
 // offset to the block's expert; b rows are weight rows, gate / up interleaved as weight_row says).
 struct Fp8Operands {
+    static constexpr int scale_block = QG_SCALE_BLOCK;
     const unsigned char* __restrict__ a;
     const float* __restrict__ a_scales;
     const unsigned char* __restrict__ b;
@@ -176,15 +200,14 @@ struct Fp8Operands {
 
     __device__ __forceinline__ int a_row(int r) const { return r < rows ? row0 + r : -1; }
     __device__ __forceinline__ int b_row(int p) const { return weight_row(p, c0, n_out, gated); }
-    __device__ __forceinline__ float a_value(int row, int k) const {
-        return fp8_to_float(a[(long long)row * K + k], fmt) * a_scales[(long long)row * k_blocks + k / QG_SCALE_BLOCK];
-    }
-    __device__ __forceinline__ float b_value(int wr, int k) const {
-        return fp8_to_float(b[(long long)wr * K + k], fmt) * b_scales[(wr / QG_SCALE_BLOCK) * k_blocks + k / QG_SCALE_BLOCK];
-    }
+    __device__ __forceinline__ float a_value(int row, int k) const { return fp8_to_float(a[(long long)row * K + k], fmt); }
+    __device__ __forceinline__ float b_value(int wr, int k) const { return fp8_to_float(b[(long long)wr * K + k], fmt); }
+    __device__ __forceinline__ float a_scale(int row, int kb) const { return a_scales[(long long)row * k_blocks + kb]; }
+    __device__ __forceinline__ float b_scale(int wr, int kb) const { return b_scales[(wr / QG_SCALE_BLOCK) * k_blocks + kb]; }
 };
 
 struct Int8Operands {
+    static constexpr int scale_block = 0;  // int32 sums, scaled in the epilogue
     const signed char* __restrict__ a;
     const signed char* __restrict__ b;
     int m0, n0, M, N, K;
@@ -197,6 +220,7 @@ struct Int8Operands {
 
 template <typename T, class W>
 struct WeightOnlyOperands {
+    static constexpr int scale_block = 0;  // scaled on staging
     const T* __restrict__ a;
     W w;
     int m0, n0, M, N, K;

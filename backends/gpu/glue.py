@@ -134,10 +134,14 @@ class KernelEntry:
         return [name for t in self.templates for name in t.instantiations(vendor)]
 
     def launch(self, ex, types, grid, args, shared=0, template=None):
-        """Launch one of the entry's templates with the C types `types`; grid padded to 3 dimensions."""
+        """Launch one of the entry's templates with the C types `types`; grid padded to 3 dimensions.
+        An empty grid (a zero-size dimension: 0 rows, heads, tokens) launches nothing, on the device
+        (where a grid of 0 is an invalid-configuration error) and in the emulator alike."""
         t = self.template(template)
         name = f"{t.kernel(ex.vendor)}<{', '.join(types)}>"
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
+        if 0 in grid:
+            return
         ex.launch(self.family, name, grid, (self.threads(ex.vendor, template), 1, 1), shared, args)
 
     def bind(self, ex):

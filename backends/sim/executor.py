@@ -22,14 +22,17 @@ Modes:
   writes the buffers of non-const pointer parameters back. A sanitizer report becomes a
   KernelLaunchError carrying the report.
 
-Environment: CXX (compiler), HAL_SIM_CXXFLAGS (extra flags, e.g. "-g -O0" to debug a kernel in
-gdb), HAL_SIM_WORKERS (OS worker threads, default: cores), HAL_SIM_STACK_KB (fiber stack size,
-default 64, 256 with sanitizers), HAL_SIM_CACHE (cache directory), HAL_SIM_TIMEOUT (seconds a
-sanitized launch may take, default 600).
+Environment: CXX (compiler) and the HAL_SIM_* settings of SETTINGS, checked once, before the first
+build: a bad value is a SchemaError naming the variable, what it takes and what it holds.
+
+The cache heals itself: every artifact (library, driver, runtime object) has its SHA-256 beside
+it (`<artifact>.sha256`), checked before it is used; a damaged one (truncated, overwritten, or a
+library that does not load) is discarded and rebuilt, with one warning per artifact.
 """
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import hashlib
 import json
@@ -41,17 +44,18 @@ import struct
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from hal.codes import defines as kernel_codes
-from hal.errors import KernelCompileError, KernelLaunchError
+from hal.errors import KernelCompileError, KernelLaunchError, SchemaError
 
 INCLUDE_DIR = Path(__file__).resolve().parent / "include"
 MODES = ("release", "tsan", "asan")
 WARP = {"cuda": 32, "rocm": 64}
-GENERATOR_VERSION = "1"  # bump when the generated code or the build layout changes
+GENERATOR_VERSION = "2"  # bump when the generated code or the build layout changes
 ERROR_BUFFER = 1 << 16
 
 COMMON_FLAGS = ("-std=c++20", "-fPIC", "-pthread", "-fno-strict-aliasing", "-DHAL_SIM")
@@ -136,12 +140,57 @@ def sanitizer_available(mode) -> tuple[bool, str]:
     return True, ""
 
 
-def _cache_root():
-    env = os.environ.get("HAL_SIM_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base, "hal", "sim")
+# ---- settings ------------------------------------------------------------------------------------
+
+
+def _number(kind, lo, hi):
+    """A parser of numbers of `kind` (int / float) in [lo, hi]; empty text is None (the default)."""
+
+    def parse(text):
+        if not text:
+            return None
+        value = kind(text)
+        if not lo <= value <= hi:  # False for NaN too
+            raise ValueError(text)
+        return value
+
+    return parse
+
+
+def _cache_dir(text):
+    """The cache directory: created if missing, and writable."""
+    path = Path(text or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "hal", "sim"))
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(path))
+    path.mkdir(parents=True, exist_ok=True)  # OSError (a file on the way, no permission): caught by _settings
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "not writable", str(path))
+    return path
+
+
+# variable: (default, parse(text) -> value or ValueError / OSError, what it takes). The runtime
+# (runtime_impl.h) reads HAL_SIM_WORKERS and HAL_SIM_STACK_KB itself, after they were checked here.
+SETTINGS = {
+    "HAL_SIM_CACHE": ("", _cache_dir, "a writable directory (default $XDG_CACHE_HOME/hal/sim, else ~/.cache/hal/sim)"),
+    "HAL_SIM_CXXFLAGS": ("", shlex.split, "host compiler flags as a POSIX shell splits them (balanced quotes)"),
+    "HAL_SIM_WORKERS": ("", _number(int, 1, 4096), "an integer number of worker threads in [1, 4096] (default: cores)"),
+    "HAL_SIM_STACK_KB": ("", _number(int, 16, 16384), "an integer fiber stack size in KiB in [16, 16384] (default 64, 256 with sanitizers)"),
+    "HAL_SIM_TIMEOUT": ("600", _number(float, 1e-3, 1e7), "the seconds a sanitized launch may take, in [0.001, 1e7]"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _settings():
+    """{variable: value}, checked once per process (a failed check is not cached: it raises again)."""
+    values = {}
+    for name, (default, parse, expected) in SETTINGS.items():
+        text = os.environ.get(name) or default
+        try:
+            values[name] = parse(text)
+        except (ValueError, OSError) as exc:
+            reason = f" ({exc.strerror})" if isinstance(exc, OSError) and exc.strerror else ""
+            raise SchemaError("environment", name, expected, f"{text!r}{reason}") from None
+    return values
 
 
 def _sha(data: bytes) -> str:
@@ -212,6 +261,45 @@ def _run(cmd, cwd, what):
 
 _build_lock = threading.Lock()
 CACHE_ENTRIES = 256  # builds kept (least recently used go first)
+_damaged = set()  # artifacts found damaged in this process (warned once each)
+
+
+def _hash_path(artifact):
+    return artifact.with_name(artifact.name + ".sha256")
+
+
+def _store(built, artifact):
+    """Move a freshly built file into the cache, its hash first (an artifact without one is not used)."""
+    tmp_hash = built.with_name(built.name + ".sha256")
+    tmp_hash.write_text(_file_sha(built))
+    os.replace(tmp_hash, _hash_path(artifact))
+    os.replace(built, artifact)
+
+
+def _intact(artifact):
+    """Whether a cached artifact exists and matches its recorded hash; a damaged one is discarded."""
+    if not artifact.exists():
+        return False
+    try:
+        recorded = _hash_path(artifact).read_text().strip()
+    except OSError:
+        recorded = None
+    if recorded and _file_sha(artifact) == recorded:
+        return True
+    _discard(artifact, "its content does not match its recorded SHA-256")
+    return False
+
+
+def _discard(artifact, why):
+    """Remove a damaged artifact (and its hash and manifest) so that it is rebuilt; warn once."""
+    for p in (artifact, _hash_path(artifact), artifact.with_suffix(".json")):
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass
+    if artifact not in _damaged:
+        _damaged.add(artifact)
+        warnings.warn(f"hal sim cache: discarded {artifact} ({why}); rebuilding it", RuntimeWarning, stacklevel=3)
 
 
 def _touch(directory):
@@ -229,8 +317,8 @@ def _prune(directory, keep):
     try:
         stale = sorted((p for p in directory.iterdir() if p.suffix in (".so", ".driver") and p != keep), key=lambda p: p.stat().st_mtime)
         for p in stale[:-2]:
-            p.unlink(missing_ok=True)
-            p.with_suffix(".json").unlink(missing_ok=True)
+            for q in (p, _hash_path(p), p.with_suffix(".json")):
+                q.unlink(missing_ok=True)
         entries = sorted((p for p in directory.parent.iterdir() if p.is_dir() and p.name != "runtime"), key=lambda p: p.stat().st_mtime)
         for p in entries[:-CACHE_ENTRIES]:
             shutil.rmtree(p, ignore_errors=True)
@@ -248,9 +336,9 @@ def _runtime_flags(mode, warp):
 def _runtime_object(compiler, identity, mode, warp, base_flags):
     """The runtime compiled for (mode, warp), cached."""
     key = _sha(json.dumps([GENERATOR_VERSION, identity, compiler, base_flags, mode, warp, _headers_sha()]).encode())[:24]
-    root = _cache_root() / "runtime"
+    root = _settings()["HAL_SIM_CACHE"] / "runtime"
     obj = root / f"runtime-{mode}-w{warp}-{key}.o"
-    if obj.exists():
+    if _intact(obj):
         return obj
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hal-sim-rt-", dir=root) as tmp:
@@ -258,7 +346,7 @@ def _runtime_object(compiler, identity, mode, warp, base_flags):
         src.write_text("// generated by hal.backends.sim.executor\n#include <hal_sim/runtime_impl.h>\n")
         out = Path(tmp, "runtime.o")
         _run([*compiler, *base_flags, "-fvisibility=hidden", "-c", str(src), "-o", str(out)], tmp, f"the emulator runtime ({mode}, warp {warp})")
-        os.replace(out, obj)
+        _store(out, obj)
     return obj
 
 
@@ -378,11 +466,17 @@ class SimModule:
         ok, reason = toolchain() if mode == "release" else sanitizer_available(mode)
         if not ok:
             raise KernelCompileError(f"{self.source.name}: the {vendor}-sim {mode} build is unavailable: {reason}")
-        self.cache_hit = False
         self.artifact = self._build()
         self._lib = None
         if mode == "release":
-            self._load()
+            try:
+                self._load()
+            except KernelCompileError as exc:
+                if not self.cache_hit:
+                    raise
+                _discard(self.artifact, f"it does not load: {exc}")
+                self.artifact = self._build()
+                self._load()
 
     @staticmethod
     def _canonical(name):
@@ -391,7 +485,7 @@ class SimModule:
     # -- build --
 
     def _flags(self):
-        flags = [*COMMON_FLAGS, f"-DHAL_SIM_WARP={self.warp}", *MODE_FLAGS[self.mode], *shlex.split(os.environ.get("HAL_SIM_CXXFLAGS", "")),
+        flags = [*COMMON_FLAGS, f"-DHAL_SIM_WARP={self.warp}", *MODE_FLAGS[self.mode], *_settings()["HAL_SIM_CXXFLAGS"],
                  f"-I{INCLUDE_DIR}", f"-I{self.source.parent}"]
         flags += [f"-I{d}" for d in self.include_dirs]
         for k, v in sorted(self.defines.items()):
@@ -418,6 +512,7 @@ class SimModule:
         return "\n".join(lines) + "\n"
 
     def _build(self):
+        self.cache_hit = False
         compiler = _compiler()
         _, _, identity = _probe(tuple(compiler))
         flags = self._flags()
@@ -426,7 +521,7 @@ class SimModule:
         # directories (vendor shim, shared hal_gpu.h) are hashed here as well as in the manifest.
         base = _sha(json.dumps([GENERATOR_VERSION, identity, compiler, flags, self.mode, generated, str(self.source),
                                 _file_sha(self.source), _headers_sha(), _dir_headers_sha(self.include_dirs)]).encode())[:24]
-        directory = _cache_root() / f"{self.source.stem}-{self.vendor}-{self.mode}-{base}"
+        directory = _settings()["HAL_SIM_CACHE"] / f"{self.source.stem}-{self.vendor}-{self.mode}-{base}"
         suffix = ".so" if self.mode == "release" else ".driver"
         for manifest in sorted(directory.glob("*.json")) if directory.exists() else ():
             try:
@@ -434,7 +529,7 @@ class SimModule:
             except (OSError, ValueError):
                 continue
             artifact = manifest.with_suffix(suffix)
-            if artifact.exists() and all(_file_sha(p) == h for p, h in deps.items()):
+            if all(_file_sha(p) == h for p, h in deps.items()) and _intact(artifact):
                 self.cache_hit = True
                 _touch(directory)
                 return artifact
@@ -460,7 +555,7 @@ class SimModule:
             deps[str(self.source)] = _file_sha(self.source)
             dep_key = _sha(json.dumps(sorted(deps.items())).encode())[:16]
             artifact = directory / f"{dep_key}{suffix}"
-            os.replace(out, artifact)
+            _store(out, artifact)
             tmp_manifest = Path(tmp, "manifest.json")
             tmp_manifest.write_text(json.dumps(deps, indent=0))
             os.replace(tmp_manifest, artifact.with_suffix(".json"))
@@ -539,7 +634,7 @@ class SimModule:
         var, options = SANITIZER_ENV[self.mode]
         env = dict(os.environ)
         env[var] = options + (":" + env[var] if env.get(var) else "")
-        timeout = float(os.environ.get("HAL_SIM_TIMEOUT", "600"))
+        timeout = _settings()["HAL_SIM_TIMEOUT"]
         with tempfile.TemporaryDirectory(prefix="hal-sim-launch-") as tmp:
             req, resp = Path(tmp, "request"), Path(tmp, "response")
             req.write_bytes(b"".join(parts))

@@ -117,7 +117,9 @@ def compare(op, a, outs, refs, mags, naive=None):
         rtol, atol = TOLERANCE[dtype]
         ref, mag = np.where(expected_nan, 0.0, ref), np.where(np.isnan(mag), 0.0, mag)  # NaN where NaN is due: no tolerance needed
         if naive is not None:
-            naive_err = np.abs(naive[i].astype(np.float64) - ref).max(axis=-1, keepdims=True, initial=0.0)
+            with np.errstate(invalid="ignore"):
+                naive_err = np.abs(naive[i].astype(np.float64) - ref)
+            naive_err = np.where(np.isfinite(naive_err), naive_err, 0.0).max(axis=-1, keepdims=True, initial=0.0)  # NaN/Inf where the reference is
             tol = 2.0 * naive_err + atol + TOLERANCE["float32"][0] * growth * np.abs(mag)
         else:
             tol = atol + rtol * np.abs(ref) + TOLERANCE["float32"][0] * growth * np.abs(mag)
@@ -126,7 +128,8 @@ def compare(op, a, outs, refs, mags, naive=None):
         if err.size == 0:
             continue
         largest = max(largest, float(err.max()))
-        ratio = err / tol
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = np.where(err == 0, 0.0, err / tol)
         j = np.unravel_index(int(np.nanargmax(np.where(np.isnan(ratio), np.inf, ratio))), ratio.shape)
         r = float(ratio[j]) if not np.isnan(ratio[j]) else math.inf
         if r > worst:

@@ -90,12 +90,14 @@ __device__ __forceinline__ int warp_inclusive_scan(int v) {
 
 // ---------------------------------------------------------------- activations (epilogue codes)
 // Codes from hal/codes.py (HAL_ACT_*). A gated epilogue is activate(gate, code) * up.
+// NaN propagates as in torch: relu(NaN) is NaN, and fmaxf(NaN, 0) is 0, hence the NaN test first
+// (rather than x < 0 ? 0 : x, which costs gemm_simt<float> a spill on sm_90a).
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }  // -> -0 for x << 0, no NaN
 
 __device__ __forceinline__ float activate(float x, int activation) {
     switch (activation) {
-        case HAL_ACT_RELU: return fmaxf(x, 0.0f);
+        case HAL_ACT_RELU: return x != x ? x : fmaxf(x, 0.0f);
         case HAL_ACT_GELU: return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));  // exact, erf form
         case HAL_ACT_GELU_TANH: return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
         case HAL_ACT_SILU: return silu(x);

@@ -44,16 +44,23 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int& to
 // ================================================================ moe_route
 // A token's E scores sit in shared memory (lane l owns entries l, l + warpSize, ...), and top-k is k
 // rounds of a warp arg-max over (value, index) pairs, each taking the best pair ranking after the
-// previous winner: nothing is marked, and ties go to the lower index as in the reference.
-// Experts of groups that were not kept hold NaN, which never ranks. Shared memory per token: E
+// previous winner: nothing is marked. The order is torch.topk's: NaN ranks before every number,
+// equal values (several NaN too) go to the lower index. Experts of groups that were not kept hold
+// -inf, as torch's masked_fill gives them. Shared memory per token: E
 // scores, E selection values, n_group group scores (sized by the glue). Block = ROUTE_TOKENS *
 // HAL_WARP_MAX threads: one token per warp (NVIDIA) or wave64 (CDNA); on wave32 RDNA the block has
 // 8 waves and waves 4..7 idle (routing is a CDNA workload; the kernel only has to be correct there).
 
 #define ROUTE_TOKENS 4
 
-// Whether (v, i) ranks before (w, j): the higher value, then the lower index. False for NaN v.
-__device__ __forceinline__ bool ranks_before(float v, int i, float w, int j) { return v > w || (v == w && i < j); }
+// Whether value v ranks before value w: NaN first, then the higher number.
+__device__ __forceinline__ bool greater(float v, float w) { return v != v ? w == w : v > w; }
+
+// Whether (v, i) ranks before (w, j): the greater value, then (equal, or both NaN) the lower index.
+// (NaN, -1) ranks before every pair: the "nothing yet" previous winner.
+__device__ __forceinline__ bool ranks_before(float v, int i, float w, int j) {
+    return greater(v, w) || (!greater(w, v) && i < j);
+}
 
 // Among values[0, n), the best pair ranking after (prev_v, prev_i), over the warp. Returns false
 // (prev untouched) when there is none; otherwise every lane gets it in prev.
@@ -115,8 +122,8 @@ __global__ void __launch_bounds__(ROUTE_TOKENS * HAL_WARP_MAX) moe_route(const T
                 float first = -INFINITY, second = -INFINITY;
                 for (int e = g * size; e < (g + 1) * size; ++e) {
                     const float v = select[e];
-                    if (v > first) second = first, first = v;
-                    else if (v > second) second = v;
+                    if (greater(v, first)) second = first, first = v;
+                    else if (greater(v, second)) second = v;
                 }
                 group_score[g] = first + second;
             }
@@ -126,19 +133,19 @@ __global__ void __launch_bounds__(ROUTE_TOKENS * HAL_WARP_MAX) moe_route(const T
             // The topk_group best groups: (kept_v, kept_i) ends as the last kept, and a group is
             // kept iff it ranks at or before it. Each lane masks only its own entries, the ones it
             // scans below, so no further barrier is needed.
-            float kept_v = INFINITY;
+            float kept_v = HAL_QUIET_NAN;
             int kept_i = -1;
             for (int r = 0; r < topk_group; ++r) warp_next(group_score, n_group, kept_v, kept_i);
             for (int e = lane; e < experts; e += warpSize) {
                 const int g = e / size;
-                if (g != kept_i && !ranks_before(group_score[g], g, kept_v, kept_i)) select[e] = HAL_QUIET_NAN;
+                if (g != kept_i && !ranks_before(group_score[g], g, kept_v, kept_i)) select[e] = -INFINITY;
             }
         }
     }
     if (!active) return;
 
     // k arg-max rounds; round j is written by lane j % warpSize, which then rescales its entries.
-    float v = INFINITY, sum = 0.0f;
+    float v = HAL_QUIET_NAN, sum = 0.0f;
     int id = -1;
     const long long out0 = (long long)t * k;
     for (int j = 0; j < k; ++j) {

@@ -151,7 +151,7 @@ __device__ __forceinline__ void reduce_segments(const T* __restrict__ table, con
 #pragma unroll
                     for (int i = 0; i < SPARSE_CHUNK; ++i) {
                         const float x = v[u].get(i);
-                        acc[i] = MAX ? fmaxf(acc[i], x) : acc[i] + w[u] * x;
+                        acc[i] = MAX ? (x > acc[i] || x != x ? x : acc[i]) : acc[i] + w[u] * x;  // max: a NaN wins and stays
                     }
                 }
             }

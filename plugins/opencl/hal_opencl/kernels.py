@@ -185,4 +185,5 @@ def supports_attention(a):
 
 
 def supports_rope(a):
-    return a["cos"].dtype == a["sin"].dtype
+    # by name: one may be a torch tensor (dtype torch.float32), the other a NumPy array (float32)
+    return str(a["cos"].dtype).removeprefix("torch.") == str(a["sin"].dtype).removeprefix("torch.")

@@ -23,6 +23,9 @@
 */
 #define BQ 32
 
+/* The running max, NaN-propagating (fmax drops a NaN): a NaN score makes its row NaN, as the reference. */
+inline float max_nan(float a, float b) { return (a != a || a > b) ? a : b; }
+
 __kernel __attribute__((reqd_work_group_size(BQ, 1, 1)))
 void attention(__global const TYPE(X_KIND) *q, __global const TYPE(X_KIND) *k, __global const TYPE(X_KIND) *v,
                __global const int *cu_q, __global const int *cu_k, __global TYPE(X_KIND) *out, const int hq,
@@ -86,14 +89,14 @@ void attention(__global const TYPE(X_KIND) *q, __global const TYPE(X_KIND) *k, _
                     lo += (hi - (t - z)) + (p - z) + ep;
                     hi = t;
                 }
-                s = (hi + lo) * scale;
+                s = (isinf(hi) ? hi : hi + lo) * scale; /* an infinite product leaves lo NaN (inf - inf) */
                 if (softcap > 0.0f) s = softcap * tanh(s / softcap);
-                tmax = fmax(tmax, s);
+                tmax = max_nan(tmax, s);
             }
             sc[j] = s;
         }
         if (tmax == -INFINITY) continue; /* nothing visible in this tile for this row */
-        const float mn = fmax(m, tmax), corr = exp(m - mn); /* exp(-inf) = 0 on the first visible tile */
+        const float mn = max_nan(m, tmax), corr = exp(m - mn); /* exp(-inf) = 0 on the first visible tile */
         l *= corr;
         for (int i = 0; i < dv; i++) acc[i] *= corr;
         for (int j = 0; j < nk; j++) {
@@ -106,6 +109,6 @@ void attention(__global const TYPE(X_KIND) *q, __global const TYPE(X_KIND) *k, _
     }
 
     if (!active) return;
-    /* divide (one rounding) rather than multiply by 1 / l (two) */
-    for (int i = 0; i < dv; i++) STORE(X_KIND, out, ((size_t)(q0 + row) * hq + h) * dv + i, l > 0.0f ? acc[i] / l : 0.0f);
+    /* divide (one rounding) rather than multiply by 1 / l (two); l == 0: no visible key, l NaN: a NaN score */
+    for (int i = 0; i < dv; i++) STORE(X_KIND, out, ((size_t)(q0 + row) * hq + h) * dv + i, l == 0.0f ? 0.0f : acc[i] / l);
 }

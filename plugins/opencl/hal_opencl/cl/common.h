@@ -46,7 +46,7 @@ inline float silu(float x) { return x / (1.0f + exp(-x)); }
 
 inline float activate(float x, int act) {
     switch (act) {
-    case HAL_ACT_RELU: return fmax(x, 0.0f);
+    case HAL_ACT_RELU: return x != x ? x : fmax(x, 0.0f); /* relu(NaN) is NaN: fmax alone returns 0 */
     case HAL_ACT_GELU: return 0.5f * x * (1.0f + erf(x * 0.70710678118654752f));
     case HAL_ACT_GELU_TANH: return 0.5f * x * (1.0f + tanh(0.79788456080286536f * (x + 0.044715f * x * x * x)));
     case HAL_ACT_SILU: return silu(x);
