@@ -425,7 +425,8 @@ def _mla_check(a):
     _check_paging(a, "kv_latent")
 
 
-def _mla_run(a, rounding=None, dtype=np.float64):
+def _mla_run(a, rounding=None, dtype=np.float64, value=lambda c: c):
+    """The outputs; `value` maps the latent c to the attended values (np.abs: the magnitude)."""
     qn, qp = a["q_nope"], a["q_pe"]
     b, h, latent = qn.shape
     out = np.zeros((b, h, latent), dtype)
@@ -436,7 +437,7 @@ def _mla_run(a, rounding=None, dtype=np.float64):
         # Absorbed form as one MQA head: key = [c, k_pe], query = [q_nope, q_pe], value = c.
         q = np.concatenate([qn[i], qp[i]], axis=-1).astype(dtype)[None]
         k = np.concatenate([c, kpe], axis=-1)[:, None, :]
-        out[i] = _attend(q, k, c[:, None, :], a["scale"], False, None, None, rounding)[0]
+        out[i] = _attend(q, k, value(c)[:, None, :], a["scale"], False, None, None, rounding)[0]
     return [out]
 
 
@@ -481,6 +482,7 @@ mla_decode = OpDef(
     reference=_mla_run,
     naive=lambda a, dtype: _mla_run(a, to_numpy(dtype), np.float32),
     growth=lambda a: _score_growth(a, a["kv_latent"].shape[-1] + a["k_pe"].shape[-1]),
+    magnitude=lambda a, refs: _mla_run(a, value=np.abs),
     samples=_mla_samples,
     error_samples=_mla_errors,
     bench=lambda rng, dtype: _mla_args(rng, dtype, [4096] * 8, 128, 64),
