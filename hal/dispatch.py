@@ -230,8 +230,11 @@ def select(op, a, requested=None):
 @functools.cache
 def _memory_bound():
     """The most output bytes one call may ask for: the host's physical memory (for every backend; a
-    device's own limit shows as OutOfMemory when it allocates)."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    device's own limit shows as OutOfMemory when it allocates); no bound where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no os.sysconf (Windows) or no such name
+        return math.inf
 
 
 def dispatch(op, a, requested=None):
