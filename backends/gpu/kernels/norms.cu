@@ -31,6 +31,17 @@ __device__ __forceinline__ float summed(const T* __restrict__ x, const T* __rest
     return s;
 }
 
+// The cached path's row: v[i] = s at column threadIdx.x + i * blockDim.x (0 past the row), with
+// residual_out stored; the row pointers are already at the block's row.
+template <typename T>
+__device__ __forceinline__ void cache_row(float (&v)[NORM_CACHED], const T* __restrict__ x, const T* __restrict__ residual,
+                                          T* __restrict__ residual_out, int hidden) {
+    for (int i = 0; i < NORM_CACHED; ++i) {
+        const int c = threadIdx.x + i * blockDim.x;
+        v[i] = c < hidden ? summed(x, residual, residual_out, c, true) : 0.0f;
+    }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(NORM_THREADS)
 rms_norm(const T* __restrict__ x, const T* __restrict__ residual, const float* __restrict__ weight, T* __restrict__ y,
@@ -48,12 +59,9 @@ rms_norm(const T* __restrict__ x, const T* __restrict__ residual, const float* _
 
     if (hidden <= NORM_CACHED * (int)blockDim.x) {
         float v[NORM_CACHED];
+        cache_row(v, x, residual, residual_out, hidden);
         float squares = 0.0f;
-        for (int i = 0; i < NORM_CACHED; ++i) {
-            const int c = threadIdx.x + i * blockDim.x;
-            v[i] = c < hidden ? summed(x, residual, residual_out, c, true) : 0.0f;
-            squares += v[i] * v[i];
-        }
+        for (int i = 0; i < NORM_CACHED; ++i) squares += v[i] * v[i];
         const float inv_rms = 1.0f / sqrtf(block_sum(squares, scratch) / hidden + eps);
         for (int i = 0; i < NORM_CACHED; ++i) {
             const int c = threadIdx.x + i * blockDim.x;
@@ -92,12 +100,9 @@ layer_norm(const T* __restrict__ x, const T* __restrict__ residual, const float*
 
     if (hidden <= NORM_CACHED * (int)blockDim.x) {
         float v[NORM_CACHED];
+        cache_row(v, x, residual, residual_out, hidden);
         float sum = 0.0f;
-        for (int i = 0; i < NORM_CACHED; ++i) {
-            const int c = threadIdx.x + i * blockDim.x;
-            v[i] = c < hidden ? summed(x, residual, residual_out, c, true) : 0.0f;
-            sum += v[i];
-        }
+        for (int i = 0; i < NORM_CACHED; ++i) sum += v[i];
         const float mean = block_sum(sum, scratch) / hidden;
         float deviations = 0.0f;
         for (int i = 0; i < NORM_CACHED; ++i) {
