@@ -1,9 +1,11 @@
 """Bad input (issue 14): a budgeted slice of the hostile suite on cpu, the runner surviving a crashing
-kernel, attribute validation as a property, plugins that call sys.exit(), and the `hal ops` table."""
+kernel, attribute validation as a property, plugins that call sys.exit(), the `hal ops` table, and the
+NaN / Inf rule of attention (docs/errors.md) on the emulated CUDA and HIP kernels."""
 import json
 import subprocess
 import sys
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 
 import hal
 from hal.cli import main
-from hal.conformance import hostile
+from hal.conformance import hostile, judge
 from hal.testing import HostBackend, plugin
 
 SLICE = ["softmax", "gemm", "grouped_gemm", "embedding_bag", "moe_route"]  # ops of the issue's reproducers
@@ -165,3 +167,85 @@ def test_compare_takes_nan_where_the_reference_has_it_with_a_naive_bound(rng):
     assert worst <= 1.0, message
     out[1, 5] += 1.0  # a wrong element beside the NaN is still caught
     assert compare(op, {}, [out], [ref], [np.abs(ref)], naive=[ref.astype(np.float32)])[0] > 1.0
+
+
+# ---------------------------------------------------------------- attention: NaN / Inf in V on the GPU kernels
+
+SIMS = ["cuda-sim", "rocm-sim"]
+HALF_AND_FLOAT = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def _attention_judged(backend, **args):
+    """attention on an emulated GPU backend (its own kernels, no fallback), judged like a hostile case."""
+    available, reason = hal.registry().entry(backend).status
+    if not available:
+        pytest.skip(f"{backend} unavailable: {reason}")
+    with hal.use(backend, fallback="error"):
+        out = np.asarray(hal.ops.attention(**args))
+    with np.errstate(invalid="ignore"):  # the reference meets the NaN / inf of its inputs
+        worst, _, message = judge(hal.ops.attention, args, [out])
+    assert worst <= 1.0, message
+    return out.astype(np.float64)
+
+
+@pytest.mark.parametrize("backend", SIMS)
+def test_the_hostile_nan_inf_cases_of_attention_pass_on_the_emulated_gpus(backend):
+    """Seed 0 once gave 13 silently wrong results per emulator here (cases 64, 65, 178-180, 352, 353,
+    469-471, 760-762): a NaN / Inf of V reached rows that may not see its key, and a half-precision
+    P V turned +-inf into NaN."""
+    available, reason = hal.registry().entry(backend).status
+    if not available:
+        pytest.skip(f"{backend} unavailable: {reason}")
+    report = hostile.run(backend, ["attention"], seed=0, categories=("nan-inf",))
+    assert report["cases"] >= 54 and not report["failures"], "\n".join(
+        f"{f['outcome']} [{f['variant']}]: {f['message']}\n  {f['reproduce']}" for f in report["failures"])
+
+
+MASKS = {"causal": dict(causal=True), "window": dict(window=5), "causal window": dict(causal=True, window=5),
+         "varlen causal": dict(causal=True, cu_seqlens_q=np.array([0, 30, 70], np.int32), cu_seqlens_k=np.array([0, 30, 70], np.int32))}
+
+
+@pytest.mark.parametrize("backend", SIMS)
+@pytest.mark.parametrize("dtype", HALF_AND_FLOAT)
+@pytest.mark.parametrize("mask", MASKS)
+def test_a_non_finite_v_reaches_only_the_rows_that_see_its_key(backend, dtype, mask, rng):
+    """Keys 37..39 hold NaN, +inf, -inf in V; each mask hides them from some rows of the 64-row tile
+    that sees them (P V weighed them by p = 0 there, and 0 * inf is NaN)."""
+    a = MASKS[mask]
+    lead = (70,) if "cu_seqlens_q" in a else (1, 70)
+    q, k, v = (rng.standard_normal((*lead, heads, 64)).astype(HALF_AND_FLOAT[dtype]) for heads in (2, 1, 1))
+    for key, col, value in ((37, 9, np.nan), (38, 20, np.inf), (39, 40, -np.inf)):
+        v[..., key, 0, col] = value
+    out = _attention_judged(backend, q=q, k=k, v=v, **a)
+    assert np.isfinite(out[..., :30, :, :]).all()  # rows before key 37 see none of them
+
+
+@pytest.mark.parametrize("backend", SIMS)
+@pytest.mark.parametrize("dtype", HALF_AND_FLOAT)
+def test_an_infinite_v_at_a_visible_key_is_infinite_however_small_its_weight(backend, dtype, rng):
+    """Key 0's v is +inf at column 5; per head its weight is 1 (exact in half precision, where the split
+    P's low part is 0), e^-20 (0 in float16), e^-200 and e^-700 (0 in float32, positive in the float64
+    reference), or 1 until key 99 raises the row max by 200 in a later tile. The reference gives +inf."""
+    q = np.zeros((1, 1, 5, 64), HALF_AND_FLOAT[dtype])
+    q[0, 0, :, :2] = [[0, 0], [-20, 0], [-200, 0], [-700, 0], [0, 200]]  # key 0 scores q[h, 0], key 99 q[h, 1]
+    k = np.zeros((1, 100, 1, 64), HALF_AND_FLOAT[dtype])
+    k[0, 0, 0, 0] = k[0, 99, 0, 1] = 1
+    v = rng.standard_normal((1, 100, 1, 64)).astype(HALF_AND_FLOAT[dtype])
+    v[0, 0, 0, 5] = np.inf
+    out = _attention_judged(backend, q=q, k=k, v=v, scale=1.0)
+    assert (out[0, 0, :, 5] == np.inf).all() and np.isfinite(np.delete(out, 5, axis=-1)).all()
+
+
+@pytest.mark.parametrize("backend", SIMS)
+@pytest.mark.parametrize("dtype", HALF_AND_FLOAT)
+def test_a_visible_key_of_weight_zero_turns_an_infinite_v_into_nan(backend, dtype):
+    """Weight 0 as in the reference: key 3's logit is -inf (an inf in k) for head 0 and 800 below the row max
+    for head 1 (exp underflows in float64 too), so its +inf in v gives 0 * inf = NaN."""
+    q = np.zeros((1, 1, 2, 64), HALF_AND_FLOAT[dtype])
+    q[0, 0, :, 0] = 1
+    k = np.zeros((1, 8, 2, 64), HALF_AND_FLOAT[dtype])
+    k[0, 3, :, 0] = [-np.inf, -800]
+    v = np.ones((1, 8, 2, 64), HALF_AND_FLOAT[dtype])
+    v[0, 3, :, 6] = np.inf
+    out = _attention_judged(backend, q=q, k=k, v=v, scale=1.0)
+    assert np.isnan(out[0, 0, :, 6]).all() and (np.delete(out, 6, axis=-1) == 1).all()

@@ -81,31 +81,98 @@ __device__ __forceinline__ float attn_logit(float dot, float scale, float softca
     return softcap > 0.0f ? softcap * tanhf(s / softcap) : s;
 }
 
+// ---- NaN and +-inf in V (docs/errors.md). P V weighs every key of a tile, p = 0 for a key that a row
+// may not see (causal, window, another sequence), and 0 * inf is NaN; the mma variant also rounds p
+// to T (hi + lo: lo is 0 where p is exact in T, as p = 1 at the row max; a small p underflows in
+// f16). So V tiles are staged with inf / NaN replaced by 0, and a thread that meets one widens the
+// pass's key range [lo, hi] (AttnVRange, in K row 0's padding, which nothing reads). After its key
+// loop, each lane goes through the keys of that range its rows see, reads its columns of V again
+// from global memory and adds the inf / NaN it finds, times attn_weight, to the unnormalized
+// output. With finite V the range stays empty: the cost is a test per staged word.
+template <typename T>
+__device__ __forceinline__ bool nonfinite(T x) { return !(fabsf(to_float(x)) < INFINITY); }
+
+// The weight with which an inf / NaN of V at a key a row sees enters the row, whose logits peak at m:
+// 1 where the reference's float64 p of the key is positive (p v = v for v = +-inf, NaN), 0 where that
+// p is 0 (0 * v = NaN): for a logit of -inf, or one more than ~745 below m (exp underflows in float64;
+// fp32's p, and the online softmax's rescale factors, underflow already past ~104). The key's logit
+// is computed again.
+template <typename T>
+__device__ __forceinline__ float attn_weight(const T* q_row, const T* k_row, int d, float scale, float softcap, float m) {
+    float dot = 0.0f;
+#pragma unroll 1  // a cold path: no unrolled copies beside the kernel's
+    for (int c = 0; c < d; ++c) dot += to_float(q_row[c]) * to_float(k_row[c]);
+    return attn_logit(dot, scale, softcap) - m > -745.0f ? 1.0f : 0.0f;
+}
+
+// The keys whose V holds an inf / NaN in the columns of pass 0 and of pass 1 (head_dim_v > 128), as
+// max(key) and max(-key): atomicMax widens them. Cleared before the first tile's barrier.
+struct AttnVRange {
+    int hi[2], neg_lo[2];
+    __device__ __forceinline__ void clear() {
+        if (threadIdx.x == 0) hi[0] = hi[1] = neg_lo[0] = neg_lo[1] = -0x7fffffff;
+    }
+    __device__ __forceinline__ void add(int pass, int key_lo, int key_hi) {
+        atomicMax(&hi[pass], key_hi);
+        atomicMax(&neg_lo[pass], -key_lo);
+    }
+};
+
+// The exponent field of T (all ones: inf or NaN) in each element of a 32-bit word.
+__device__ __forceinline__ unsigned exponent_bits(float) { return 0x7f800000u; }
+__device__ __forceinline__ unsigned exponent_bits(__half) { return 0x7c007c00u; }
+__device__ __forceinline__ unsigned exponent_bits(bf16) { return 0x7f807f80u; }
+
+// A word of T elements with the non-finite ones set to 0.
+template <typename T>
+__device__ __forceinline__ unsigned finite_word(unsigned w) {
+    const unsigned e = exponent_bits(T()), x = w & e;
+    if (sizeof(T) == 4) return x == e ? 0u : w;
+    return w & ((x & 0xffffu) == (e & 0xffffu) ? 0xffff0000u : ~0u) & ((x >> 16) == (e >> 16) ? 0xffffu : ~0u);
+}
+
 // Copy 8 elements of T (raw bits) from global to shared, zero-filling past `valid`. `vec`: the
 // source chunk is 16-byte aligned (the shared destination always is: row strides are multiples
-// of 8 elements and tiles start on 16-byte boundaries).
+// of 8 elements and tiles start on 16-byte boundaries). `finite`: store inf / NaN as 0 and return
+// whether there was one.
 template <typename T>
-__device__ __forceinline__ void copy8(T* dst, const T* src, int valid, bool vec) {
+__device__ __forceinline__ bool copy8(T* dst, const T* src, int valid, bool vec, bool finite) {
+    bool zeroed = false;
     if (vec && valid >= 8) {
         const uint4* s = reinterpret_cast<const uint4*>(src);
         uint4* d = reinterpret_cast<uint4*>(dst);
-        d[0] = s[0];
-        if (sizeof(T) == 4) d[1] = s[1];
+#pragma unroll
+        for (int i = 0; i < (int)sizeof(T) / 2; ++i) {
+            uint4 w = s[i];
+            if (finite) {
+                const uint4 f = make_uint4(finite_word<T>(w.x), finite_word<T>(w.y), finite_word<T>(w.z), finite_word<T>(w.w));
+                zeroed |= ((f.x ^ w.x) | (f.y ^ w.y) | (f.z ^ w.z) | (f.w ^ w.w)) != 0u;
+                w = f;
+            }
+            d[i] = w;
+        }
     } else {
-        for (int e = 0; e < 8; ++e) dst[e] = e < valid ? src[e] : from_float<T>(0.0f);
+        for (int e = 0; e < 8; ++e) {
+            const T x = e < valid ? src[e] : from_float<T>(0.0f);
+            const bool bad = finite && nonfinite(x);
+            zeroed |= bad;
+            dst[e] = bad ? from_float<T>(0.0f) : x;
+        }
     }
+    return zeroed;
 }
 
 // Stage rows [0, fill) x chunks [c_lo, c_hi) (8 elements each) of a K or V tile; rows at or past
-// `valid_rows` become zeros (so that a zero probability never meets an uninitialized NaN).
+// `valid_rows` become zeros (so that a zero probability never meets an uninitialized NaN). A V tile
+// passes the block's AttnVRange, the pass and its first key (see above).
 template <typename T>
 __device__ __forceinline__ void stage_tile(T* tile, int stride, const T* src, long long row0, int row_step, int width, int valid_rows, int fill,
-                                           int c_lo, int c_hi, bool vec) {
+                                           int c_lo, int c_hi, bool vec, AttnVRange* vrange = nullptr, int pass = 0, int key0 = 0) {
     const int nch = c_hi - c_lo;
     for (int i = threadIdx.x; i < fill * nch; i += ATTN_THREADS) {
         const int r = i / nch, c = c_lo + i % nch;
         const int valid = r < valid_rows ? min(8, width - 8 * c) : 0;
-        copy8(tile + r * stride + 8 * c, src + (row0 + r) * row_step + 8 * c, valid, vec);
+        if (copy8(tile + r * stride + 8 * c, src + (row0 + r) * row_step + 8 * c, valid, vec, vrange != nullptr)) vrange->add(pass, key0 + r, key0 + r);
     }
 }
 
@@ -164,6 +231,8 @@ flash_attention_simt(const T* __restrict__ q, const T* __restrict__ k, const T* 
     const T* k_head = k + (long long)hk * d;
     const T* v_head = v + (long long)hk * dv;
     const int p_col = (r + 16 * half) & (ATTN_ROWS - 1);
+    AttnVRange* const vrange = reinterpret_cast<AttnVRange*>(k_tile + kst - 8);  // K row 0's padding
+    vrange->clear();
 
     // Output columns per thread per pass: a multiple of 8, at most 64.
     const int cw = min(64, ((dv + 1) / 2 + 7) / 8 * 8);
@@ -179,7 +248,7 @@ flash_attention_simt(const T* __restrict__ q, const T* __restrict__ k, const T* 
             const int tn = min(bn, a.n_hi - n0);
             __syncthreads();  // the previous tile's readers are done
             stage_tile(k_tile, kst, k_head, a.k_row0 + n0, heads_kv * d, d, tn, tn, 0, (d + 7) / 8, k_vec);
-            stage_tile(v_tile, vst, v_head, a.k_row0 + n0, heads_kv * dv, dv, tn, tn, vc_lo, vc_hi, v_vec);
+            stage_tile(v_tile, vst, v_head, a.k_row0 + n0, heads_kv * dv, dv, tn, tn, vc_lo, vc_hi, v_vec, vrange, pass_col > 0, n0);
             __syncthreads();
 
             // ---- scores of this thread's keys
@@ -241,6 +310,21 @@ flash_attention_simt(const T* __restrict__ q, const T* __restrict__ k, const T* 
             }
         }
 
+        // The inf / NaN of V in this pass's columns (zeros in the tiles), for the keys the row sees.
+        for (int n = -vrange->neg_lo[pass_col > 0]; row_ok && n <= vrange->hi[pass_col > 0]; ++n) {
+            if (!attn_visible(pos, n, causal, window)) continue;
+            const T* v_row = v_head + (a.k_row0 + n) * (heads_kv * dv) + col0;
+            float w = -1.0f;  // the key's weight, once this lane meets an inf / NaN of it
+#pragma unroll 1
+            for (int i = 0; i < min(cw, dv - col0); ++i) {
+                const float x = to_float(v_row[i]);
+                if (!nonfinite(x)) continue;
+                if (w < 0.0f) w = attn_weight(q_row, k_head + (a.k_row0 + n) * (heads_kv * d), d, scale, softcap, m);
+#pragma unroll
+                for (int c = 0; c < 64; ++c)
+                    if (c == i) acc[c] += w * x;
+            }
+        }
         if (row_ok) {
             const float inv = l > 0.0f ? 1.0f / l : 0.0f;
             T* o = out + ((a.q_row0 + a.q0 + r) * heads_q + h) * dv;
@@ -351,6 +435,8 @@ __device__ __forceinline__ void flash_mma_body(const T* __restrict__ q, const T*
     const bool k_vec = chunks_aligned(k, heads_kv * d), v_vec = chunks_aligned(v, heads_kv * dv);
     const T* k_head = k + (long long)hk * d;
     const T* v_head = v + (long long)hk * dv;
+    AttnVRange* const vrange = reinterpret_cast<AttnVRange*>(k_tile + kst - 8);  // K row 0's padding
+    vrange->clear();
 
     for (int pass_col = 0; pass_col < dv; pass_col += 128) {
         float o[16][4];
@@ -364,7 +450,7 @@ __device__ __forceinline__ void flash_mma_body(const T* __restrict__ q, const T*
             const int fill = (tn + 15) / 16 * 16;  // zero rows up to the last k step
             __syncthreads();
             stage_tile(k_tile, kst, k_head, a.k_row0 + n0, heads_kv * d, d, tn, fill, 0, d / 8, k_vec);
-            stage_tile(v_tile, vst, v_head, a.k_row0 + n0, heads_kv * dv, dv, tn, fill, vc_lo, vc_hi, v_vec);
+            stage_tile(v_tile, vst, v_head, a.k_row0 + n0, heads_kv * dv, dv, tn, fill, vc_lo, vc_hi, v_vec, vrange, pass_col > 0, n0);
             __syncthreads();
             // Causal / window: tiles no row of this warp can see contribute nothing.
             if (!warp_rows || (causal && n0 > wpos_hi) || (window > 0 && n0 + tn - 1 <= wpos_lo - window)) continue;
@@ -450,6 +536,29 @@ __device__ __forceinline__ void flash_mma_body(const T* __restrict__ q, const T*
                             if (ATTN_SPLIT_P) Mma<T>::run(o[nt], pl, bf, o[nt]);
                         }
                     }
+                }
+            }
+        }
+
+        // The inf / NaN of V in this pass's columns (zeros in the tiles), for the keys rows r0, r1 see.
+        for (int n = -vrange->neg_lo[pass_col > 0]; n <= vrange->hi[pass_col > 0]; ++n) {
+            const bool vis0 = ok0 && attn_visible(pos0, n, causal, window), vis1 = ok1 && attn_visible(pos1, n, causal, window);
+            if (!vis0 && !vis1) continue;
+            const T* v_row = v_head + (a.k_row0 + n) * (heads_kv * dv) + pass_col + 2 * t;
+            float w0 = -1.0f, w1 = 0.0f;  // the key's weights, once this lane meets an inf / NaN of it
+#pragma unroll 1
+            for (int i = 0; i < min(32, (dv - pass_col) / 4); ++i) {  // column pass_col + 8 (i / 2) + 2 t + i % 2
+                const float x = to_float(v_row[i / 2 * 8 + i % 2]);
+                if (!nonfinite(x)) continue;
+                if (w0 < 0.0f) {
+                    const T *k_row = k_head + (a.k_row0 + n) * (heads_kv * d), *q_row = q + ((a.q_row0 + a.q0 + r0) * heads_q + h) * d;
+                    w0 = vis0 ? attn_weight(q_row, k_row, d, scale, softcap, m0) : 0.0f;
+                    w1 = vis1 ? attn_weight(q_row + 8 * heads_q * d, k_row, d, scale, softcap, m1) : 0.0f;
+                }
+#pragma unroll
+                for (int c = 0; c < 32; ++c) {
+                    if (c == i && vis0) o[c / 2][c % 2] += w0 * x;
+                    if (c == i && vis1) o[c / 2][2 + c % 2] += w1 * x;
                 }
             }
         }

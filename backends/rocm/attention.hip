@@ -81,6 +81,49 @@ __device__ __forceinline__ float attn_logit(float dot, float scale, float softca
     return softcap > 0.0f ? softcap * tanhf(s / softcap) : s;
 }
 
+// ---- NaN and +-inf in V (docs/errors.md), as in attention.cu. P V weighs every key of a tile, p = 0
+// for a key that a row may not see (causal, window, another sequence), and 0 * inf is NaN; the MFMA
+// variant also rounds p to T (hi + lo: lo is 0 where p is exact in T, as p = 1 at the row max; a
+// small p underflows in f16). So V tiles are staged with inf / NaN replaced by 0, and a thread that
+// meets one widens the pass's key range [lo, hi] (AttnVRange). After its key loop, each lane goes
+// through the keys of that range its row sees, reads its columns of V again from global memory and
+// adds the inf / NaN it finds, times attn_weight, to the unnormalized output. With finite V the
+// range stays empty: the cost is a test per staged element. No static LDS (it would cost a block
+// per CU where the glue's dynamic bytes are 32 KiB): the MFMA variant keeps the range in the LDS its
+// tiles leave free, the SIMT one, whose tiles fill the glue's bytes, per thread until its key loop
+// ends.
+template <typename T>
+__device__ __forceinline__ bool nonfinite(T x) { return !(fabsf(to_float(x)) < INFINITY); }
+
+// The weight with which an inf / NaN of V at a key a row sees enters the row, whose logits peak at m:
+// 1 where the reference's float64 p of the key is positive (p v = v for v = +-inf, NaN), 0 where that
+// p is 0 (0 * v = NaN): for a logit of -inf, or one more than ~745 below m (exp underflows in float64;
+// fp32's p, and the online softmax's rescale factors, underflow already past ~104). The key's logit
+// is computed again.
+template <typename T>
+__device__ __forceinline__ float attn_weight(const T* q_row, const T* k_row, int d, float scale, float softcap, float m) {
+    float dot = 0.0f;
+#pragma nounroll  // a cold path: no unrolled copies beside the kernel's
+    for (int c = 0; c < d; ++c) dot += to_float(q_row[c]) * to_float(k_row[c]);
+    return attn_logit(dot, scale, softcap) - m > -745.0f ? 1.0f : 0.0f;
+}
+
+// The keys whose V holds an inf / NaN in the columns of pass 0 and of pass 1 (the MFMA variant's
+// head_dim_v > 128), as max(key) and max(-key): atomicMax widens them (after a barrier that follows
+// clear). `k_rows` (the block's K rows) is read back after the key loop: held in SGPRs across the
+// loop for that cold path, it overflowed the MFMA kernel's SGPR file.
+struct AttnVRange {
+    int hi[2], neg_lo[2];
+    const void* k_rows;
+    __device__ __forceinline__ void clear(const void* k) {
+        if (threadIdx.x == 0) hi[0] = hi[1] = neg_lo[0] = neg_lo[1] = -0x7fffffff, k_rows = k;
+    }
+    __device__ __forceinline__ void add(int pass, int key_lo, int key_hi) {
+        atomicMax(&hi[pass], key_hi);
+        atomicMax(&neg_lo[pass], -key_lo);
+    }
+};
+
 // ---------------------------------------------------------------- 4 elements of T at once
 // LDS / global reads of 4 consecutive elements as one ds_read_b64 / b128 (global_load_dwordx2 /
 // x4); callers guarantee 4-element alignment.
@@ -182,6 +225,7 @@ __device__ __forceinline__ void flash_attention_simt_body(T* smem_t, const T* __
     const long long kv_stride = (long long)heads_kv * d, v_stride = (long long)heads_kv * dv;
     const T* kbase = k + s.k_tok0 * kv_stride + (long long)hkv * d;
     const T* vbase = v + s.k_tok0 * v_stride + (long long)hkv * dv;
+    int nf_lo = 0x7fffffff, nf_hi = -1;  // the keys this thread staged an inf / NaN of V for
 
     for (int kt = blo; kt <= bhi; kt += block_n) {
         // Stage: rows past the block's last visible key are zero (never NaN garbage times p = 0).
@@ -192,7 +236,9 @@ __device__ __forceinline__ void flash_attention_simt_body(T* smem_t, const T* __
         }
         for (int idx = tid; idx < block_n * vw; idx += blockDim.x) {
             const int j = idx / vw, c = idx % vw, key = kt + j;
-            Vs[j * ldv + c] = key <= bhi && c < dv ? vbase[key * v_stride + c] : zero;
+            const T x = key <= bhi && c < dv ? vbase[key * v_stride + c] : zero;
+            if (nonfinite(x)) nf_lo = min(nf_lo, key), nf_hi = max(nf_hi, key);
+            Vs[j * ldv + c] = nonfinite(x) ? zero : x;
         }
         __syncthreads();
 
@@ -246,7 +292,28 @@ __device__ __forceinline__ void flash_attention_simt_body(T* smem_t, const T* __
         __syncthreads();  // the next tile overwrites K and V
     }
 
+    // The block's range, gathered in the score tile (free now), then the inf / NaN of V (zeros in the
+    // tiles) for the keys the row sees.
+    AttnVRange& vrange = *reinterpret_cast<AttnVRange*>(Vs + (long long)block_n * ldv);
+    vrange.clear(kbase);
+    __syncthreads();
+    if (nf_hi >= 0) vrange.add(0, nf_lo, nf_hi);
+    __syncthreads();
     if (!row_ok) return;
+    for (int key = max(lo, -vrange.neg_lo[0]); key <= min(hi, vrange.hi[0]); ++key) {
+        const T* v_row = vbase + key * v_stride + 4 * quarter;
+        float w = -1.0f;  // the key's weight, once this lane meets an inf / NaN of it
+#pragma nounroll
+        for (int i = 0; i < 4 * NB; ++i) {  // acc[i / 4][i % 4]: column 16 (i / 4) + 4 quarter + i % 4
+            const int c = 16 * (i >> 2) + (i & 3);
+            const float x = 4 * quarter + c < dv ? to_float(v_row[c]) : 0.0f;
+            if (!nonfinite(x)) continue;
+            if (w < 0.0f) w = attn_weight(qrow, static_cast<const T*>(vrange.k_rows) + key * kv_stride, d, scale, softcap, m);
+#pragma unroll
+            for (int a = 0; a < 4 * NB; ++a)
+                if (a == i) acc[a >> 2][a & 3] += w * x;
+        }
+    }
     const float inv = l > 0.0f ? 1.0f / l : 0.0f;  // no visible key: zeros
     T* orow = out + ((s.q_tok0 + qi) * heads_q + h) * (long long)dv;
 #pragma unroll
@@ -295,6 +362,7 @@ __global__ __launch_bounds__(256) void flash_attention_simt(const T* __restrict_
 //
 // LDS layout (fits the glue's bytes: K is smaller than [block_n][pad(d)], V^T exceeds
 // [block_n][pad(dv)] by at most 8 d_v bytes, and the 64 x block_n fp32 score tile is not used):
+//   AttnVRange, 32 bytes      the keys with an inf / NaN of V (see above)
 //   K   [block_n][d + 4]      A reads are 8 bytes (4 dims) per lane; a row stride of d + 4
 //                             halves = 2 banks mod 32 puts the 16 lanes of a quarter-wave on 16
 //                             distinct bank pairs (d + 8 would give 2-way conflicts);
@@ -366,7 +434,8 @@ __device__ __forceinline__ void flash_attention_mfma_body(T* smem_t, const T* __
 
     const int ntiles = (dv + 31) / 32;  // 32-column output tiles, split between the pair
     const int ldk = d + 4, ldt = kn + 4;
-    T* Ks = smem_t;
+    AttnVRange& vrange = *reinterpret_cast<AttnVRange*>(smem_t);
+    T* Ks = smem_t + 32 / sizeof(T);  // past vrange
     T* Vt = Ks + kn * ldk;
     const T zero = from_float<T>(0.0f);
     const long long kv_stride = (long long)heads_kv * d, v_stride = (long long)heads_kv * dv;
@@ -380,6 +449,8 @@ __device__ __forceinline__ void flash_attention_mfma_body(T* smem_t, const T* __
     // (times q = 0): make them finite once.
     for (int i = tid; i < 4 * dv; i += blockDim.x) Vt[(i >> 2) * ldt + kn + (i & 3)] = zero;
     for (int i = tid; i < 4 * kn; i += blockDim.x) Ks[(i >> 2) * ldk + d + (i & 3)] = zero;  // K's padding columns too
+    vrange.clear(kbase);
+    __syncthreads();
     // Output columns in passes of 4 tiles (128 columns, 2 per wave): d_v > 128 walks the keys
     // twice (recomputing S) instead of holding 64 accumulators per lane next to Q^T.
 #pragma nounroll
@@ -426,8 +497,13 @@ __device__ __forceinline__ void flash_attention_mfma_body(T* smem_t, const T* __
                 } else {
                     for (int e = 0; e < 8; ++e) t[e] = zero;
                 }
+                bool bad = false;
 #pragma unroll
-                for (int e = 0; e < 8; ++e) Vt[(c + e) * ldt + j] = t[e];
+                for (int e = 0; e < 8; ++e) {
+                    bad |= nonfinite(t[e]);
+                    Vt[(c + e) * ldt + j] = nonfinite(t[e]) ? zero : t[e];
+                }
+                if (bad) vrange.add(pt > 0, key, key);
             }
             __syncthreads();
 
@@ -519,6 +595,22 @@ __device__ __forceinline__ void flash_attention_mfma_body(T* smem_t, const T* __
                 }
             }
             __syncthreads();
+        }
+
+        // The inf / NaN of V in this pass's columns (zeros in the tiles), for the keys this lane's row sees.
+        for (int key = max(lo, -vrange.neg_lo[pt > 0]); row_ok && key <= min(hi, vrange.hi[pt > 0]); ++key) {
+            const T* v_row = vbase + key * v_stride + 4 * khalf;
+            float w = -1.0f;  // the key's weight, once this lane meets an inf / NaN of it
+#pragma nounroll
+            for (int i = 0; i < 32; ++i) {  // o[i / 16][i % 16]: column 32 (pt + 2 (i / 16) + half) + 8 (i % 16 / 4) + 4 khalf + i % 4
+                const int c = 32 * (pt + 2 * (i >> 4) + half) + 8 * ((i >> 2) & 3) + (i & 3);
+                const float x = c + 4 * khalf < dv ? to_float(v_row[c]) : 0.0f;
+                if (!nonfinite(x)) continue;
+                if (w < 0.0f) w = attn_weight(qrow - 4 * khalf, static_cast<const T*>(vrange.k_rows) + key * kv_stride, d, scale, softcap, m);
+#pragma unroll
+                for (int a = 0; a < 32; ++a)
+                    if (a == i) o[a >> 4][a & 15] += w * x;
+            }
         }
 
         l += __shfl_xor(l, 32);
