@@ -175,13 +175,14 @@ def cmd_check(args):
         console.print(f"[red]backend {args.backend} is unavailable: {reason}[/]")
         return 2
     results = []
-    with Progress(TextColumn("[bold]hal check {task.fields[backend]}"), BarColumn(), MofNCompleteColumn(),
+    run = conformance.run_torch if args.torch else conformance.run
+    with Progress(TextColumn("[bold]hal check {task.fields[backend]}" + (" --torch" if args.torch else "")), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.description}"), TimeElapsedColumn(), console=Console(stderr=True),
                   disable=args.json) as progress:
         task = progress.add_task("", total=len(cases), backend=args.backend)
         for case in cases:
             progress.update(task, description=f"{case.op.name} {case.dtype}")
-            results.append(conformance.run(case))
+            results.append(run(case))
             progress.advance(task)
     summary = {}
     for r in results:
@@ -373,6 +374,7 @@ def main(argv=None):
     p.add_argument("--hostile", action="store_true", help="run the bad-input suite instead (docs/errors.md); --seed defaults to 0")
     p.add_argument("--budget", type=float, help="with --hostile: stop starting cases after this many seconds")
     p.add_argument("--case", type=int, help="with --hostile and one --op: only this case (as a failure's reproducer names it)")
+    p.add_argument("--torch", action="store_true", help="run every case through torch.ops.hal (torch.library.opcheck, docs/torch.md)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_check)
     p = sub.add_parser("checklist", help="porting checklist of a backend: native / falls back / missing / failing, resources")

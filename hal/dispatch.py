@@ -252,19 +252,20 @@ def dispatch(op, a, requested=None):
     kernel, be = select(op, a, requested)
     like = a[op.primary]
     make = be.poisoned if _poison[0] else be.empty
-    try:
-        outs = tuple([make(shape, dtype) for shape, dtype in shapes])
-        if any(sizes):
-            native = dict(a)  # attributes pass as they are; tensors go through the backend
-            for t in op.tensors:
-                x = native[t.name]
-                if x is not None:
-                    native[t.name] = be.to_native(x, kernel.contiguous)
-            kernel.fn(outs, **native)
-    except MemoryError as e:
-        if isinstance(e, OutOfMemory):
-            raise
-        raise OutOfMemory(f"{op.name} on {be.name}: out of memory ({e})") from e
-    if len(outs) == 1:
-        return be.from_native(outs[0], like)
-    return tuple([be.from_native(y, like) for y in outs])
+    with be.call_context(like):
+        try:
+            outs = tuple([make(shape, dtype) for shape, dtype in shapes])
+            if any(sizes):
+                native = dict(a)  # attributes pass as they are; tensors go through the backend
+                for t in op.tensors:
+                    x = native[t.name]
+                    if x is not None:
+                        native[t.name] = be.to_native(x, kernel.contiguous)
+                kernel.fn(outs, **native)
+        except MemoryError as e:
+            if isinstance(e, OutOfMemory):
+                raise
+            raise OutOfMemory(f"{op.name} on {be.name}: out of memory ({e})") from e
+        if len(outs) == 1:
+            return be.from_native(outs[0], like)
+        return tuple([be.from_native(y, like) for y in outs])

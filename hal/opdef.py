@@ -6,11 +6,13 @@ shape relations between arguments, output shape/dtype inference, a float64 NumPy
 sample generators (ordinary, edge and error samples) that the conformance suite runs on every
 backend. Calling an OpDef dispatches it (see `hal.dispatch`).
 """
+import contextvars
 import importlib
 import inspect
 import math
 import numbers
 import reprlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,6 +123,7 @@ class OpDef:
     torch_peer: object = None
     dispatch_on: str = None
     formats: object = None
+    results: tuple = ("out",)
     tensors: list = field(init=False)
     attrs: list = field(init=False)
 
@@ -185,8 +188,10 @@ class OpDef:
                 raise SchemaError(self.name, t.name, f"rank {t.rank}", f"rank {ndim} with shape {_shape(x)}")
             if ndim < t.min_rank:
                 raise SchemaError(self.name, t.name, f"rank >= {t.min_rank}", f"rank {ndim}")
-            if ndim and max(x.shape) > MAX_DIM:
+            if any(d > MAX_DIM for d in x.shape):
                 raise SchemaError(self.name, t.name, "dimensions < 2**31", f"shape {_shape(x)}")
+            if _shapes_only.get():  # torch fake or meta tensors while torch traces: no DLPack device
+                continue
             try:
                 dev = DLPACK_CPU if type(x) is np.ndarray else device_type(x)
             except Exception as e:  # torch 'meta' tensors and producers DLPack cannot place
@@ -254,10 +259,26 @@ def _among(value, choices):
 # ---------------------------------------------------------------- values of index tensors, for checks
 
 
+_shapes_only = contextvars.ContextVar("hal_shapes_only", default=False)
+
+
+@contextmanager
+def shapes_only():
+    """Inside, checks see tensors without values (torch's fake and meta tensors while it traces):
+    host_values and index_values give None and the value checks pass; the real call runs them."""
+    token = _shapes_only.set(True)
+    try:
+        yield
+    finally:
+        _shapes_only.reset(token)
+
+
 def host_values(name, x):
     """The values of tensor argument `name` as NumPy: a view of host memory (torch CPU tensors and
     other host DLPack producers included), a copy of device memory (one synchronization: for small
-    index tensors such as block tables)."""
+    index tensors such as block tables); None inside `shapes_only()`."""
+    if _shapes_only.get():
+        return None
     try:
         return to_host(x)
     except Exception as e:
@@ -276,7 +297,7 @@ def index_values(name, x):
 def check_range(name, x, lo, hi, what="values"):
     """Every value of the integer tensor `x` in [lo, hi), else InvalidArgument (see index_values)."""
     v = index_values(name, x)
-    if math.prod(v.shape) == 0:
+    if v is None or math.prod(v.shape) == 0:
         return
     low, high = int(v.min()), int(v.max())
     if low < lo or high >= hi:
@@ -287,7 +308,7 @@ def check_offsets(name, x, lo, hi, exact=False):
     """The integer vector `x` non-decreasing within [lo, hi] (from lo to hi when `exact`), else
     InvalidArgument (see index_values)."""
     v = index_values(name, x)
-    if v.shape[0] == 0:
+    if v is None or v.shape[0] == 0:
         return
     start, end = int(v[0]), int(v[-1])
     if v.shape[0] > 1 and bool((v[1:] < v[:-1]).any()):
@@ -301,7 +322,7 @@ def check_offsets(name, x, lo, hi, exact=False):
 def check_finite(name, x):
     """Every value of the float tensor `x` finite, else InvalidArgument (read as index_values reads)."""
     v = index_values(name, x)
-    if math.prod(v.shape) == 0:
+    if v is None or math.prod(v.shape) == 0:
         return
     xp = np if isinstance(v, np.ndarray) else importlib.import_module(kind_of(v))
     if not bool(xp.isfinite(v).all()):

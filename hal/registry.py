@@ -8,6 +8,7 @@ kernels behind and shows in `hal backends` as unavailable with the reason.
 Two dispatch decisions are declared here, as data: `FALLBACK_BACKEND`, the backend a call runs on
 when the chosen one cannot run it, and `Priority`, the bands a backend's `priority` is taken from.
 """
+import contextlib
 import math
 import numbers
 import threading
@@ -109,6 +110,12 @@ class Backend:
         shows and under which headers, `note` what to say when there are no rows (toolchain missing).
         `hal checklist` matches rows to kernels by file name and summarises the common keys per arch."""
         return None
+
+    def call_context(self, like):
+        """A context manager around one call whose primary argument is `like`, from before its outputs
+        are allocated until they are returned: where the call's kernels run and its memory comes from
+        (a device backend enters torch's current stream and caching allocator for torch tensors)."""
+        return contextlib.nullcontext()
 
     def to_native(self, x, contiguous):
         """`x` as an array this backend's kernels take (C-contiguous if asked)."""

@@ -277,7 +277,10 @@ def _check_paging(a, cache):
         raise InvalidArgument("block_table", f"shape [{lens.shape[0]}, max_blocks]", tuple(table.shape))
     check_range("seq_lens", lens, 1, table.shape[1] * block_size + 1, "lengths (block_table width x block size at most)")
     # Block tables are small: read on the host, where the blocks in use are picked by each row's length.
-    host_lens, host_table = host_values("seq_lens", lens).astype(np.int64), host_values("block_table", table)
+    host_lens, host_table = host_values("seq_lens", lens), host_values("block_table", table)
+    if host_lens is None:  # shapes only (torch tracing)
+        return
+    host_lens = host_lens.astype(np.int64)
     used = np.arange(table.shape[1])[None, :] < -(-host_lens // block_size)[:, None]
     bad = used & ((host_table < 0) | (host_table >= num_blocks))
     if bad.any():

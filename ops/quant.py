@@ -549,6 +549,7 @@ quantize = OpDef(
     ],
     check=_check_quantize,
     outputs=_quantize_outputs,
+    results=("q", "scales", "zeros_or_tensor_scale?"),
     reference=_quantize_reference,
     samples=_quantize_samples,
     error_samples=_quantize_errors,

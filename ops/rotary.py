@@ -143,6 +143,7 @@ rope = OpDef(
     ],
     check=_check,
     outputs=lambda a: [(tuple(a["q"].shape), name_of(a["q"].dtype)), (tuple(a["k"].shape), name_of(a["k"].dtype))],
+    results=("q_out", "k_out"),
     reference=_reference,
     samples=_samples,
     error_samples=_errors,

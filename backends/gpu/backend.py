@@ -2,6 +2,7 @@
 same kernel files (`cuda-sim`, `rocm-sim`). They differ only in where memory lives and in the
 executor's final launch; the launch glue (launch*.py, gathered by catalog.py) and the kernel files are shared.
 """
+import contextlib
 from importlib import import_module
 from pathlib import Path
 
@@ -269,12 +270,35 @@ class DeviceBackend(Backend):
     def info(self):
         return {"device": self._properties()["name"].decode(), "arch": self.arch(), "warp": str(self._properties()["warpSize"]),
                 "memory": "CuPy device arrays; torch.cuda tensors through DLPack without copies",
-                "streams": "CuPy's current stream; results are read back when converted to host arrays",
+                "streams": "torch's current stream and caching allocator for torch tensors, else CuPy's current stream and pool",
                 "shared memory": self.vendor.shared_memory, "fp8": self.vendor.fp8, "toolchain": self.vendor.runtime_compiler}
 
     def compile_report(self):
         """The offline compilers' report of this vendor's kernel files (registers, spills, shared memory per architecture)."""
         return compile_report.vendor_report(self.vendor)
+
+    def call_context(self, like):
+        """For torch tensors on this vendor's devices: the call runs on that device, on torch's current
+        stream of it, and allocates (outputs and scratch) through torch's caching allocator, so torch's
+        stream semantics hold and no memory is held back in CuPy's pool. Arrays of other producers
+        arrive through DLPack with the stream handshake (cupy.from_dlpack passes the current stream)."""
+        if kind_of(like) != "torch" or like.device.type != "cuda":  # torch's ROCm builds say "cuda" too
+            return contextlib.nullcontext()
+        import cupy
+        import torch
+
+        device = like.device
+        stream = torch.cuda.current_stream(device)
+
+        def allocate(size):
+            block = torch.empty(size, dtype=torch.uint8, device=device)
+            return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(block.data_ptr(), size, block), 0)
+
+        scope = contextlib.ExitStack()
+        scope.enter_context(cupy.cuda.Device(device.index))
+        scope.enter_context(cupy.cuda.ExternalStream(stream.cuda_stream, device.index))
+        scope.enter_context(cupy.cuda.using_allocator(allocate))
+        return scope
 
     def to_native(self, x, contiguous):
         import cupy

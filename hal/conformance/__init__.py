@@ -173,32 +173,86 @@ def compare_codes(out, ref, fmt):
 def run(case):
     """Run one case on its backend and judge it."""
     op, args = case.op, case.sample.args
-    start = time.perf_counter()
     if case.kind == "error":
-        expected = case.sample.error
-        try:
-            with scoped(case.backend, fallback="error"):
-                op(**args)
-        except expected as exc:
-            ok = case.sample.match.lower() in str(exc).lower()
-            return Result(case, "pass" if ok else "fail", "" if ok else f"{type(exc).__name__} without {case.sample.match!r}: {exc}")
-        except Exception as exc:  # the wrong error is a failure, not a crash of the suite
-            return Result(case, "fail", f"raised {type(exc).__name__} instead of {expected.__name__}: {exc}")
-        return Result(case, "fail", f"no error raised; expected {expected.__name__}")
+        return _run_error(case, lambda: op(**args))
     before = _snapshot(args)
-    try:
-        with scoped(case.backend, fallback="error"), poisoned_outputs():
-            outs = op(**args)
-    except (KernelNotFound, BackendUnavailable) as exc:
-        return Result(case, "unsupported", str(exc))
-    except Exception as exc:
-        return Result(case, "fail", f"raised {type(exc).__name__}: {exc}")
-    seconds = time.perf_counter() - start
+    outs, seconds = _run_call(case, lambda: op(**args))
+    if isinstance(outs, Result):
+        return outs
     outs = outs if isinstance(outs, tuple) else (outs,)
     for k, v in before.items():
         if not np.array_equal(v, args[k], equal_nan=True):
             return Result(case, "fail", f"the kernel modified its input '{k}'")
     worst, _, message = judge(op, args, outs)
+    return Result(case, "pass" if worst <= 1.0 else "fail", message, worst, seconds)
+
+
+def _run_call(case, call):
+    """(outputs, seconds) of `call()` on the case's backend with poisoned output buffers, or (a Result, 0)
+    when it cannot run there or raises."""
+    start = time.perf_counter()
+    try:
+        with scoped(case.backend, fallback="error"), poisoned_outputs():
+            outs = call()
+    except (KernelNotFound, BackendUnavailable) as exc:
+        return Result(case, "unsupported", str(exc)), 0.0
+    except Exception as exc:
+        return Result(case, "fail", f"raised {type(exc).__name__}: {exc}"), 0.0
+    return outs, time.perf_counter() - start
+
+
+def _run_error(case, call, also=None):
+    """An error sample: `call()` must raise the sample's error with its text (or an error `also` accepts)."""
+    expected = case.sample.error
+    try:
+        with scoped(case.backend, fallback="error"):
+            call()
+    except expected as exc:
+        ok = case.sample.match.lower() in str(exc).lower()
+        return Result(case, "pass" if ok else "fail", "" if ok else f"{type(exc).__name__} without {case.sample.match!r}: {exc}")
+    except Exception as exc:  # the wrong error is a failure, not a crash of the suite
+        if also is not None and also(exc):
+            return Result(case, "pass")
+        return Result(case, "fail", f"raised {type(exc).__name__} instead of {expected.__name__}: {exc}")
+    return Result(case, "fail", f"no error raised; expected {expected.__name__}")
+
+
+def run_torch(case):
+    """Run one case through its torch operator, torch.ops.hal.<op> (hal.torch), on torch CPU tensors.
+
+    An error sample must raise its error there too (or torch's own argument-type error, which names the
+    op and argument, for a value the schema cannot hold). Any other sample goes through
+    torch.library.opcheck (schema and aliasing, fake implementation, tracing with dynamic shapes),
+    and the operator's results are judged against the reference like `run`'s. Two opcheck tests are
+    left out where torch cannot judge: the mutation check on fp8 inputs (its CPU build has no fp8
+    allclose) and eager against traced on outputs with NaN (it compares without equal_nan)."""
+    import torch
+
+    from ..arrays import from_host, to_host
+    from ..torch import library
+
+    op = case.op
+    torch_op = getattr(torch.ops.hal, op.name)
+    like = torch.empty(0)
+    args = {k: from_host(v, like) if isinstance(v, np.ndarray) else v for k, v in case.sample.args.items()}
+    if case.kind == "error":
+        return _run_error(case, lambda: torch_op(**args),
+                          also=lambda exc: type(exc) is RuntimeError and str(exc).startswith(f"hal::{op.name}() Expected a value of type"))
+    outs, seconds = _run_call(case, lambda: torch_op(**args))
+    if isinstance(outs, Result):
+        return outs
+    outs = [to_host(y) for y in (outs if isinstance(outs, (tuple, list)) else [outs])]
+    tests = set(library.OPCHECK_TESTS)
+    if any(name_of(v.dtype).startswith("float8") for v in case.sample.args.values() if isinstance(v, np.ndarray)):
+        tests.discard("test_schema")
+    if any(np.isnan(y.astype(np.float32)).any() for y in outs if y.dtype.kind == "f" or name_of(y.dtype).startswith(("bfloat", "float8"))):
+        tests.discard("test_aot_dispatch_dynamic")
+    try:
+        with scoped(case.backend, fallback="error"):
+            torch.library.opcheck(torch_op.default, (), args, test_utils=sorted(tests))
+    except Exception as exc:
+        return Result(case, "fail", f"torch.library.opcheck: {exc.__cause__ or exc}")
+    worst, _, message = judge(op, case.sample.args, tuple(outs))
     return Result(case, "pass" if worst <= 1.0 else "fail", message, worst, seconds)
 
 

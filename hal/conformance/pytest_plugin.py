@@ -12,6 +12,7 @@ def pytest_addoption(parser):
     group.addoption("--hal-op", action="append", default=[], help="only these ops (repeatable)")
     group.addoption("--hal-seed", type=int, default=None, help="seed of the random inputs (default: a fresh one, reported in the header)")
     group.addoption("--hal-hostile", action="store_true", help="also run the bad-input suite (hal.conformance.hostile) on each backend")
+    group.addoption("--hal-torch", action="store_true", help="run the cases through torch.ops.hal with torch.library.opcheck (hal.torch)")
     group.addoption("--hal-hostile-budget", type=float, default=None, help="seconds the bad-input suite may start cases for, per backend")
 
 
@@ -67,11 +68,12 @@ def pytest_report_header(config):
     return f"hal conformance inputs: fresh random, seed {seed} (reproduce with --hal-seed {seed})"
 
 
-def check_case(case):
-    """The body of a conformance test: run the case, skip when the kernel refuses it, else assert."""
+def check_case(case, config=None):
+    """The body of a conformance test: run the case (through torch.ops.hal with --hal-torch), skip when
+    the kernel refuses it, else assert."""
     from hal import conformance
 
-    result = conformance.run(case)
+    result = (conformance.run_torch if config is not None and config.getoption("hal_torch") else conformance.run)(case)
     if result.status == "unsupported":
         pytest.skip(result.message)
     assert result.ok, f"{case.id}: {result.message}"

@@ -7,5 +7,5 @@ def pytest_generate_tests(metafunc):
         parametrize_cases(metafunc)
 
 
-def test_conformance(case):
-    check_case(case)
+def test_conformance(request, case):
+    check_case(case, request.config)

@@ -13,17 +13,20 @@ SEED = [None]
 
 
 def pytest_generate_tests(metafunc):
-    if "case" not in metafunc.fixturenames:
+    """`case`: every case of the plugin; `torch_case`: the rms_norm and rope cases, run through torch.ops.hal."""
+    names = [n for n in ("case", "torch_case") if n in metafunc.fixturenames]
+    if not names:
         return
     why = opencl_unavailable()
     if why:
-        metafunc.parametrize("case", [pytest.param(None, id="opencl-unavailable", marks=pytest.mark.skip(reason=why))])
+        metafunc.parametrize(names[0], [pytest.param(None, id="opencl-unavailable", marks=pytest.mark.skip(reason=why))])
         return
     from hal import conformance
 
     seed = metafunc.config.getoption("hal_seed", None)
-    SEED[0] = time.time_ns() % 2**31 if seed is None else seed
-    metafunc.parametrize("case", [pytest.param(c, id=c.id) for c in conformance.cases("opencl", seed=SEED[0])])
+    SEED[0] = SEED[0] if SEED[0] is not None else time.time_ns() % 2**31 if seed is None else seed
+    ops = ["rms_norm", "rope"] if names[0] == "torch_case" else None  # PoCL is slow: a slice through torch
+    metafunc.parametrize(names[0], [pytest.param(c, id=c.id) for c in conformance.cases("opencl", ops, SEED[0])])
 
 
 def test_conformance(case):
@@ -31,6 +34,14 @@ def test_conformance(case):
 
     result = conformance.run(case)
     assert result.status in ("pass", "unsupported"), f"{case.id} (seed {SEED[0]}): {result.message}"
+
+
+def test_through_torch_ops(torch_case):
+    """`hal check opencl --torch` for two ops: torch.library.opcheck and the reference, through torch.ops.hal."""
+    from hal import conformance
+
+    result = conformance.run_torch(torch_case)
+    assert result.status in ("pass", "unsupported"), f"{torch_case.id} (seed {SEED[0]}): {result.message}"
 
 
 def test_declared_coverage(opencl):

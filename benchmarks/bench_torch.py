@@ -1,0 +1,138 @@
+"""A transformers model on hal kernels against stock transformers, on the CPU, in one run.
+
+    python benchmarks/bench_torch.py [--quick] [--repeats N] [--json FILE]
+
+A Llama-shaped model of about 0.5B parameters with random weights (hidden 1024, 28 layers, MLP 4096,
+16 query / 4 KV heads, vocabulary 32000; --quick: 4 layers), in bfloat16 and float32: prefill of 512
+tokens and 32 greedy decode steps, for stock eager, stock torch.compile, hal-patched eager
+(hal.torch.apply) and hal-patched compiled. Reports tokens/s (median over the repeats) and the ratio
+to stock eager with its spread (min-max of the per-repeat ratios). Then the extra cost per call of
+torch.ops.hal.<op> over hal.ops.<op> on tiny inputs (median and spread of 7 rounds).
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import transformers
+from rich.console import Console
+from rich.table import Table
+
+import hal
+import hal.torch
+
+PROMPT, NEW_TOKENS = 512, 32
+
+
+def build(layers, dtype):
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers,
+                                      num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval().to(dtype)
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure(model, ids):
+    """(prefill seconds, decode seconds for NEW_TOKENS steps) of one greedy generation."""
+    prefill = timed(lambda: model(ids))
+    total = timed(lambda: model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False))
+    return prefill, max(total - prefill, 1e-9)
+
+
+def variants(model):
+    """(label, set up, tear down) of the four ways to run the model."""
+    def compile_forward():
+        torch._dynamo.reset()
+        model.forward = torch.compile(model.forward, dynamic=True)
+
+    def uncompile():
+        model.__dict__.pop("forward", None)
+
+    return [("stock eager", lambda: None, lambda: None),
+            ("stock compiled", compile_forward, uncompile),
+            ("hal eager", lambda: hal.torch.apply(model, backend="cpu"), lambda: hal.torch.restore(model)),
+            ("hal compiled", lambda: (hal.torch.apply(model, backend="cpu"), compile_forward()),
+             lambda: (uncompile(), hal.torch.restore(model)))]
+
+
+def bench_model(layers, dtype, repeats):
+    model = build(layers, dtype)
+    ids = torch.randint(0, 32000, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    params = sum(p.numel() for p in model.parameters())
+    runs = {}
+    with torch.inference_mode():
+        for label, setup, teardown in variants(model):
+            setup()
+            measure(model, ids)  # warm-up: compiles, Numba's and the allocator's first calls
+            runs[label] = [measure(model, ids) for _ in range(repeats)]
+            teardown()
+    rows = []
+    for label, times in runs.items():
+        row = {"model": f"{params / 1e9:.2f}B {str(dtype)[6:]}", "variant": label}
+        for phase, i, tokens in (("prefill", 0, PROMPT), ("decode", 1, NEW_TOKENS)):
+            ratios = [base[i] / t[i] for base, t in zip(runs["stock eager"], times)]
+            row[phase] = {"tokens_per_s": statistics.median(tokens / t[i] for t in times),
+                          "ratio": statistics.median(ratios), "spread": (min(ratios), max(ratios))}
+        rows.append(row)
+    return rows
+
+
+def call_overhead():
+    """Extra microseconds per call of torch.ops.hal.<op> over hal.ops.<op> on tiny inputs."""
+    x, w, x2 = torch.randn(1, 64), torch.ones(64), torch.randn(1, 128)
+    pairs = {"rms_norm": (lambda: hal.ops.rms_norm(x, w), lambda: torch.ops.hal.rms_norm(x, w)),
+             "silu_and_mul": (lambda: hal.ops.silu_and_mul(x2), lambda: torch.ops.hal.silu_and_mul(x2)),
+             "softmax": (lambda: hal.ops.softmax(x), lambda: torch.ops.hal.softmax(x))}
+    out = {}
+    for name, (direct, through_torch) in pairs.items():
+        extra = []
+        for _ in range(7):
+            per_call = []
+            for fn in (direct, through_torch):
+                for _ in range(200):
+                    fn()
+                per_call.append(timed(lambda: [fn() for _ in range(3000)]) / 3000 * 1e6)
+            extra.append(per_call[1] - per_call[0])
+        out[name] = {"direct_us": per_call[0], "extra_us": statistics.median(extra), "spread": (min(extra), max(extra))}
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 layers instead of 28")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    console = Console()
+    rows = []
+    for dtype in (torch.bfloat16, torch.float32):
+        rows += bench_model(4 if args.quick else 28, dtype, args.repeats)
+    table = Table(title=f"prefill {PROMPT} tokens, {NEW_TOKENS} decode steps, torch {torch.__version__}, "
+                        f"transformers {transformers.__version__} (ratio: stock eager time / this time, > 1 is faster)")
+    for col in ("model", "variant", "prefill tok/s", "ratio", "decode tok/s", "ratio "):
+        table.add_column(col, justify="left" if col in ("model", "variant") else "right")
+    for r in rows:
+        cells = [f"{r[p]['tokens_per_s']:.1f}" if k == 0 else f"{r[p]['ratio']:.2f} ({r[p]['spread'][0]:.2f}-{r[p]['spread'][1]:.2f})"
+                 for p in ("prefill", "decode") for k in (0, 1)]
+        table.add_row(r["model"], r["variant"], *cells)
+    console.print(table)
+    overhead = call_overhead()
+    table = Table(title="torch.ops.hal.<op> over hal.ops.<op>, tiny inputs (target: at most 10 us extra)")
+    for col in ("op", "hal.ops us", "extra us", "spread"):
+        table.add_column(col, justify="left" if col == "op" else "right")
+    for name, o in overhead.items():
+        table.add_row(name, f"{o['direct_us']:.1f}", f"{o['extra_us']:.1f}", f"{o['spread'][0]:.1f}-{o['spread'][1]:.1f}")
+    console.print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"models": rows, "call_overhead": overhead}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

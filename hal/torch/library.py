@@ -1,0 +1,107 @@
+"""Every hal op as a PyTorch operator, `torch.ops.hal.<name>`, generated from its OpDef.
+
+One generic registration (no per-op wrapper): the schema comes from the op's params and `results`,
+the fake (meta) implementation from its own validation and output inference run on fake tensors
+(shapes only: the value checks of index arguments wait for the real call), and one kernel for
+torch's CPU and CUDA dispatch keys (ROCm builds of torch use the CUDA key too) that calls the op
+through hal's ordinary dispatch, so backend choice (`backend="cuda-sim"` as in hal.ops, or
+`hal.use`), fallback records and strict mode behave as for NumPy callers. Autograd: every op has a
+registration that refuses grad (hal kernels are inference only). No hal op has an output whose size
+depends on data (moe_align returns a buffer sized by its bound and the count), so none needs
+torch's dynamic-size mechanism.
+"""
+import torch
+
+from ..dispatch import dispatch
+from ..errors import HalError
+from ..opdef import Tensor, shapes_only
+
+LIBRARY = torch.library.Library("hal", "FRAGMENT")
+OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+REGISTERED = {}  # name -> OpDef registered as torch.ops.hal.<name>
+
+
+class GradNotSupported(HalError):
+    """A hal op was called on tensors that require grad with grad mode on: hal kernels are forward only."""
+
+
+def _arg(p):
+    """One schema argument from a Tensor or Attr entry: `Tensor? bias=None`, `str? activation=None`, `float eps=1e-06`."""
+    if isinstance(p, Tensor):
+        return f"Tensor? {p.name}=None" if p.optional else f"Tensor {p.name}"
+    values = [v for v in (*(p.choices or ()), p.default) if v is not None]
+    kind = p.kind or (type(values[0]) if values else str)
+    optional = "?" if p.default is None or (p.choices is not None and None in p.choices) else ""
+    default = f'"{p.default}"' if isinstance(p.default, str) else repr(p.default)
+    return f"{kind.__name__}{optional} {p.name}={default}"
+
+
+def _positional_and_keyword(op):
+    """The op's parameters in schema order: its positional ones, then its keyword-only tensors (which may
+    also be passed by position here: torch's autograd registration wants no keyword-only tensors), and
+    the keyword-only attributes."""
+    star = op.params.index("*") if "*" in op.params else len(op.params)
+    keyword = op.params[star + 1:]
+    return [*op.params[:star], *(p for p in keyword if isinstance(p, Tensor))], [p for p in keyword if not isinstance(p, Tensor)]
+
+
+def schema(op):
+    """The torch schema of an op, `rms_norm(Tensor x, Tensor weight, Tensor? residual=None, *, float eps=1e-06,
+    str? backend=None) -> Tensor[]` (see `_positional_and_keyword` for the order)."""
+    positional, keyword = _positional_and_keyword(op)
+    args = ", ".join([*map(_arg, positional), "*", *map(_arg, keyword), "str? backend=None"])
+    if _varies(op):
+        returns = "Tensor[]"  # how many depends on the arguments (a residual given, a format's extra scale)
+    elif len(op.results) == 1:
+        returns = "Tensor"
+    else:
+        returns = "(" + ", ".join(f"Tensor {r}" for r in op.results) + ")"
+    return f"{op.name}({args}) -> {returns}"
+
+
+def _varies(op):
+    return any(r.endswith("?") for r in op.results)
+
+
+def register(op):
+    """Define torch.ops.hal.<op.name> from an OpDef (idempotent): `import hal.torch` does it for every op
+    of hal.ops.ALL, and a plugin with an op of its own calls it for that OpDef."""
+    if op.name in REGISTERED:
+        return getattr(torch.ops.hal, op.name)
+    qualname = f"hal::{op.name}"
+    LIBRARY.define(schema(op))
+
+    names = [p.name for p in _positional_and_keyword(op)[0]]
+    defaults = op.bind((), {})
+    varies = _varies(op)
+
+    def bind(args, kwargs):  # torch leaves out trailing positional arguments left at their defaults
+        values = defaults.copy()
+        values.update(zip(names, args))
+        values.update(kwargs)
+        return values
+
+    def kernel(*args, backend=None, **kwargs):
+        out = dispatch(op, bind(args, kwargs), backend)
+        return (list(out) if isinstance(out, tuple) else [out]) if varies else out
+
+    def fake(*args, backend=None, **kwargs):
+        values = bind(args, kwargs)
+        with shapes_only():
+            op.validate(values)
+        like = values[op.primary]
+        outs = [torch.empty(shape, dtype=getattr(torch, dtype), device=like.device) for shape, dtype in op.outputs(values)]
+        return outs if varies else tuple(outs) if len(outs) > 1 else outs[0]
+
+    torch.library.impl(qualname, ("cpu", "cuda"), lib=LIBRARY)(kernel)
+    torch.library.register_fake(qualname, fake, lib=LIBRARY)
+
+    def refuse_grad(*_, **__):
+        """torch calls this (as setup_context) only when an input requires grad and grad mode is on."""
+        raise GradNotSupported(f"{op.name}: hal kernels are inference only and have no backward, but an input "
+                               "requires grad with grad mode on; call it under torch.no_grad() or "
+                               "torch.inference_mode(), or detach the inputs")
+
+    torch.library.register_autograd(qualname, refuse_grad, setup_context=refuse_grad, lib=LIBRARY)
+    REGISTERED[op.name] = op
+    return getattr(torch.ops.hal, op.name)

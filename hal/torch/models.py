@@ -1,0 +1,248 @@
+"""Transformers models on hal kernels: `hal.torch.apply(model)`, `hal.torch.restore(model)`.
+
+What is replaced, per kind (`ops=` picks kinds), for the families in FAMILIES:
+- "norm": every *RMSNorm module (the family's convention: Gemma multiplies by 1 + weight) and every
+  nn.LayerNorm runs hal's rms_norm / layer_norm;
+- "rope": the family's `apply_rotary_pos_emb` runs hal's rope on the cos/sin the model computed
+  (one function per family and process: the last apply's backend serves every model of the family);
+- "attention": the model's attention implementation becomes "hal", the function registered with
+  transformers' attention registry (also `from_config(..., attn_implementation="hal")`): causal,
+  sliding window, soft-capping and padding masks (packed into cu_seqlens) on hal's attention;
+- "mlp": the gated MLP's activation and product, act(gate) * up, runs hal's gated op;
+- "moe": the sparse MoE block runs hal's moe_route, moe_align, moe_permute, two grouped GEMMs on the
+  experts' own stacked weights and moe_unpermute.
+Projections, embeddings and the LM head stay on torch. Modules are patched in place (an instance
+`forward`), so weights stay where they are and `restore` puts everything back.
+"""
+import sys
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import SchemaError
+
+HAL = torch.ops.hal
+KINDS = ("norm", "rope", "attention", "mlp", "moe")
+
+# config.model_type -> the family's RMSNorm offset: y = x / rms(x) * (weight + offset)
+FAMILIES = {"llama": 0.0, "mistral": 0.0, "qwen2": 0.0, "qwen3": 0.0, "phi3": 0.0, "mixtral": 0.0, "qwen3_moe": 0.0,
+            "gemma2": 1.0, "gemma3": 1.0, "gemma3_text": 1.0}
+
+# transformers' activation names -> the activation of hal's gated ops ("<act>_and_mul")
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+
+# Why a kind of module stays on torch, by the end of its class name (the report's "left" part).
+LEFT = {"RotaryEmbedding": "builds the cos/sin tables; hal's rope applies them", "Linear": "projection: stays on torch's GEMM",
+        "Embedding": "embedding lookup: stays on torch", "Dropout": "training only"}
+
+_rope_patches = {}  # family module -> [original apply_rotary_pos_emb, backend, number of models patched]
+
+
+@dataclass
+class Report:
+    """What `apply` replaced (kind -> module names) and what it left on torch (class -> (count, why))."""
+
+    family: str
+    backend: str
+    replaced: dict = field(default_factory=dict)
+    left: dict = field(default_factory=dict)
+
+    def __str__(self):
+        lines = [f"hal.torch.apply: {self.family} on backend {self.backend or '(from the tensors)'}"]
+        for kind, names in self.replaced.items():
+            classes = Counter(cls for _, cls in names)
+            lines.append(f"  replaced {kind:9s} {len(names):4d}  " + ", ".join(f"{c} x{n}" for c, n in classes.items()))
+        for cls, (count, why) in sorted(self.left.items()):
+            lines.append(f"  left     {cls:24s} x{count}: {why}")
+        return "\n".join(lines)
+
+
+def apply(model, *, backend=None, ops=None):
+    """Run the model's norms, rotary embedding, attention, gated MLP and MoE blocks on hal (see the module
+    doc), in place; returns a Report. Applying again first restores, so it is harmless."""
+    kinds = KINDS if ops is None else tuple(ops)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise SchemaError("hal.torch.apply", "ops", f"kinds among {KINDS}", unknown)
+    restore(model)
+    config = model.config
+    family = config.model_type
+    report = Report(family, backend)
+    patched = {"forwards": [], "attention": None, "rope": None}
+    model._hal_patch = patched
+    offset = FAMILIES.get(family)
+    if offset is None:
+        report.left[type(model).__name__] = (1, f"model type {family!r} is not a family hal.torch knows ({', '.join(FAMILIES)})")
+        return report
+    act = ACTIVATIONS.get(getattr(config, "hidden_activation", None) or config.hidden_act)
+    inside = ()  # names of modules replaced or accounted for whole: their children are not listed
+    for name, module in model.named_modules():
+        if name.startswith(inside):
+            continue
+        cls = type(module).__name__
+        kind, forward, why = _replacement(module, offset, act, backend)
+        if kind is None and any(True for _ in module.children()):
+            continue
+        if forward is not None and kind in kinds:
+            module.forward = types.MethodType(forward, module)
+            patched["forwards"].append(module)
+            report.replaced.setdefault(kind, []).append((name, cls))
+        else:
+            why = why or (f"kind {kind!r} not asked for" if kind else next((w for end, w in LEFT.items() if cls.endswith(end)), "no hal op for it"))
+            count, _ = report.left.get(cls, (0, why))
+            report.left[cls] = (count + 1, why)
+        inside += (name + ".",)
+    if "attention" in kinds:
+        patched["attention"] = config._attn_implementation
+        model.set_attn_implementation("hal")
+        for name, module in model.named_modules():
+            if type(module).__name__.endswith("Attention"):
+                module.hal_backend = backend
+                patched["forwards"].append(module)
+                report.replaced.setdefault("attention", []).append((name, type(module).__name__))
+    if "rope" in kinds:
+        patched["rope"] = _patch_rope(model, family, backend)
+        report.replaced["rope"] = [(patched["rope"].__name__ + ".apply_rotary_pos_emb", "function")]
+    return report
+
+
+def restore(model):
+    """Undo `apply`: the original forwards, attention implementation and rotary function."""
+    patched = getattr(model, "_hal_patch", None)
+    if patched is None:
+        return model
+    for module in patched["forwards"]:  # instance attributes set by apply: class behaviour comes back
+        module.__dict__.pop("forward", None)
+        module.__dict__.pop("hal_backend", None)
+    if patched["attention"] is not None:
+        model.set_attn_implementation(patched["attention"])
+    if patched["rope"] is not None:
+        entry = _rope_patches[patched["rope"]]
+        entry[2] -= 1
+        if entry[2] == 0:
+            patched["rope"].apply_rotary_pos_emb = entry[0]
+            del _rope_patches[patched["rope"]]
+    del model._hal_patch
+    return model
+
+
+# ---------------------------------------------------------------- per kind of module
+
+
+def _replacement(module, offset, act, backend):
+    """(kind, forward, why not) for a module of a kind hal replaces; (None, None, None) for others."""
+    cls = type(module).__name__
+    if cls.endswith("RMSNorm"):
+        return "norm", _rms_norm(offset, backend), None
+    if isinstance(module, torch.nn.LayerNorm):
+        return "norm", _layer_norm(backend) if module.elementwise_affine else None, "no weight (hal's layer_norm takes one)"
+    if cls.endswith("SparseMoeBlock"):
+        if act is None or not hasattr(module.experts, "gate_up_proj"):
+            return "moe", None, "activation or expert layout hal's grouped_gemm does not take"
+        return "moe", _moe(f"{act}_and_mul", backend), None
+    if cls.endswith("MLP"):
+        if act != "silu":  # the standalone gated ops hal has: silu_and_mul (grouped_gemm fuses every activation)
+            return "mlp", None, f"activation {act!r} has no standalone hal gated op (hal has silu_and_mul)"
+        return "mlp", _fused_mlp(backend) if hasattr(module, "gate_up_proj") else _mlp(backend), None
+    return None, None, None
+
+
+def _rms_norm(offset, backend):
+    def forward(self, x):
+        eps = getattr(self, "variance_epsilon", None) or self.eps
+        weight = self.weight.to(x.dtype) if not offset else (self.weight.float() + offset).to(x.dtype)
+        return HAL.rms_norm(x, weight, eps=eps, backend=backend)[0]
+    return forward
+
+
+def _layer_norm(backend):
+    def forward(self, x):
+        return HAL.layer_norm(x, self.weight, self.bias, eps=self.eps, backend=backend)[0]
+    return forward
+
+
+def _mlp(backend):
+    def forward(self, x):  # down(act(gate(x)) * up(x)) with the gate and up halves side by side
+        return self.down_proj(HAL.silu_and_mul(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1), backend=backend))
+    return forward
+
+
+def _fused_mlp(backend):
+    def forward(self, x):  # Phi-3: one gate_up projection
+        return self.down_proj(HAL.silu_and_mul(self.gate_up_proj(x), backend=backend))
+    return forward
+
+
+def _moe(activation, backend):
+    def forward(self, hidden):
+        shape = hidden.shape
+        x = hidden.reshape(-1, shape[-1])
+        gate, experts = self.gate, self.experts
+        weights, ids = HAL.moe_route(F.linear(x, gate.weight), gate.top_k, renormalize=getattr(gate, "norm_topk_prob", True),
+                                     backend=backend)
+        sorted_ids, _, offsets, _ = HAL.moe_align(ids, gate.num_experts, 1, backend=backend)
+        y = HAL.grouped_gemm(HAL.moe_permute(x, ids, sorted_ids, backend=backend), experts.gate_up_proj, offsets,
+                             activation=activation, backend=backend)
+        y = HAL.grouped_gemm(y, experts.down_proj, offsets, backend=backend)
+        return HAL.moe_unpermute(y, sorted_ids, weights, backend=backend).reshape(shape)
+    return forward
+
+
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, softcap=None, **_):
+    """transformers' attention interface on hal's attention: q, k, v [batch, heads, seq, d] in, [batch,
+    seq, heads, d] out. A padding mask [batch, kv_len] (what flash_attention_mask gives) packs the valid
+    tokens into cu_seqlens; the queries are the last seq_q positions of each row."""
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    options = {"causal": bool(getattr(module, "is_causal", True)), "scale": scaling, "window": sliding_window,
+               "softcap": softcap or None, "backend": getattr(module, "hal_backend", None)}
+    if attention_mask is None:
+        return HAL.attention(q, k, v, **options), None
+    keys = attention_mask.bool()
+    queries = keys[:, -q.shape[1]:]
+    cu_q = F.pad(queries.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+    cu_k = F.pad(keys.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+    packed = HAL.attention(q[queries], k[keys], v[keys], cu_q, cu_k, **options)
+    out = q.new_zeros(*q.shape[:3], v.shape[-1])
+    out[queries] = packed
+    return out, None
+
+
+def _patch_rope(model, family, backend):
+    """Point the family's apply_rotary_pos_emb at hal's rope; returns the family's modeling module."""
+    module = sys.modules[type(model).__module__]
+    entry = _rope_patches.get(module)
+    if entry is None:
+        entry = _rope_patches[module] = [module.apply_rotary_pos_emb, backend, 0]
+    elif entry[1] != backend:
+        raise SchemaError("hal.torch.apply", "backend", f"{entry[1]!r}, the backend {family}'s rotary embedding is patched for "
+                          "(one function per family and process)", repr(backend))
+    entry[2] += 1
+    original = entry[0]
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if unsqueeze_dim != 1:  # q, k not in [batch, heads, seq, d]
+            return original(q, k, cos, sin, unsqueeze_dim)
+        b, hq, s, d = q.shape
+        rot = cos.shape[-1]
+        qt, kt = q.transpose(1, 2).reshape(b * s, hq, d), k.transpose(1, 2).reshape(b * s, k.shape[1], d)
+        cos, sin = cos.reshape(b * s, rot)[:, :rot // 2], sin.reshape(b * s, rot)[:, :rot // 2]
+        positions = torch.arange(b * s, dtype=torch.int32, device=q.device)
+        qo, ko = HAL.rope(qt, kt, cos, sin, positions, rotary_dim=rot, backend=backend)
+        return qo.view(b, s, hq, d).transpose(1, 2), ko.view(b, s, -1, d).transpose(1, 2)
+
+    module.apply_rotary_pos_emb = apply_rotary_pos_emb
+    return module
+
+
+def register_attention():
+    """Register "hal" with transformers' attention and mask registries (a no-op without transformers)."""
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError:
+        return
+    AttentionInterface.register("hal", attention)
+    AttentionMaskInterface.register("hal", flash_attention_mask)
