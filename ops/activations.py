@@ -158,7 +158,7 @@ softmax = OpDef(
 # "<act>_and_mul"(x) = act(x[..., :d]) * x[..., d:] for a last dim of 2d, one OpDef per name of
 # GATED_OP_NAMES (hal.codes.GATED_ACTIVATIONS gives the kernels their activation code).
 
-GATED_OP_NAMES = ("silu_and_mul",)
+GATED_OP_NAMES = ("silu_and_mul", "gelu_and_mul", "gelu_tanh_and_mul")
 
 
 def _gated_check(a):

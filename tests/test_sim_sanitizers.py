@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hal.codes import ACTIVATIONS
 from hal.errors import KernelLaunchError
 
 executor = pytest.importorskip("hal.backends.sim.executor")
@@ -164,13 +165,14 @@ def test_asan_catches_an_off_by_one_store_in_a_copy_of_a_real_kernel(rng, tmp_pa
     (tmp_path / "planted.cu").write_text(planted)
     r, d = 3, 129
     x = rows(rng, r, 2 * d)
-    clean = executor.SimModule(tmp_path / "activations.cu", "cuda", ["silu_and_mul<float>"], mode="asan", include_dirs=shim_dir("cuda"))
+    silu = np.int32(ACTIVATIONS["silu"])
+    clean = executor.SimModule(tmp_path / "activations.cu", "cuda", ["gated_and_mul<float>"], mode="asan", include_dirs=shim_dir("cuda"))
     out = np.zeros((r, d), np.float32)
-    clean.launch("silu_and_mul<float>", r, 256, 0, (x, out, np.int32(r), np.int32(d)))
+    clean.launch("gated_and_mul<float>", r, 256, 0, (x, out, np.int32(r), np.int32(d), silu))
     gate, up = x[:, :d].astype(np.float64), x[:, d:]
     np.testing.assert_allclose(out, gate / (1 + np.exp(-gate)) * up, rtol=1e-5, atol=1e-6)
-    m = executor.SimModule(tmp_path / "planted.cu", "cuda", ["silu_and_mul<float>"], mode="asan", include_dirs=shim_dir("cuda"))
+    m = executor.SimModule(tmp_path / "planted.cu", "cuda", ["gated_and_mul<float>"], mode="asan", include_dirs=shim_dir("cuda"))
     with pytest.raises(KernelLaunchError) as err:
-        m.launch("silu_and_mul<float>", r, 256, 0, (x, out, np.int32(r), np.int32(d)))
+        m.launch("gated_and_mul<float>", r, 256, 0, (x, out, np.int32(r), np.int32(d), silu))
     first = str(err.value).splitlines()[0]
     assert "heap-buffer-overflow: write at" in first and "planted.cu:" in first

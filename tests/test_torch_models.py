@@ -21,10 +21,7 @@ FAMILIES = {  # what each family adds: sliding windows shorter than the 44 token
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1, norm_topk_prob=True),
 }
-EXPECTED = {  # kinds replaced per family (Gemma's MLP uses gelu_tanh, which has no standalone hal gated op)
-    "gemma2": {"norm", "rope", "attention"}, "gemma3_text": {"norm", "rope", "attention"},
-    "mixtral": {"norm", "rope", "attention", "moe"}, "qwen3_moe": {"norm", "rope", "attention", "moe"},
-}
+EXPECTED = {"mixtral": {"norm", "rope", "attention", "moe"}, "qwen3_moe": {"norm", "rope", "attention", "moe"}}  # kinds replaced
 
 
 def build(family, dtype=torch.float32, **options):

@@ -9,8 +9,9 @@ import math
 
 import numpy as np
 
-from hal.codes import ACTIVATIONS, FORMAT_CODES, KV_FORMATS
+from hal.codes import ACTIVATIONS, FORMAT_CODES, KV_FORMATS, activation_code
 from hal.dtypes import FLOATS
+from hal.ops.activations import GATED_OPS
 
 from .glue import FIRST, HALF_FLOATS, INDEX_DTYPES, TENSOR_OP_BLOCK, KernelEntry, Template, cdiv, ctype, f32, i32, widened
 
@@ -41,11 +42,11 @@ def softmax(ex, entry, outs, x, dim):
         entry.launch(ex, (ctype(ex, x),), (outer * inner,), (x, outs[0], i32(outer), i32(n), i32(inner)))
 
 
-def silu_and_mul(ex, entry, outs, x):
+def gated_and_mul(ex, entry, outs, x):
     d = x.shape[-1] // 2
     if x.size:
         rows = x.size // (2 * d)
-        entry.launch(ex, (ctype(ex, x),), (rows,), (x, outs[0], i32(rows), i32(d)))
+        entry.launch(ex, (ctype(ex, x),), (rows,), (x, outs[0], i32(rows), i32(d), i32(activation_code(entry.op)[0])))
 
 
 def rope(ex, entry, outs, q, k, cos, sin, positions, interleaved, rotary_dim):
@@ -170,7 +171,7 @@ KERNELS = (
     KernelEntry("softmax", "softmax", softmax, (Template("softmax", FLOATS),)),
     KernelEntry("rms_norm", "norms", rms_norm, (Template("rms_norm", FLOATS),)),
     KernelEntry("layer_norm", "norms", layer_norm, (Template("layer_norm", FLOATS),)),
-    KernelEntry("silu_and_mul", "activations", silu_and_mul, (Template("silu_and_mul", FLOATS),)),
+    *(KernelEntry(op.name, "activations", gated_and_mul, (Template("gated_and_mul", FLOATS),)) for op in GATED_OPS),
     KernelEntry("rope", "rope", rope, (Template("rope", FLOATS, INDEX_DTYPES),), block=ROPE_BLOCK),
     KernelEntry("attention", "attention", attention, (Template("flash_attention_{tensor_op}", HALF_FLOATS),), HALF_FLOATS, TENSOR_OP_BLOCK,
                 needs_tensor_ops=True, supports=_tensor_op_head_dims, requires="head dims that are multiples of 16, at most 256"),

@@ -8,7 +8,8 @@ What is replaced, per kind (`ops=` picks kinds), for the families in FAMILIES:
 - "attention": the model's attention implementation becomes "hal", the function registered with
   transformers' attention registry (also `from_config(..., attn_implementation="hal")`): causal,
   sliding window, soft-capping and padding masks (packed into cu_seqlens) on hal's attention;
-- "mlp": the gated MLP's activation and product, act(gate) * up, runs hal's gated op;
+- "mlp": the gated MLP's activation and product, act(gate) * up, runs hal's gated op (silu_and_mul,
+  gelu_tanh_and_mul for Gemma, ...);
 - "moe": the sparse MoE block runs hal's moe_route, moe_align, moe_permute, two grouped GEMMs on the
   experts' own stacked weights and moe_unpermute.
 Projections, embeddings and the LM head stay on torch. Modules are patched in place (an instance
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SchemaError
+from ..ops.activations import GATED_OP_NAMES
 
 HAL = torch.ops.hal
 KINDS = ("norm", "rope", "attention", "mlp", "moe")
@@ -144,9 +146,10 @@ def _replacement(module, offset, act, backend):
             return "moe", None, "activation or expert layout hal's grouped_gemm does not take"
         return "moe", _moe(f"{act}_and_mul", backend), None
     if cls.endswith("MLP"):
-        if act != "silu":  # the standalone gated ops hal has: silu_and_mul (grouped_gemm fuses every activation)
-            return "mlp", None, f"activation {act!r} has no standalone hal gated op (hal has silu_and_mul)"
-        return "mlp", _fused_mlp(backend) if hasattr(module, "gate_up_proj") else _mlp(backend), None
+        gated = f"{act}_and_mul"
+        if gated not in GATED_OP_NAMES:
+            return "mlp", None, f"activation {act!r} has no standalone hal gated op ({', '.join(GATED_OP_NAMES)})"
+        return "mlp", _fused_mlp(gated, backend) if hasattr(module, "gate_up_proj") else _mlp(gated, backend), None
     return None, None, None
 
 
@@ -164,15 +167,19 @@ def _layer_norm(backend):
     return forward
 
 
-def _mlp(backend):
+def _mlp(gated, backend):
+    op = getattr(HAL, gated)
+
     def forward(self, x):  # down(act(gate(x)) * up(x)) with the gate and up halves side by side
-        return self.down_proj(HAL.silu_and_mul(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1), backend=backend))
+        return self.down_proj(op(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1), backend=backend))
     return forward
 
 
-def _fused_mlp(backend):
+def _fused_mlp(gated, backend):
+    op = getattr(HAL, gated)
+
     def forward(self, x):  # Phi-3: one gate_up projection
-        return self.down_proj(HAL.silu_and_mul(self.gate_up_proj(x), backend=backend))
+        return self.down_proj(op(self.gate_up_proj(x), backend=backend))
     return forward
 
 

@@ -50,5 +50,5 @@ def test_declared_coverage(opencl):
 
     reg = hal.registry()
     native = {(op, d) for (op, b), ks in reg.kernels.items() if b == "opencl" for k in ks for d in k.dtypes}
-    ops = ("rms_norm", "layer_norm", "softmax", "silu_and_mul", "rope", "gemm", "attention")
+    ops = ("rms_norm", "layer_norm", "softmax", *hal.ops.activations.GATED_OP_NAMES, "rope", "gemm", "attention")
     assert native == {(op, d) for op in ops for d in ("float32", "float16", "bfloat16")}
