@@ -116,7 +116,7 @@ def test_inference_only(rng):
 
 
 class Block(torch.nn.Module):
-    """A small MoE decoder layer made of thirteen hal ops."""
+    """A small MoE decoder layer made of twelve different hal ops."""
 
     def __init__(self, hidden=64, heads=4, d=16, experts=4, top_k=2, ffn=48):
         super().__init__()
