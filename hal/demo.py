@@ -31,9 +31,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import ops
+from .arrays import from_host
 from .conformance import judge
 from .dispatch import explain
-from .dtypes import to_numpy
+from .dtypes import TOLERANCE, name_of, to_numpy
 from .errors import FallbackWarning
 from .ops.attention import paged_cache
 from .ops.rotary import rope_cache
@@ -57,8 +58,8 @@ class Layer:
     block_m: int = 64  # rows per grouped-GEMM tile: each expert's segment is padded to it
 
     def weights(self, rng, dtype):
-        def w(shape, fan_in):
-            return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(to_numpy(dtype))
+        def w(shape, fan_in):  # float32 draws: a float64 temporary of the expert weights would be 1 GiB
+            return (rng.standard_normal(shape, dtype=np.float32) / np.float32(np.sqrt(fan_in))).astype(to_numpy(dtype))
 
         qkv = (self.heads + 2 * self.kv_heads) * self.head_dim
         norm = lambda: (1.0 + 0.1 * rng.standard_normal(self.hidden)).astype(to_numpy(dtype))  # noqa: E731
@@ -172,3 +173,67 @@ def run(backend=None, dtype="bfloat16", tokens=512, decode=4, layer=None, repeat
     for position in range(tokens, tokens + decode):
         mlp_block(attention_block(hidden(1), hidden(1), np.array([position]), prefill=False))
     return run.rows
+
+
+# ---------------------------------------------------------------- hal demo --ep N
+
+
+def error_ratio(out, ref):
+    """Worst |out - ref| over the conformance tolerance of out's dtype, relative to each row's
+    largest |ref| (torch tensors): how an expert-parallel result is held to the single-process one."""
+    if not ref.numel():
+        return 0.0
+    rtol, atol = TOLERANCE[name_of(out.dtype)]
+    scale = ref.float().abs().amax(1, keepdim=True)
+    return float(((out.float() - ref.float()).abs() / (atol + rtol * scale)).max())
+
+
+def _ep_rank(rank, world, layer, dtype, tokens, decode, seed, backend):
+    """One rank of `run_ep`: the demo layer's MoE block (fp8 experts, fp8 transport) on this rank's share
+    of the tokens, normal mode for the prefill and low_latency for decode batches, each checked against
+    the single-process layer on the same tokens."""
+    import torch
+
+    from .distributed import ExpertParallel, moe_layer
+
+    w = {name: from_host(v, torch.empty(0)) for name, v in layer.weights(np.random.default_rng(seed), dtype).items()}
+    w13, w13_scales = ops.quantize(w["w13"], FP8, "block", backend=backend)
+    w2, w2_scales = ops.quantize(w["w2"], FP8, "block", backend=backend)
+    local = slice(rank * layer.experts // world, (rank + 1) * layer.experts // world)
+    route = dict(k=layer.top_k, n_group=layer.expert_groups, topk_group=layer.top_groups, router_bias=w["router_bias"], scaling=2.5,
+                 shared=(w["gate_up"], w["down"]))
+    rows = []
+    for mode, count in (("normal", tokens), ("low_latency", decode)):
+        x = torch.from_numpy(np.random.default_rng([seed or 0, count]).standard_normal((world * count, layer.hidden), np.float32)).to(w["router"].dtype)
+        mine = x[rank * count:(rank + 1) * count]
+        ep = ExpertParallel(layer.experts, layer.hidden, transport="fp8", mode=mode, max_tokens=count, backend=backend)
+        moe_layer(ep, mine, w["router"], w13[local], w2[local], w13_scales=w13_scales[local], w2_scales=w2_scales[local], **route)
+        ep.exchange_seconds = 0.0  # the first call compiled kernels
+        start = time.perf_counter()
+        out = moe_layer(ep, mine, w["router"], w13[local], w2[local], w13_scales=w13_scales[local], w2_scales=w2_scales[local], **route)
+        seconds = time.perf_counter() - start
+        ref = moe_layer(None, mine, w["router"], w13, w2, w13_scales=w13_scales, w2_scales=w2_scales, backend=backend, **route)
+        logits = ops.gemm(mine, w["router"], out_dtype="float32", backend=backend)
+        _, ids = ops.moe_route(logits, layer.top_k, scoring="sigmoid", n_group=layer.expert_groups, topk_group=layer.top_groups,
+                               bias=w["router_bias"], scaling=2.5, backend=backend)
+        traffic = ep.traffic(ep.dispatch(mine, ids, torch.ones(ids.shape)), ids)
+        rows.append({"mode": mode, "rank": rank, "tokens": count, "ms": 1e3 * seconds, "exchange_ms": 1e3 * ep.exchange_seconds,
+                     "err_over_tol": error_ratio(out, ref), **traffic})
+    return rows
+
+
+def run_ep(ranks, backend=None, dtype="bfloat16", tokens=512, decode=4, layer=None, seed=None, timeout=300.0):
+    """The demo layer's MoE block over `ranks` local processes (gloo over loopback, hal.distributed):
+    the prefill's tokens in normal mode and a decode batch of `decode` tokens per rank in low_latency
+    mode, fp8 transport; one row per (mode, rank) with the exchange's bytes and the error against the
+    single-process layer (ok: err/tol <= 1)."""
+    from .distributed import launch
+
+    layer = layer or Layer()
+    seed = int(np.random.default_rng().integers(1 << 31)) if seed is None else seed
+    per_rank = max(tokens // ranks, 1)
+    results = launch(_ep_rank, ranks, layer, dtype, per_rank, decode, seed, backend, timeout=timeout)
+    rows = [row for rank_rows in results for row in rank_rows]
+    for row in rows:
+        row["ok"] = row["err_over_tol"] <= 1.0
+    return rows

@@ -111,6 +111,11 @@ class Backend:
         `hal checklist` matches rows to kernels by file name and summarises the common keys per arch."""
         return None
 
+    def fp8_format(self):
+        """The e4m3 flavour this backend's hardware computes in: OCP "float8_e4m3fn", or FNUZ
+        "float8_e4m3fnuz" (AMD CDNA3). Producers of fp8 data for it (expert-parallel transport) pick it."""
+        return "float8_e4m3fn"
+
     def call_context(self, like):
         """A context manager around one call whose primary argument is `like`, from before its outputs
         are allocated until they are returned: where the call's kernels run and its memory comes from

@@ -12,6 +12,10 @@ One MoE block is
 Rows of the sorted layout are flat (token, slot) indices i = t*k + j, grouped by expert, each
 expert's segment padded to a multiple of block_m with the sentinel T*k so that a GPU tile of
 block_m rows never straddles two experts. Index outputs are int32 and compared exactly.
+
+With expert parallelism in DeepEP's low-latency mode the tokens arrive in the masked layout
+instead, x [E_local, M, H] with masked_m[e] of expert e's M rows used, and grouped_gemm_masked
+takes it as it is (no host read of the counts, so a decode step can be a CUDA graph).
 """
 import math
 
@@ -536,55 +540,128 @@ moe_unpermute = OpDef(
     torch_peer=_unpermute_peer,
 )
 
-# ---------------------------------------------------------------- grouped_gemm
+# ---------------------------------------------------------------- grouped_gemm, grouped_gemm_masked
+#
+# Two layouts of the experts' rows, one product. Contiguous (grouped_gemm, moe_align's layout):
+# x_sorted [R, K], expert e owns rows expert_offsets[e] .. expert_offsets[e + 1]. Masked
+# (grouped_gemm_masked: DeepEP's low-latency dispatch, DeepGEMM's masked GEMMs): x [E, M, K], expert
+# e owns its first masked_m[e] rows, clamped to [0, M]; the rest of its M rows is room it did not
+# fill (their values are anything, their outputs zeros), and the counts stay on the device (no host
+# read: the call can be captured in a CUDA graph). Both are segments (expert, first row, end row)
+# of a 2-D array of rows, which is what the references and the kernels work on.
 
-def _gg_out_features(a):
+
+def offset_segments(offsets):
+    """(expert, first row, end row) of each expert of the contiguous layout."""
+    off = np.asarray(offsets).astype(np.int64)
+    return [(e, int(off[e]), int(off[e + 1])) for e in range(off.size - 1)]
+
+
+def masked_counts(masked_m, m):
+    """Rows of each expert of the masked layout: masked_m clamped to [0, M] (a count < 0 acts as 0, > M as M)."""
+    return np.clip(np.asarray(masked_m).astype(np.int64), 0, m)
+
+
+def masked_segments(masked_m, m):
+    """(expert, first row, end row) of each expert of the masked layout, its [E, M] rows taken as E * M rows."""
+    return [(e, e * m, e * m + int(c)) for e, c in enumerate(masked_counts(masked_m, m))]
+
+
+def check_masked_rows(x_name, x):
+    """The E * M rows of a masked layout within int32 (kernels index them so)."""
+    e, m = x.shape[:2]
+    if e * m >= 2**31:
+        raise InvalidArgument(x_name, "E * M < 2**31 rows (int32 row indices)", f"shape {tuple(x.shape)}")
+
+
+def _contiguous_rows(a):
+    """grouped_gemm's rows: (x_sorted, the experts' segments)."""
+    return a["x_sorted"], offset_segments(a["expert_offsets"])
+
+
+def _masked_rows(a):
+    """grouped_gemm_masked's rows: (x as [E * M, K], the experts' segments)."""
+    e, m, k = a["x"].shape
+    return a["x"].reshape(e * m, k), masked_segments(a["masked_m"], m)
+
+
+def _out_features(a):
     return epilogue_columns(a["activation"], a["w"].shape[1])
 
 
-def _gg_check(a):
-    x, w, off = a["x_sorted"], a["w"], a["expert_offsets"]
-    rows, k = x.shape
-    e = w.shape[0]
+def _out_shape(a, x):
+    """The output's shape for the primary input x ([R, K] or [E, M, K]): its rows, then N."""
+    return (*x.shape[:-1], _out_features(a))
+
+
+def _check_weights(a, x_name):
+    """w [E, Nw, K] against the activations: dtype, K, an even Nw for gated epilogues."""
+    x, w = a[x_name], a["w"]
+    k = x.shape[-1]
     if name_of(w.dtype) != name_of(x.dtype):
-        raise InvalidArgument("w", f"the dtype of x_sorted ({name_of(x.dtype)})", name_of(w.dtype))
+        raise InvalidArgument("w", f"the dtype of {x_name} ({name_of(x.dtype)})", name_of(w.dtype))
     if w.shape[2] != k:
-        raise InvalidArgument("w", f"[E, N, {k}] to match x_sorted's {k} columns", f"shape {tuple(w.shape)}")
+        raise InvalidArgument("w", f"[E, N, {k}] to match {x_name}'s {k} columns", f"shape {tuple(w.shape)}")
     if is_gated(a["activation"]) and w.shape[1] % 2:
         raise InvalidArgument("w", f"an even N (gate and up halves) for {a['activation']}", f"shape {tuple(w.shape)}")
+
+
+def _gg_check(a):
+    _check_weights(a, "x_sorted")
+    off, e = a["expert_offsets"], a["w"].shape[0]
     if tuple(off.shape) != (e + 1,):
         raise InvalidArgument("expert_offsets", f"shape ({e + 1},), E + 1 for w's {e} experts", tuple(off.shape))
-    check_offsets("expert_offsets", off, 0, rows)
+    check_offsets("expert_offsets", off, 0, a["x_sorted"].shape[0])
 
 
-def _gg_products(a, x, w):
-    """Per row, x_row @ w[e].T of its expert e (zeros outside every segment)."""
-    off = a["expert_offsets"].astype(np.int64)
+def _masked_check(a):
+    _check_weights(a, "x")
+    e = a["x"].shape[0]
+    if a["w"].shape[0] != e:
+        raise InvalidArgument("w", f"[{e}, N, K], one matrix per expert of x", f"shape {tuple(a['w'].shape)}")
+    if tuple(a["masked_m"].shape) != (e,):
+        raise InvalidArgument("masked_m", f"shape ({e},), a row count per expert of x", tuple(a["masked_m"].shape))
+    check_masked_rows("x", a["x"])  # the counts are not read: masked_counts says what any value means
+
+
+def _products(segments, x, w):
+    """Per row of x [R, K], x_row @ w[e].T of the expert e whose segment holds it (zeros outside every segment)."""
     h = np.zeros((x.shape[0], w.shape[1]))
-    for e in range(w.shape[0]):
-        h[off[e]:off[e + 1]] = x[off[e]:off[e + 1]] @ w[e].T
+    for e, lo, hi in segments:
+        h[lo:hi] = x[lo:hi] @ w[e].T
     return h
 
 
-def _gg_reference(a):
-    return [epilogue(a["activation"], _gg_products(a, a["x_sorted"], a["w"]))]
+def _grouped_reference(rows, a):
+    x, segments = rows(a)
+    return epilogue(a["activation"], _products(segments, x, a["w"]))
 
 
-def _gg_magnitude(a, refs):
+def _grouped_magnitude(rows, a):
     # The fp32 dot products err relative to |x| @ |w|.T; the activation carries that error on
     # (ops/activations.py: epilogue_magnitude).
-    bound = _gg_products(a, np.abs(a["x_sorted"]), np.abs(a["w"]))
+    x, segments = rows(a)
+    bound = _products(segments, np.abs(x), np.abs(a["w"]))
     if a["activation"] is None:
-        return [bound]
-    return [epilogue_magnitude(a["activation"], _gg_products(a, a["x_sorted"], a["w"]), bound)]
+        return bound
+    return epilogue_magnitude(a["activation"], _products(segments, x, a["w"]), bound)
+
+
+def _grouped_cost(rows, a):
+    x, segments = rows(a)
+    w, used = a["w"], sum(hi - lo for _, lo, hi in segments)
+    return 2 * used * w.shape[1] * w.shape[2], x.nbytes + w.nbytes + x.shape[0] * _out_features(a) * x.itemsize
+
+
+def _weights(rng, dtype, e, n, k, activation):
+    """w [E, N, K], [E, 2N, K] for a gated activation."""
+    return random(rng, (e, 2 * n if is_gated(activation) else n, k), dtype)
 
 
 def _gg_args(rng, dtype, offsets, k, n, rows=None, activation=None, offset_dtype="int32"):
     offsets = np.asarray(offsets)
-    e = offsets.size - 1
     rows = int(offsets[-1]) if rows is None else rows
-    wn = 2 * n if is_gated(activation) else n
-    return {"x_sorted": random(rng, (rows, k), dtype), "w": random(rng, (e, wn, k), dtype),
+    return {"x_sorted": random(rng, (rows, k), dtype), "w": _weights(rng, dtype, offsets.size - 1, n, k, activation),
             "expert_offsets": offsets.astype(to_numpy(offset_dtype)), "activation": activation}
 
 
@@ -628,23 +705,25 @@ def _gg_errors(rng):
     yield ErrorSample(a | {"w": random(rng, (6, 8), f32)}, "rank-2 w", match="rank")
 
 
-def _gg_peer(t):
-    """The loop over experts a user writes: one F.linear per expert on its rows."""
+def _torch_grouped(x, w, segments, act):
+    """The loop over experts a user writes: one F.linear per expert on its rows of x [R, K], zeros elsewhere."""
     import torch.nn.functional as F
 
-    x, w, off, act = t["x_sorted"], t["w"], t["expert_offsets"], t["activation"]
-    n = epilogue_columns(act, w.shape[1])
+    out = x.new_zeros(x.shape[0], epilogue_columns(act, w.shape[1]))
+    for e, lo, hi in segments:
+        if hi > lo:
+            out[lo:hi] = torch_epilogue(act, F.linear(x[lo:hi], w[e]))
+    return out
 
-    def run():
-        bounds = off.tolist()
-        out = x.new_zeros(x.shape[0], n)
-        for e in range(w.shape[0]):
-            lo, hi = bounds[e], bounds[e + 1]
-            if hi > lo:
-                out[lo:hi] = torch_epilogue(act, F.linear(x[lo:hi], w[e]))
-        return out
 
-    return run
+def _gg_peer(t):
+    return lambda: _torch_grouped(t["x_sorted"], t["w"], offset_segments(t["expert_offsets"].tolist()), t["activation"])
+
+
+def _masked_peer(t):
+    x = t["x"]
+    e, m, k = x.shape
+    return lambda: _torch_grouped(x.reshape(e * m, k), t["w"], masked_segments(t["masked_m"].tolist(), m), t["activation"]).unflatten(0, (e, m))
 
 
 def moe_bench_shapes(rng, dtype, tokens=4096, experts=256, k=8, hidden=2048, inter=1024, block_m=1):
@@ -672,35 +751,101 @@ def _gg_bench(rng, dtype):
             "expert_offsets": s["expert_offsets"], "activation": "silu_and_mul"}
 
 
-def _gg_cost(a):
-    x, w, off = a["x_sorted"], a["w"], a["expert_offsets"]
-    used = int(off[-1] - off[0]) if off.size else 0
-    return 2 * used * w.shape[1] * w.shape[2], x.nbytes + w.nbytes + x.shape[0] * _gg_out_features(a) * x.itemsize
+_EPILOGUE_DOC = ("activation: None, relu, gelu, gelu_tanh or silu applied to h, or a gated '<act>_and_mul' (silu_and_mul, "
+                 "gelu_and_mul, ...) that takes w [E, 2N, K] and returns act(h[:, :N]) * h[:, N:].")
 
 
-grouped_gemm = OpDef(
-    name="grouped_gemm",
-    doc="grouped_gemm(x_sorted, w, expert_offsets, *, activation=None) -> out [R, N]: out[r] = x_sorted[r] @ w[e].T "
-    "for expert_offsets[e] <= r < expert_offsets[e + 1], zeros outside every segment, fp32 accumulation; "
-    "activation: None, relu, gelu, gelu_tanh or silu applied to h, or a gated '<act>_and_mul' (silu_and_mul, "
-    "gelu_and_mul, ...) that takes w [E, 2N, K] and returns act(h[:, :N]) * h[:, N:].",
-    params=[
-        Tensor("x_sorted", rank=2),
-        Tensor("w", rank=3),
-        Tensor("expert_offsets", dtypes=INTS, rank=1),
-        "*",
-        Attr("activation", None, choices=EPILOGUES),
-    ],
-    check=_gg_check,
-    outputs=lambda a: [((a["x_sorted"].shape[0], _gg_out_features(a)), name_of(a["x_sorted"].dtype))],
-    reference=_gg_reference,
-    samples=_gg_samples,
-    error_samples=_gg_errors,
-    growth=lambda a: math.sqrt(max(a["x_sorted"].shape[1], 1)),
-    magnitude=_gg_magnitude,
-    bench=_gg_bench,
-    cost=_gg_cost,
-    torch_peer=_gg_peer,
+def _grouped_op(name, doc, x, expert_rows, rows, **data):
+    """The OpDef of a grouped GEMM over one layout of the experts' rows: `x` and `expert_rows` its Tensors,
+    rows(a) -> (x as [R, K] rows, the experts' segments); `data`: check, samples, error_samples, bench, torch_peer."""
+
+    def shape(a):
+        return _out_shape(a, a[x.name])
+
+    return OpDef(
+        name=name,
+        doc=doc + _EPILOGUE_DOC,
+        params=[x, Tensor("w", rank=3), expert_rows, "*", Attr("activation", None, choices=EPILOGUES)],
+        outputs=lambda a: [(shape(a), name_of(a[x.name].dtype))],
+        reference=lambda a: [_grouped_reference(rows, a).reshape(shape(a))],
+        growth=lambda a: math.sqrt(max(a[x.name].shape[-1], 1)),
+        magnitude=lambda a, refs: [_grouped_magnitude(rows, a).reshape(shape(a))],
+        cost=lambda a: _grouped_cost(rows, a),
+        **data,
+    )
+
+
+grouped_gemm = _grouped_op(
+    "grouped_gemm",
+    "grouped_gemm(x_sorted, w, expert_offsets, *, activation=None) -> out [R, N]: out[r] = x_sorted[r] @ w[e].T "
+    "for expert_offsets[e] <= r < expert_offsets[e + 1], zeros outside every segment, fp32 accumulation; ",
+    Tensor("x_sorted", rank=2), Tensor("expert_offsets", dtypes=INTS, rank=1), _contiguous_rows,
+    check=_gg_check, samples=_gg_samples, error_samples=_gg_errors, bench=_gg_bench, torch_peer=_gg_peer,
 )
 
-OPS = (moe_route, moe_align, moe_permute, moe_unpermute, grouped_gemm)
+# ---------------------------------------------------------------- grouped_gemm_masked
+
+
+def _masked_args(rng, dtype, counts, m, k, n, activation=None, index="int32"):
+    counts = np.asarray(counts, np.int64)
+    return {"x": random(rng, (counts.size, m, k), dtype), "w": _weights(rng, dtype, counts.size, n, k, activation),
+            "masked_m": counts.astype(to_numpy(index)), "activation": activation}
+
+
+def _masked_samples(rng, dtype):
+    yield Sample(_masked_args(rng, dtype, [3, 0, 20, 11], 20, 33, 17), "E=4 M=20 K=33 N=17: an empty and a full expert")
+    yield Sample(_masked_args(rng, dtype, [70, 65, 1], 70, 64, 48, "silu_and_mul"), "M=70: counts past one 64-row tile, silu_and_mul")
+    yield Sample(_masked_args(rng, dtype, [1], 1, 129, 65), "E=1 M=1 K=129 N=65")
+    yield Sample(_masked_args(rng, dtype, rng.integers(0, 2, 8), 1, 96, 40, "silu_and_mul"),
+                 "decode-like: E=8 M=1, counts 0 or 1, silu_and_mul")
+    yield Sample(_masked_args(rng, dtype, rng.integers(0, 10, 5), 9, 256, 96, index="int64"), "E=5 M=9 random counts (int64), K=256")
+    yield Sample(_masked_args(rng, dtype, [-3, 15, 2**31 - 1, 4], 10, 24, 16), "counts < 0 and > M: 0 and M rows", "edge")
+    yield Sample(_masked_args(rng, dtype, [-2**40, 2**32 + 3, 2**33, 7], 10, 24, 16, "silu_and_mul", index="int64"),
+                 "int64 counts < 0 and past 2**32 (M rows, not their low word 3): 0 and M rows", "edge")
+    junk = _masked_args(rng, dtype, [2, 5, 0], 6, 40, 12)
+    junk["x"][0, 2:] = np.nan
+    junk["x"][2] = np.inf
+    yield Sample(junk, "NaN and inf in the rows past the counts: zeros there", "edge")
+    s = _masked_args(rng, dtype, [4, 9], 9, 40, 24)
+    s["x"] = strided(s["x"])
+    yield Sample(s, "strided x", "edge")
+    yield Sample(_masked_args(rng, dtype, [0, 0, 0], 5, 16, 8), "every count 0: zeros", "edge")
+    yield Sample(_masked_args(rng, dtype, [0, 0], 0, 16, 8), "M=0", "edge")
+    yield Sample(_masked_args(rng, dtype, [], 4, 16, 8), "E=0", "edge")
+    yield Sample(_masked_args(rng, dtype, [2, 5], 6, 0, 8, "silu_and_mul"), "K=0: zeros", "edge")
+    for act in EPILOGUES:
+        if act is not None and act != "silu_and_mul":
+            yield Sample(_masked_args(rng, dtype, [7, 0, 11], 11, 40, 19, act), f"E=3 M=11 N=19 {act}")
+
+
+def _masked_errors(rng):
+    f32 = "float32"
+    a = _masked_args(rng, f32, [3, 1], 4, 8, 6)
+    yield ErrorSample(a | {"w": random(rng, (2, 6, 9), f32)}, "K mismatch", match="w")
+    yield ErrorSample(a | {"w": random(rng, (3, 6, 8), f32)}, "w for 3 of x's 2 experts", match="w")
+    yield ErrorSample(a | {"w": random(rng, (2, 6, 8), "bfloat16")}, "dtype mismatch", match="dtype")
+    yield ErrorSample(a | {"masked_m": np.array([3, 1], np.float32)}, "float masked_m", match="dtype")
+    yield ErrorSample(a | {"masked_m": np.array([3, 1, 0], np.int32)}, "masked_m for 3 experts", match="masked_m")
+    yield ErrorSample(a | {"masked_m": np.array([[3, 1]], np.int32)}, "rank-2 masked_m", match="rank")
+    yield ErrorSample(a | {"w": random(rng, (2, 7, 8), f32), "activation": "silu_and_mul"}, "odd 2N for silu_and_mul", match="even")
+    yield ErrorSample(a | {"x": random(rng, (8, 8), f32)}, "rank-2 x", match="rank")
+    yield ErrorSample(a | {"activation": "tanh"}, "unknown activation", match="activation")
+
+
+def _masked_bench(rng, dtype, experts=8, m=256, k=2048, n=1024):
+    """DeepEP's low-latency dispatch into DeepGEMM's masked layout, DeepSeek-like gate/up projection: 8 local
+    experts with room for 256 tokens each, 128..256 of them received."""
+    return _masked_args(rng, dtype, rng.integers(128, m + 1, experts), m, k, n, "silu_and_mul")
+
+
+grouped_gemm_masked = _grouped_op(
+    "grouped_gemm_masked",
+    "grouped_gemm_masked(x, w, masked_m, *, activation=None) -> out [E, M, N]: the masked layout of DeepEP's "
+    "low-latency mode: out[e, m] = x[e, m] @ w[e].T for m < clamp(masked_m[e], 0, M), exact zeros in every other row, "
+    "fp32 accumulation; x [E, M, K], w [E, N, K], masked_m [E] int32 / int64. The counts are never read on the host "
+    "(the call can be captured in a CUDA graph), so they are not checked: a count < 0 acts as 0 and one > M as M. ",
+    Tensor("x", rank=3), Tensor("masked_m", dtypes=INTS, rank=1), _masked_rows,
+    check=_masked_check, samples=_masked_samples, error_samples=_masked_errors, bench=_masked_bench, torch_peer=_masked_peer,
+)
+
+OPS = (moe_route, moe_align, moe_permute, moe_unpermute, grouped_gemm, grouped_gemm_masked)

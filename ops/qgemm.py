@@ -8,6 +8,7 @@ a kernel sums in (DeepSeek's promotion to fp32 every 128 K, integer accumulation
 - fp8_gemm_blockscale: fp8 activations scaled per token per 128 K, fp8 weights per 128 x 128 block.
 - fp8_grouped_gemm_blockscale: the same per expert over the MoE contiguous layout, with any epilogue activation
   (plain or gated, ops/activations.py).
+- fp8_grouped_gemm_masked_blockscale: the same over the masked layout of DeepEP's low-latency mode (ops/moe.py).
 - int8_gemm: W8A8, int32-exact products, per-token / per-tensor x per-channel / per-tensor scales, bias.
 - w4a16_gemm: int4 weights (two per byte, low nibble first) with a scale (and zero point) per group.
 - fp4_gemm: E2M1 weights with MX (E8M0 per 32) or NVFP4 (E4M3 per 16, fp32 tensor scale) scales.
@@ -17,10 +18,11 @@ import math
 import numpy as np
 
 from hal import formats as F
-from hal.dtypes import FLOATS, name_of, to_numpy
+from hal.dtypes import FLOATS, INTS, name_of, to_numpy
 from hal.opdef import Attr, InvalidArgument, check_finite, check_offsets, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 from .activations import EPILOGUES, epilogue, epilogue_columns, epilogue_magnitude, is_gated, torch_epilogue
+from .moe import check_masked_rows, masked_segments, offset_segments
 
 FP8 = ("float8_e4m3fn", "float8_e4m3fnuz")
 BLOCK = 128  # DeepSeek's block: activations 1 x 128, weights 128 x 128
@@ -77,14 +79,16 @@ def _product_magnitude(a, b):
 
 
 def _growth(a):
-    return math.sqrt(max(a["a"].shape[1], 1))
+    return math.sqrt(max(a["a"].shape[-1], 1))
 
 
-def _cost(a, n, *inputs, n_out=None):
-    """(flops, bytes) of an [M, K] x [K, n] product reading `inputs` and writing [M, n_out or n]."""
-    m, k = a["a"].shape
+def _cost(a, n, *inputs, n_out=None, rows=None):
+    """(flops, bytes) of an [M, K] x [K, n] product (a [..., K] flattened to M rows, of which `rows` are
+    computed when given) reading `inputs` and writing [M, n_out or n]."""
+    *lead, k = a["a"].shape
+    m = math.prod(lead)
     out_dtype = a.get("out_dtype") or name_of(a["a"].dtype)
-    return 2 * m * n * k, sum(x.nbytes for x in inputs if x is not None) + m * (n_out or n) * to_numpy(out_dtype).itemsize
+    return 2 * (m if rows is None else rows) * n * k, sum(x.nbytes for x in inputs if x is not None) + m * (n_out or n) * to_numpy(out_dtype).itemsize
 
 
 # ---------------------------------------------------------------- random operands for samples
@@ -125,7 +129,7 @@ def _want_same_dtype(name, x, like_name, like):
 
 
 def _check_k(a, b_name, k_b):
-    k = a["a"].shape[1]
+    k = a["a"].shape[-1]
     if k_b != k:
         raise InvalidArgument(b_name, f"K = {k} (a's columns)", f"shape {tuple(a[b_name].shape)}")
 
@@ -249,61 +253,88 @@ fp8_gemm_blockscale = OpDef(
 )
 
 
-# ---------------------------------------------------------------- fp8_grouped_gemm_blockscale
+# ---------------------------------------------------------------- fp8_grouped_gemm_blockscale, fp8_grouped_gemm_masked_blockscale
+# The two expert layouts of ops/moe.py (contiguous rows with offsets, DeepEP's masked [E, M, K] with
+# counts), each expert's rows being fp8_gemm_blockscale with that expert's weights.
+
+
+def _check_expert_weights(a):
+    """b [E, Nw, K] and its block scales against a [..., K]; an even Nw for a gated activation."""
+    k, (e, nw, k_b) = a["a"].shape[-1], a["b"].shape
+    _check_k(a, "b", k_b)
+    _want_same_dtype("b", a["b"], "a", a["a"])
+    _want_shape("b_scales", a["b_scales"], (e, -(-nw // BLOCK), -(-k // BLOCK)))
+    if is_gated(a["activation"]) and nw % 2:
+        raise InvalidArgument("b", f"an even number of rows per expert (gate and up halves) for {a['activation']}", f"shape {tuple(a['b'].shape)}")
 
 
 def _grouped_check(a):
-    (r, k), (e, nw, k_b) = a["a"].shape, a["b"].shape
-    _check_k(a, "b", k_b)
-    _want_same_dtype("b", a["b"], "a", a["a"])
-    kb = -(-k // BLOCK)
-    _want_shape("a_scales", a["a_scales"], (r, kb))
-    _want_shape("b_scales", a["b_scales"], (e, -(-nw // BLOCK), kb))
+    _check_expert_weights(a)
+    (r, k), e = a["a"].shape, a["b"].shape[0]
+    _want_shape("a_scales", a["a_scales"], (r, -(-k // BLOCK)))
     _want_shape("expert_offsets", a["expert_offsets"], (e + 1,))
-    if is_gated(a["activation"]) and nw % 2:
-        raise InvalidArgument("b", f"an even number of rows per expert (gate and up halves) for {a['activation']}", f"shape {tuple(a['b'].shape)}")
     check_offsets("expert_offsets", a["expert_offsets"], 0, r)
 
 
-def _experts(a):
-    """(expert, first row, end row) of every expert."""
-    offsets = np.asarray(a["expert_offsets"]).astype(np.int64)
-    return [(e, int(offsets[e]), int(offsets[e + 1])) for e in range(len(offsets) - 1)]
+def _masked_check(a):
+    _check_expert_weights(a)
+    e, m, k = a["a"].shape
+    if a["b"].shape[0] != e:
+        raise InvalidArgument("b", f"[{e}, Nw, K], one matrix per expert of a", f"shape {tuple(a['b'].shape)}")
+    _want_shape("a_scales", a["a_scales"], (e, m, -(-k // BLOCK)))
+    _want_shape("masked_m", a["masked_m"], (e,))
+    check_masked_rows("a", a["a"])  # the counts are not read: masked_counts says what any value means
 
 
-def _grouped_products(a):
-    """Per expert: (row range, h [rows, Nw] float64, |a| @ |b|.T)."""
-    x = _fp8_operand(a["a"], a["a_scales"], "group")
-    out = []
-    for e, lo, hi in _experts(a):
-        w = _fp8_operand(a["b"][e], a["b_scales"][e], "block")
-        h = _promoted(a["a"][lo:hi], a["a_scales"][lo:hi], a["b"][e], a["b_scales"][e])
-        out.append((slice(lo, hi), h, _product_magnitude(x[lo:hi], w)))
-    return out
+def _contiguous_rows(a):
+    """fp8_grouped_gemm_blockscale's rows: (a, a_scales, the experts' segments)."""
+    return a["a"], a["a_scales"], offset_segments(a["expert_offsets"])
+
+
+def _masked_rows(a):
+    """fp8_grouped_gemm_masked_blockscale's rows: (a, a_scales as E * M rows, the experts' segments)."""
+    e, m, k = a["a"].shape
+    return a["a"].reshape(e * m, k), a["a_scales"].reshape(e * m, a["a_scales"].shape[2]), masked_segments(a["masked_m"], m)
 
 
 def _grouped_out_columns(a):
     return epilogue_columns(a["activation"], a["b"].shape[1])
 
 
-def _grouped_reference_and_magnitude(a):
-    r, n = a["a"].shape[0], _grouped_out_columns(a)
-    ref, mag = np.zeros((r, n)), np.zeros((r, n))
-    act = a["activation"]
-    for rows, h, m in _grouped_products(a):
-        ref[rows] = epilogue(act, h)
+def _grouped_out_shape(a):
+    return (*a["a"].shape[:-1], _grouped_out_columns(a))
+
+
+def _grouped_reference_and_magnitude(rows, a):
+    """The reference and what its fp32 error is relative to, both shaped like the output; rows(a) gives the layout."""
+    x, x_scales, segments = rows(a)
+    n, act = _grouped_out_columns(a), a["activation"]
+    ref, mag = np.zeros((x.shape[0], n)), np.zeros((x.shape[0], n))
+    for e, lo, hi in segments:
+        h = _promoted(x[lo:hi], x_scales[lo:hi], a["b"][e], a["b_scales"][e])
+        bound = _product_magnitude(_fp8_operand(x[lo:hi], x_scales[lo:hi], "group"), _fp8_operand(a["b"][e], a["b_scales"][e], "block"))
+        ref[lo:hi] = epilogue(act, h)
         # errors of the products reach the output through the activation (and the gate * up product)
-        mag[rows] = m if act is None else epilogue_magnitude(act, h, m) + np.abs(ref[rows])
-    return ref, mag
+        mag[lo:hi] = bound if act is None else epilogue_magnitude(act, h, bound) + np.abs(ref[lo:hi])
+    return ref.reshape(_grouped_out_shape(a)), mag.reshape(_grouped_out_shape(a))
+
+
+def _grouped_cost(rows, a):
+    used = sum(hi - lo for _, lo, hi in rows(a)[2])
+    return _cost(a, a["b"].shape[1], a["a"], a["b"], a["a_scales"], a["b_scales"], n_out=_grouped_out_columns(a), rows=used)
+
+
+def _expert_weights(rng, fmt, e, nw, k):
+    """b [E, Nw, K] fp8 and its 128 x 128 block scales."""
+    return {"b": _fp8(rng, (e, nw, k), fmt), "b_scales": _fp8_scales(rng, (e, -(-nw // BLOCK), -(-k // BLOCK)), fmt)}
 
 
 def _grouped_args(rng, fmt, counts, k, nw, activation=None, lead=0, tail=0, index="int32", out_dtype="bfloat16"):
     """Experts with `counts` rows each, after `lead` rows no expert owns and before `tail` such rows."""
     offsets = (lead + np.concatenate([[0], np.cumsum(counts)])).astype(index)
-    r, e, kb = int(offsets[-1]) + tail, len(counts), -(-k // BLOCK)
-    return {"a": _fp8(rng, (r, k), fmt), "a_scales": _fp8_scales(rng, (r, kb), fmt), "b": _fp8(rng, (e, nw, k), fmt),
-            "b_scales": _fp8_scales(rng, (e, -(-nw // BLOCK), kb), fmt), "expert_offsets": offsets,
-            "activation": activation, "out_dtype": out_dtype}
+    r, kb = int(offsets[-1]) + tail, -(-k // BLOCK)
+    return {"a": _fp8(rng, (r, k), fmt), "a_scales": _fp8_scales(rng, (r, kb), fmt), **_expert_weights(rng, fmt, len(counts), nw, k),
+            "expert_offsets": offsets, "activation": activation, "out_dtype": out_dtype}
 
 
 def _grouped_samples(rng, fmt):
@@ -346,26 +377,23 @@ def _grouped_errors(rng):
     yield ErrorSample(args(b=_fp8(rng, (2, 6, 130), "float8_e4m3fnuz")), "mixed fp8 flavours", match="dtype")
 
 
-def _grouped_peer(t):
-    """A Python loop over experts: dequantize a once, each expert's weights, matmul, activation."""
+def _torch_grouped(t, a, a_scales, segments):
+    """A Python loop over experts: dequantize a [R, K] once, then per expert its weights, matmul, activation."""
     import torch
 
     out_dtype = getattr(torch, t["out_dtype"])
-    n = epilogue_columns(t["activation"], t["b"].shape[1])
-    offsets = t["expert_offsets"].tolist()
-
-    def run():
-        x = _torch_fp8(t["a"], t["a_scales"], 1)
-        out = torch.zeros(x.shape[0], n, dtype=out_dtype)
-        for e in range(len(offsets) - 1):
-            lo, hi = offsets[e], offsets[e + 1]
-            if hi == lo:
-                continue
+    x = _torch_fp8(a, a_scales, 1)
+    out = x.new_zeros(x.shape[0], epilogue_columns(t["activation"], t["b"].shape[1]), dtype=out_dtype)
+    for e, lo, hi in segments:
+        if hi > lo:
             h = torch.matmul(x[lo:hi], _torch_fp8(t["b"][e], t["b_scales"][e], BLOCK).T)
             out[lo:hi] = torch_epilogue(t["activation"], h).to(out_dtype)
-        return out
+    return out
 
-    return run
+
+def _grouped_peer(t):
+    segments = offset_segments(t["expert_offsets"].tolist())
+    return lambda: _torch_grouped(t, t["a"], t["a_scales"], segments)
 
 
 def _grouped_bench(rng, fmt, tokens=1024, top_k=8, experts=32, k=2048, n=1024):
@@ -375,33 +403,123 @@ def _grouped_bench(rng, fmt, tokens=1024, top_k=8, experts=32, k=2048, n=1024):
     return _grouped_args(rng, fmt, counts, k, 2 * n, "silu_and_mul")
 
 
-fp8_grouped_gemm_blockscale = OpDef(
-    name="fp8_grouped_gemm_blockscale",
-    doc="fp8_grouped_gemm_blockscale(a, a_scales, b, b_scales, expert_offsets, *, activation=None, out_dtype='bfloat16'): "
+_GROUPED_EPILOGUE_DOC = ("activation None, relu, gelu, gelu_tanh or silu of h, or a gated '<act>_and_mul' (silu_and_mul, ...) "
+                         "giving act(h[:, :N]) * h[:, N:] for Nw = 2N.")
+
+
+def _fp8_grouped_op(name, doc, a_rank, expert_rows, rows, **data):
+    """The OpDef of an fp8 grouped GEMM over one layout of the experts' rows: a and a_scales of rank `a_rank`,
+    `expert_rows` the Tensor that places them, rows(a) -> (a, a_scales as rows, the experts' segments); `data`:
+    check, samples, error_samples, bench, torch_peer."""
+    return OpDef(
+        name=name,
+        doc=doc + _GROUPED_EPILOGUE_DOC,
+        params=[
+            Tensor("a", FP8, rank=a_rank),
+            Tensor("a_scales", ("float32",), rank=a_rank),
+            Tensor("b", FP8, rank=3),
+            Tensor("b_scales", ("float32",), rank=3),
+            expert_rows,
+            "*",
+            Attr("activation", None, choices=EPILOGUES),
+            Attr("out_dtype", "bfloat16", choices=FLOATS),
+        ],
+        outputs=lambda a: [(_grouped_out_shape(a), a["out_dtype"])],
+        reference=lambda a: [_grouped_reference_and_magnitude(rows, a)[0]],
+        growth=_growth,
+        magnitude=lambda a, refs: [_grouped_reference_and_magnitude(rows, a)[1]],
+        cost=lambda a: _grouped_cost(rows, a),
+        **data,
+    )
+
+
+fp8_grouped_gemm_blockscale = _fp8_grouped_op(
+    "fp8_grouped_gemm_blockscale",
+    "fp8_grouped_gemm_blockscale(a, a_scales, b, b_scales, expert_offsets, *, activation=None, out_dtype='bfloat16'): "
     "fp8_gemm_blockscale per expert over the MoE contiguous layout: a [R, K], a_scales [R, ceil(K/128)], b [E, Nw, K], "
     "b_scales [E, ceil(Nw/128), ceil(K/128)]; rows offsets[e]..offsets[e+1] use expert e, rows outside "
-    "[offsets[0], offsets[E]) are 0; activation None, relu, gelu, gelu_tanh or silu of h, or a gated '<act>_and_mul' "
-    "(silu_and_mul, ...) giving act(h[:, :N]) * h[:, N:] for Nw = 2N.",
-    params=[
-        Tensor("a", FP8, rank=2),
-        Tensor("a_scales", ("float32",), rank=2),
-        Tensor("b", FP8, rank=3),
-        Tensor("b_scales", ("float32",), rank=3),
-        Tensor("expert_offsets", ("int32", "int64"), rank=1),
-        "*",
-        Attr("activation", None, choices=EPILOGUES),
-        Attr("out_dtype", "bfloat16", choices=FLOATS),
-    ],
-    check=_grouped_check,
-    outputs=lambda a: [((a["a"].shape[0], _grouped_out_columns(a)), a["out_dtype"])],
-    reference=lambda a: [_grouped_reference_and_magnitude(a)[0]],
-    samples=_grouped_samples,
-    error_samples=_grouped_errors,
-    growth=_growth,
-    magnitude=lambda a, refs: [_grouped_reference_and_magnitude(a)[1]],
-    bench=_grouped_bench,
-    cost=lambda a: _cost(a, a["b"].shape[1], a["a"], a["b"], a["a_scales"], a["b_scales"], n_out=_grouped_out_columns(a)),
-    torch_peer=_grouped_peer,
+    "[offsets[0], offsets[E]) are 0; ",
+    2, Tensor("expert_offsets", INTS, rank=1), _contiguous_rows,
+    check=_grouped_check, samples=_grouped_samples, error_samples=_grouped_errors, bench=_grouped_bench, torch_peer=_grouped_peer,
+)
+
+
+def _masked_args(rng, fmt, counts, m, k, nw, activation=None, index="int32", out_dtype="bfloat16"):
+    counts = np.asarray(counts, np.int64)
+    e, kb = counts.size, -(-k // BLOCK)
+    return {"a": _fp8(rng, (e, m, k), fmt), "a_scales": _fp8_scales(rng, (e, m, kb), fmt), **_expert_weights(rng, fmt, e, nw, k),
+            "masked_m": counts.astype(index), "activation": activation, "out_dtype": out_dtype}
+
+
+def _masked_samples(rng, fmt):
+    yield Sample(_masked_args(rng, fmt, [1], 1, 128, 1), "1 expert, M = 1, 1x1x128")
+    yield Sample(_masked_args(rng, fmt, [5, 0, 9, 3], 9, 200, 33), "4 experts M = 9, an empty and a full one, K = 200")
+    yield Sample(_masked_args(rng, fmt, [70, 66, 0], 70, 130, 2 * 24, "silu_and_mul"), "M = 70: counts past one 64-row tile, silu_and_mul")
+    yield Sample(_masked_args(rng, fmt, [40, 1], 40, 130, 2 * 129, "silu_and_mul", out_dtype="float32"),
+                 "silu_and_mul N = 129 (gate/up blocks straddle), out float32")
+    yield Sample(_masked_args(rng, fmt, rng.integers(0, 9, 3), 8, 384, 257, index="int64", out_dtype="float16"),
+                 "random counts (int64), K = 384, N = 257, out float16")
+    yield Sample(_masked_args(rng, fmt, rng.integers(0, 2, 8), 1, 256, 2 * 64, "silu_and_mul"), "decode-like: 8 experts, M = 1, counts 0 or 1")
+    yield Sample(_masked_args(rng, fmt, [-2, 12, 2**31 - 1, 3], 6, 136, 20), "counts < 0 and > M: 0 and M rows", "edge")
+    yield Sample(_masked_args(rng, fmt, [-2**40, 2**32 + 3, 2**33, 5], 6, 136, 2 * 20, "silu_and_mul", index="int64"),
+                 "int64 counts < 0 and past 2**32 (M rows, not their low word 3): 0 and M rows", "edge")
+    junk = _masked_args(rng, fmt, [2, 0, 4], 5, 140, 24)
+    junk["a"][0, 2:] = np.nan
+    junk["a_scales"][0, 2:] = np.inf
+    junk["a_scales"][1] = np.nan
+    yield Sample(junk, "NaN codes and inf / NaN scales in the rows past the counts: zeros there", "edge")
+    s = _masked_args(rng, fmt, [6, 3], 7, 140, 2 * 24, "silu_and_mul")
+    s["a"] = strided(s["a"])
+    yield Sample(s, "strided a", "edge")
+    yield Sample(_masked_args(rng, fmt, [0, 0, 0], 4, 256, 64), "every count 0: zeros", "edge")
+    yield Sample(_masked_args(rng, fmt, [0, 0], 0, 130, 20), "M = 0", "edge")
+    yield Sample(_masked_args(rng, fmt, [], 3, 128, 16), "no experts", "edge")
+    for act in EPILOGUES:
+        if act is not None and act != "silu_and_mul":
+            yield Sample(_masked_args(rng, fmt, [7, 0, 5], 7, 136, 2 * 20 if is_gated(act) else 20, act), f"{act}, 3 experts")
+
+
+def _masked_errors(rng):
+    fmt = FP8[0]
+
+    def args(**kw):
+        return _masked_args(rng, fmt, [3, 2], 4, 130, 6) | kw
+
+    yield ErrorSample(args(b=_fp8(rng, (2, 6, 129), fmt)), "K mismatch", match="b")
+    yield ErrorSample(args(b=_fp8(rng, (3, 6, 130), fmt), b_scales=_scales(rng, (3, 1, 2))), "b for 3 of a's 2 experts", match="'b'")
+    yield ErrorSample(args(b_scales=_scales(rng, (2, 1, 1))), "b_scales not per 128 K", match="b_scales")
+    yield ErrorSample(args(a_scales=_scales(rng, (2, 4, 1))), "a_scales not per 128 K", match="a_scales")
+    yield ErrorSample(args(a_scales=_scales(rng, (8, 2))), "a_scales [E * M, KB]", match="rank")
+    yield ErrorSample(args(masked_m=np.array([3, 2, 0], np.int32)), "masked_m for 3 experts", match="masked_m")
+    yield ErrorSample(args(masked_m=np.array([3, 2], np.float32)), "float masked_m", match="dtype")
+    yield ErrorSample(_masked_args(rng, fmt, [3, 2], 4, 130, 7, "silu_and_mul"), "odd rows with silu_and_mul", match="even")
+    yield ErrorSample(args(b=_fp8(rng, (2, 6, 130), "float8_e4m3fnuz")), "mixed fp8 flavours", match="dtype")
+    yield ErrorSample(args(a=_fp8(rng, (8, 130), fmt)), "rank-2 a", match="rank")
+    yield ErrorSample(args(activation="tanh"), "unknown activation", match="activation")
+
+
+def _masked_peer(t):
+    e, m, k = t["a"].shape
+    segments = masked_segments(t["masked_m"].tolist(), m)
+    return lambda: _torch_grouped(t, t["a"].reshape(e * m, k), t["a_scales"].reshape(e * m, t["a_scales"].shape[2]), segments).unflatten(0, (e, m))
+
+
+def _masked_bench(rng, fmt, experts=8, m=256, k=2048, n=1024):
+    """DeepEP's low-latency dispatch into DeepGEMM's masked layout, DeepSeek-like gate/up projection: 8 local
+    experts with room for 256 tokens each, 128..256 of them received."""
+    return _masked_args(rng, fmt, rng.integers(128, m + 1, experts), m, k, 2 * n, "silu_and_mul")
+
+
+fp8_grouped_gemm_masked_blockscale = _fp8_grouped_op(
+    "fp8_grouped_gemm_masked_blockscale",
+    "fp8_grouped_gemm_masked_blockscale(a, a_scales, b, b_scales, masked_m, *, activation=None, out_dtype='bfloat16'): "
+    "fp8_gemm_blockscale per expert over the masked layout of DeepEP's low-latency mode (DeepGEMM's masked GEMM): a [E, M, K], "
+    "a_scales [E, M, ceil(K/128)], b [E, Nw, K], b_scales [E, ceil(Nw/128), ceil(K/128)], masked_m [E] int32 / int64; "
+    "row m of expert e is computed for m < clamp(masked_m[e], 0, M), every other row is 0. The counts are never read on "
+    "the host (the call can be captured in a CUDA graph), so they are not checked: a count < 0 acts as 0 and one > M as "
+    "M. ",
+    3, Tensor("masked_m", INTS, rank=1), _masked_rows,
+    check=_masked_check, samples=_masked_samples, error_samples=_masked_errors, bench=_masked_bench, torch_peer=_masked_peer,
 )
 
 
@@ -749,4 +867,4 @@ fp4_gemm = OpDef(
 )
 
 
-OPS = (fp8_gemm_blockscale, fp8_grouped_gemm_blockscale, int8_gemm, w4a16_gemm, fp4_gemm)
+OPS = (fp8_gemm_blockscale, fp8_grouped_gemm_blockscale, fp8_grouped_gemm_masked_blockscale, int8_gemm, w4a16_gemm, fp4_gemm)

@@ -81,6 +81,17 @@ def test_checked_torch_indices_still_run(rng):
     np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_counts_are_clamped_not_checked(rng, backend):
+    """The exception by design: the masked layout's counts are never read on the host (no SchemaError,
+    no synchronization); a count < 0 is 0 rows, one > M is M rows (2**32 + 1 too, not its low word 1)."""
+    x, w = f32(rng, 3, 4, 8), f32(rng, 3, 6, 8)
+    out = hal.ops.grouped_gemm_masked(torch.from_numpy(x), torch.from_numpy(w), torch.tensor([-7, 2**32 + 1, 2], dtype=T64), backend=backend)
+    want = np.zeros((3, 4, 6))
+    want[1], want[2, :2] = x[1] @ w[1].T, x[2, :2] @ w[2].T
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- 2. byte order
 
 

@@ -144,6 +144,15 @@ def test_demo_small_passes(capsys):
     assert all(r["calls"] == 2 for r in rows if r["step"].startswith("decode"))
 
 
+def test_demo_ep_two_processes(capsys):
+    """`hal demo --ep 2`: the MoE block over 2 processes in both modes, checked against one process."""
+    code, rows = run_json(capsys, "demo", "--ep", "2", *SMALL_LAYER)
+    assert code == 0 and all(r["ok"] for r in rows)
+    assert sorted((r["mode"], r["rank"]) for r in rows) == [("low_latency", 0), ("low_latency", 1), ("normal", 0), ("normal", 1)]
+    normal = [r for r in rows if r["mode"] == "normal"]
+    assert all(r["payload"] == r["minimum"] > 0 for r in normal)  # each token once per remote rank, 1 byte per element
+
+
 def test_demo_reports_mismatch_and_fallback(capsys, make_backend):
     def gemm(outs, a, b, bias, c, **attrs):
         reference_kernel(hal.ops.gemm)(outs, a=a, b=b, bias=bias, c=None, **attrs)  # drops the residual

@@ -32,6 +32,17 @@ def test_without_tensor_ops_half_gemm_runs_the_simt_kernel(sim_on, vendor, old_a
     assert results and all(r.status == "pass" for r in results), [r.message for r in results if r.status != "pass"][:3]
 
 
+@pytest.mark.parametrize("vendor, old_arch", [(CUDA, "sm_75"), (ROCM, "gfx1030")], ids=["cuda", "rocm"])
+def test_without_tensor_ops_half_grouped_gemms_run_the_simt_kernel(sim_on, vendor, old_arch):
+    """Both expert layouts (offsets and masked) through grouped_gemm_simt in f16 / bf16."""
+    name, launched = sim_on(vendor, old_arch)
+    launched.clear()
+    cases = [c for c in conformance.cases(name, ["grouped_gemm", "grouped_gemm_masked"]) if c.dtype in ("float16", "bfloat16")]
+    results = [conformance.run(c) for c in cases]
+    assert results and all(r.status == "pass" for r in results), [r.message for r in results if r.status != "pass"][:3]
+    assert launched == {"grouped_gemm_simt"}
+
+
 def test_a_kernel_needing_newer_hardware_falls_back_with_the_reason(sim_on):
     from hal.backends.gpu.catalog import KERNELS
 

@@ -45,3 +45,46 @@ def test_torch_tensors_run_on_torchs_stream_and_allocator():
         done.record(stream)
     done.synchronize()
     torch.testing.assert_close(y, expected)
+
+
+def test_expert_parallel_on_a_device(tmp_path):
+    """hal.distributed on one GPU (a group of one on NCCL / RCCL): both modes against the single-process
+    layer, and low_latency dispatch + combine without a host synchronization in torch's calls."""
+    import pytest
+    import torch
+    import torch.distributed as dist
+
+    import hal
+    from hal.distributed import ExpertParallel, moe_layer
+
+    if not torch.cuda.is_available() or not dist.is_nccl_available():
+        pytest.skip("torch sees no CUDA or ROCm device, or has no NCCL")
+    name = "rocm" if torch.version.hip else "cuda"
+    available, reason = hal.registry().entry(name).status
+    if not available:
+        pytest.skip(f"backend {name} unavailable: {reason}")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        experts, hidden, inter, tokens = 16, 256, 128, 24
+        x = torch.randn(tokens, hidden, device="cuda").bfloat16()
+        router = torch.randn(hidden, experts, device="cuda").bfloat16() / 16
+        w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda") / 16).bfloat16()
+        w2 = (torch.randn(experts, hidden, inter, device="cuda") / 11).bfloat16()
+        ref = moe_layer(None, x, router, w13, w2, k=4)
+        for mode in ("normal", "low_latency"):
+            ep = ExpertParallel(experts, hidden, mode=mode, max_tokens=tokens)
+            out = moe_layer(ep, x, router, w13, w2, k=4)
+            torch.testing.assert_close(out, ref, rtol=1.6e-2, atol=1.6e-2 * float(ref.abs().max()))
+        ids = torch.randint(0, experts, (tokens, 4), device="cuda", dtype=torch.int32)
+        weights = torch.rand(tokens, 4, device="cuda")
+        ep.dispatch(x, ids, weights)  # compile outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            recv = ep.dispatch(x, ids, weights)
+            ep.combine(recv.x, recv)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    finally:
+        dist.destroy_process_group()

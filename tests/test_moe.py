@@ -173,6 +173,9 @@ def test_skipped_ids_contribute_nothing(backend, rng):
     (lambda: ops.grouped_gemm(np.ones((4, 8), np.float32), np.ones((2, 6, 8), np.float32), np.array([0, 3, 2], np.int32)), "expert_offsets"),
     (lambda: ops.grouped_gemm(np.ones((4, 8), np.float32), np.ones((2, 5, 8), np.float32), np.array([0, 2, 4], np.int32),
                               activation="silu_and_mul"), "w"),
+    (lambda: ops.grouped_gemm_masked(np.ones((2, 4, 8), np.float32), np.ones((3, 6, 8), np.float32), np.array([1, 2], np.int32)), "w"),
+    (lambda: ops.grouped_gemm_masked(np.ones((2, 4, 8), np.float32), np.ones((2, 6, 8), np.float32), np.array([1, 2, 3], np.int32)),
+     "masked_m"),
 ])
 def test_bad_arguments_raise_schema_errors_naming_them(call, arg):
     with pytest.raises(SchemaError, match=arg):
@@ -193,3 +196,25 @@ def test_grouped_gemm_takes_every_activation_of_hal_codes():
         plain = ops.grouped_gemm(x, w[:, :9], offsets, activation=name.removesuffix("_and_mul"), backend="cpu")
         gated = ops.grouped_gemm(x, w, offsets, activation=name, backend="cpu")
         np.testing.assert_allclose(gated, plain * products[:, 9:], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masked_layout_computes_what_the_contiguous_one_does(backend):
+    """grouped_gemm_masked over x [E, M, K] equals grouped_gemm over the same rows packed back to back
+    (expert e's first clamp(masked_m[e], 0, M)), and its other rows are zeros whatever x holds there
+    (NaN here). 40 experts (more than a warp), M = 130 (three 64-row tiles, the last partial), counts
+    0, M, negative and past M among random ones."""
+    rng = np.random.default_rng(12)
+    e, m, k, n = 40, 130, 48, 24
+    counts = rng.integers(0, m + 1, e)
+    counts[:4] = [0, m, -5, m + 7]
+    rows = np.clip(counts, 0, m)
+    used = np.arange(m) < rows[:, None]
+    x, w = random(rng, (e, m, k), "float32"), random(rng, (e, 2 * n, k), "float32")
+    x[~used] = np.nan
+    offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int32)
+    with hal.use(backend, fallback="error"):
+        masked = ops.grouped_gemm_masked(x, w, counts.astype(np.int64), activation="silu_and_mul")
+        contiguous = ops.grouped_gemm(x[used], w, offsets, activation="silu_and_mul")
+    np.testing.assert_array_equal(masked[~used], 0.0)
+    np.testing.assert_allclose(masked[used], contiguous, rtol=1e-6, atol=1e-6)

@@ -121,6 +121,24 @@ def test_fp8_grouped_every_activation(activation):
     assert worst <= 1.0, message
 
 
+def test_fp8_masked_computes_what_the_contiguous_layout_does():
+    """fp8_grouped_gemm_masked_blockscale over a [E, M, K] equals fp8_grouped_gemm_blockscale over the
+    same rows packed back to back, on both paths (a 5-row expert: small-M loop; 60 rows: BLAS), and its
+    other rows are zeros: NaN codes and inf scales in those rows reach nothing."""
+    rng = np.random.default_rng(7)
+    counts, m = np.array([5, 0, 60, 99]), 64
+    args = qgemm._masked_args(rng, FP8[0], counts, m, 260, 2 * 72, "silu_and_mul", out_dtype="float32")
+    used = np.arange(m) < np.clip(counts, 0, m)[:, None]
+    args["a"][~used] = np.nan
+    args["a_scales"][~used] = np.inf
+    got = _run(qgemm.fp8_grouped_gemm_masked_blockscale, args)
+    packed = {"a": args["a"][used], "a_scales": args["a_scales"][used], "b": args["b"], "b_scales": args["b_scales"],
+              "expert_offsets": np.concatenate([[0], np.cumsum(used.sum(axis=1))]).astype(np.int32), "activation": "silu_and_mul",
+              "out_dtype": "float32"}
+    np.testing.assert_array_equal(got[~used], 0.0)
+    np.testing.assert_allclose(got[used], _run(qgemm.fp8_grouped_gemm_blockscale, packed), rtol=1e-6, atol=1e-6)
+
+
 # ---------------------------------------------------------------- int8: exact integer accumulation
 
 

@@ -127,7 +127,7 @@ def test_int8_mfma_is_exact_int32(bytes_mfma, rng):
 
 # ---- the quantized GEMMs on emulated AMD targets ----------------------------------------------------
 
-QGEMM_OPS = ["fp8_gemm_blockscale", "fp8_grouped_gemm_blockscale", "int8_gemm", "w4a16_gemm", "fp4_gemm"]
+QGEMM_OPS = ["fp8_gemm_blockscale", "fp8_grouped_gemm_blockscale", "fp8_grouped_gemm_masked_blockscale", "int8_gemm", "w4a16_gemm", "fp4_gemm"]
 
 
 @pytest.mark.parametrize("arch", ["gfx90a", "gfx940", "gfx1030"])

@@ -136,7 +136,7 @@ def test_s8_mma_is_exact_int32(k32, rng):
 
 # ---- the quantized GEMMs on emulated NVIDIA architectures -------------------------------------------
 
-QGEMM_OPS = ["fp8_gemm_blockscale", "fp8_grouped_gemm_blockscale", "int8_gemm", "w4a16_gemm", "fp4_gemm"]
+QGEMM_OPS = ["fp8_gemm_blockscale", "fp8_grouped_gemm_blockscale", "fp8_grouped_gemm_masked_blockscale", "int8_gemm", "w4a16_gemm", "fp4_gemm"]
 ARCHS = ["sm_75", "sm_80", "sm_89", "sm_90a"]
 
 

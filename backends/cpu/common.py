@@ -189,6 +189,14 @@ def as_rows(a, n):
     return raw_view(a).reshape(math.prod(a.shape[:-1]), n)
 
 
+def outside_segments(rows, starts, ends):
+    """Which of `rows` rows no segment [starts[e], ends[e]) holds (a bool mask; segments within [0, rows])."""
+    owned = np.zeros(rows + 1, np.int64)  # +1 at each segment's start, -1 at its end
+    np.add.at(owned, starts, 1)
+    np.add.at(owned, ends, -1)
+    return np.cumsum(owned[:-1]) == 0
+
+
 # ---------------------------------------------------------------- vectorizable float32 math
 
 _LOG2E = F32(1.4426950408889634)

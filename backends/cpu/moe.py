@@ -1,7 +1,8 @@
 """CPU kernels: MoE routing, the expert-sorted token layout, and grouped GEMM (see ops/moe.py).
 
-Routing, the align pass and the permutes are Numba loops. grouped_gemm is one parallel Numba
-kernel over (expert, block of output columns) tasks whose inner tile is LLVM IR built here: it reads
+Routing, the align pass and the permutes are Numba loops. grouped_gemm and grouped_gemm_masked (the
+same kernel over their experts' row segments) are one parallel Numba kernel over (expert, block of
+output columns) tasks whose inner tile is LLVM IR built here: it reads
 float16 / bfloat16 in their own format (AVX512-BF16 dot products where the host has them), so no
 operand is widened or packed in memory first, and the activation (plain or gated, hal.codes) is fused
 into the epilogue.
@@ -14,8 +15,9 @@ from numba.extending import intrinsic
 
 from hal.codes import activation_code
 from hal.dtypes import INTS
+from hal.ops.moe import masked_counts
 
-from .common import CPU_FEATURES, F32, FASTMATH, HELPER, KERNEL, Kernel, activate_row, exp, f32_bits, load, raw_view, store
+from .common import CPU_FEATURES, F32, FASTMATH, HELPER, KERNEL, Kernel, activate_row, as_rows, exp, f32_bits, load, outside_segments, raw_view, store
 
 # ---------------------------------------------------------------- moe_route
 
@@ -422,17 +424,17 @@ def _store_gated_row(gate, up, out, act):
 
 
 @njit(**KERNEL)
-def _grouped_kernel(x, w, bounds, tasks, n, act, gated, out):
-    """tasks[t] = (expert, first column): the output columns of one expert over all its rows into a
-    float32 block, then a vectorized epilogue over its rows. K is taken in blocks of _KC_BYTES
-    (outermost, so one block's slices of the expert's x rows and the task's weight rows stay in L2),
-    _MR rows of x at a time (in L1 while the weight rows stream by)."""
+def _grouped_kernel(x, w, starts, ends, tasks, n, act, gated, out):
+    """tasks[t] = (expert, first column): the output columns of one expert over all its rows
+    [starts[e], ends[e]) into a float32 block, then a vectorized epilogue over its rows. K is taken in
+    blocks of _KC_BYTES (outermost, so one block's slices of the expert's x rows and the task's weight
+    rows stay in L2), _MR rows of x at a time (in L1 while the weight rows stream by)."""
     k = x.shape[1]
     kc = _KC_BYTES // x.itemsize
     nb = _TASK_ROWS // 2 if gated else _TASK_ROWS  # output columns per task
     for t in prange(tasks.shape[0]):
         e, j0 = tasks[t, 0], tasks[t, 1]
-        lo, hi = bounds[e], bounds[e + 1]
+        lo, hi = starts[e], ends[e]
         width = min(nb, n - j0)
         # float32 sums of the task's block; + _MR rows, + _NR columns: the last tiles may reach past it
         gate = np.empty((hi - lo + _MR, nb + _NR), np.float32)
@@ -466,20 +468,32 @@ def _unaliased(x):
     return view
 
 
-def grouped_gemm(outs, x_sorted, w, expert_offsets, *, activation):
-    """Per expert, out[rows] = act(x_sorted[rows] @ w[e].T) (or the gated act(gate) * up); zeros outside every segment."""
-    (out,) = outs
+def _grouped_rows(x, w, starts, ends, activation, out):
+    """out[starts[e]:ends[e]] = act(x[those rows] @ w[e].T) (or the gated act(gate) * up) for every expert e,
+    zeros in the rows no expert owns; x [R, K], w [E, Nw, K], out [R, N] (raw views), starts / ends int64 [E]
+    of disjoint segments: the contiguous and the masked layout alike (ops/moe.py)."""
     n = out.shape[1]
-    bounds = expert_offsets.astype(np.int64)
-    raw = raw_view(out)
-    raw[:bounds[0]] = 0
-    raw[bounds[-1]:] = 0
+    out[outside_segments(out.shape[0], starts, ends)] = 0
     act, gated = activation_code(activation)
     nb = _TASK_ROWS // 2 if gated else _TASK_ROWS
-    experts = np.flatnonzero(np.diff(bounds) > 0)
+    experts = np.flatnonzero(ends > starts)
     blocks = -(-n // nb)
     tasks = np.stack([np.repeat(experts, blocks), np.tile(np.arange(blocks) * nb, experts.size)], axis=1)
-    _grouped_kernel(_unaliased(raw_view(x_sorted)), raw_view(w), bounds, tasks, n, act, gated, raw)
+    _grouped_kernel(_unaliased(x), w, starts, ends, tasks, n, act, gated, out)
+
+
+def grouped_gemm(outs, x_sorted, w, expert_offsets, *, activation):
+    """Per expert, out[rows] = act(x_sorted[rows] @ w[e].T) (or the gated act(gate) * up); zeros outside every segment."""
+    bounds = expert_offsets.astype(np.int64)
+    _grouped_rows(raw_view(x_sorted), raw_view(w), bounds[:-1], bounds[1:], activation, raw_view(outs[0]))
+
+
+def grouped_gemm_masked(outs, x, w, masked_m, *, activation):
+    """The masked layout as E * M rows: expert e's are [e M, e M + clamp(masked_m[e], 0, M))."""
+    e, m, k = x.shape
+    starts = np.arange(e, dtype=np.int64) * m
+    ends = starts + masked_counts(masked_m, m)
+    _grouped_rows(as_rows(x, k), raw_view(w), starts, ends, activation, as_rows(outs[0], outs[0].shape[2]))
 
 
 KERNELS = (
@@ -489,4 +503,5 @@ KERNELS = (
     Kernel("moe_permute", moe_permute, options={"contiguous": False}),
     Kernel("moe_unpermute", moe_unpermute),
     Kernel("grouped_gemm", grouped_gemm),
+    Kernel("grouped_gemm_masked", grouped_gemm_masked),
 )

@@ -31,9 +31,10 @@ from numba.extending import overload
 from hal import formats as F
 from hal.codes import activation_code
 from hal.dtypes import FLOATS
+from hal.ops.moe import masked_counts
 from hal.ops.qgemm import FP8
 
-from .common import F32, FASTMATH, HELPER, KERNEL, Kernel, activate_row, as_f32, dot4, load, raw_view, store
+from .common import F32, FASTMATH, HELPER, KERNEL, Kernel, activate_row, as_f32, dot4, load, outside_segments, raw_view, store
 
 BLOCK = 128  # fp8 scale block along K (and along N for the weights)
 # Up to this many activation rows the small-M loop beats dequantize + BLAS. Measured on one AVX-512
@@ -277,26 +278,37 @@ def fp8_gemm_blockscale(outs, a, a_scales, b, b_scales, *, out_dtype):
         _finish(acc, out)
 
 
-def fp8_grouped_gemm_blockscale(outs, a, a_scales, b, b_scales, expert_offsets, *, activation, out_dtype):
-    """fp8_gemm_blockscale of each expert's rows into one accumulator; rows no expert owns are 0.
-    Experts with few rows go first, so the parallel small-M loops and the BLAS calls do not alternate."""
-    (out,) = outs
+def _fp8_grouped(out, a, a_scales, b, b_scales, starts, ends, activation):
+    """fp8_gemm_blockscale of each expert e's rows [starts[e], ends[e]) of a [R, K] into one accumulator,
+    rows no expert owns 0: the contiguous and the masked layout alike (ops/moe.py). Experts with few rows
+    go first, so the parallel small-M loops and the BLAS calls do not alternate. Which rows take the
+    literal promotion path (non-finite scales) is decided per expert, over its own rows only."""
     act, gated = activation_code(activation)
     table = _FP8_TABLES[a.dtype.name]
-    finite = _finite(a_scales, b_scales)
-    x = _fp8_activations(a, a_scales, table) if finite else None
+    x = _fp8_activations(a, a_scales, table)  # one parallel pass; rows outside the segments are never read
+    finite_rows, finite_experts = np.isfinite(a_scales).all(axis=1), np.isfinite(b_scales).all(axis=(1, 2))
     codes = b.view(np.uint8)
     acc = _accumulator(out, gated)
-    offsets = [int(o) for o in expert_offsets]  # E + 1 >= 1 of them
-    acc[: offsets[0]] = 0
-    acc[offsets[-1]:] = 0
-    experts = [(hi - lo, e, lo, hi) for e, (lo, hi) in enumerate(zip(offsets, offsets[1:]))]
-    for _, e, lo, hi in sorted(experts):
-        if finite:
+    acc[outside_segments(acc.shape[0], starts, ends)] = 0
+    for _, e, lo, hi in sorted((hi - lo, e, lo, hi) for e, (lo, hi) in enumerate(zip(starts.tolist(), ends.tolist()))):
+        if finite_experts[e] and finite_rows[lo:hi].all():
             _product(x[lo:hi], Fp8Rows(codes[e], b_scales[e], BLOCK, table), acc[lo:hi], x.shape[1])
         else:
             _fp8_promoted(acc[lo:hi], a[lo:hi], a_scales[lo:hi], codes[e], b_scales[e], table)
     _finish(acc, out, act, gated)
+
+
+def fp8_grouped_gemm_blockscale(outs, a, a_scales, b, b_scales, expert_offsets, *, activation, out_dtype):
+    bounds = expert_offsets.astype(np.int64)
+    _fp8_grouped(outs[0], a, a_scales, b, b_scales, bounds[:-1], bounds[1:], activation)
+
+
+def fp8_grouped_gemm_masked_blockscale(outs, a, a_scales, b, b_scales, masked_m, *, activation, out_dtype):
+    """The masked layout as E * M rows: expert e's are [e M, e M + clamp(masked_m[e], 0, M))."""
+    (e, m, k), out = a.shape, outs[0]
+    starts = np.arange(e, dtype=np.int64) * m
+    _fp8_grouped(out.reshape(e * m, out.shape[2]), a.reshape(e * m, k), a_scales.reshape(e * m, a_scales.shape[2]), b, b_scales,
+                 starts, starts + masked_counts(masked_m, m), activation)
 
 
 def int8_gemm(outs, a, b, a_scales, b_scales, bias, *, out_dtype):
@@ -331,6 +343,7 @@ def fp4_gemm(outs, a, b_packed, b_scales, tensor_scale, *, fmt):
 KERNELS = (
     Kernel("fp8_gemm_blockscale", fp8_gemm_blockscale, FP8),
     Kernel("fp8_grouped_gemm_blockscale", fp8_grouped_gemm_blockscale, FP8),
+    Kernel("fp8_grouped_gemm_masked_blockscale", fp8_grouped_gemm_masked_blockscale, FP8),
     Kernel("int8_gemm", int8_gemm, ("int8",)),
     Kernel("w4a16_gemm", w4a16_gemm, FLOATS),
     Kernel("fp4_gemm", fp4_gemm, FLOATS),

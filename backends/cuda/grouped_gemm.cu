@@ -19,13 +19,13 @@
 
 template <typename T>
 __global__ void __launch_bounds__(GROUP_MMA_THREADS)
-grouped_gemm_mma(const T* __restrict__ x, const T* __restrict__ w, const int* __restrict__ expert_offsets, T* __restrict__ out,
-                 int R, int N, int K, int experts, int activation, int gated) {
+grouped_gemm_mma(const T* __restrict__ x, const T* __restrict__ w, const int* __restrict__ expert_rows, T* __restrict__ out,
+                 int R, int N, int K, int experts, int rows_per_expert, int activation, int gated) {
     __shared__ uint4 a_tile[GROUP_BM * GROUP_MMA_ROW_UINT4];
     __shared__ uint4 b_tile[GROUP_BN * GROUP_MMA_ROW_UINT4];
     __shared__ RowTile shared_tile;
     const int n0 = blockIdx.y * GROUP_BN_OUT(gated);
-    const RowTile tile = expert_row_tile<GROUP_BM>(expert_offsets, experts, R, &shared_tile);
+    const RowTile tile = expert_row_tile<GROUP_BM>(expert_rows, experts, R, rows_per_expert, &shared_tile);
     if (tile.rows <= 0) return;  // block-uniform
     if (tile.expert < 0) {
         zero_rows(out, tile, n0, GROUP_BN_OUT(gated), N);

@@ -41,8 +41,9 @@ __device__ __forceinline__ uint4 load16_bytes(const unsigned char* p, int valid,
 }
 
 // ================================================================ rows and columns of a block
-// The a rows of an fp8 block come from expert_row_tile<QG_TILE> (hal_gpu.h: grouped tiles, zero
-// tiles, plain GEMMs without offsets); weight_row, store_pair and zero_rows are there too.
+// The a rows of an fp8 block come from expert_row_tile<QG_TILE> (hal_gpu.h: grouped tiles of the
+// contiguous and the masked layout, zero tiles, plain GEMMs without expert rows); weight_row,
+// store_pair and zero_rows are there too.
 
 // Output columns of an fp8 block: 64, or 32 when gated (positions pair up as gate / up
 // rows, see weight_row in hal_gpu.h).
@@ -234,10 +235,10 @@ struct WeightOnlyOperands {
 template <typename To>
 __global__ void __launch_bounds__(SIMT_THREADS)
 fp8_gemm_simt(const unsigned char* __restrict__ a, const float* __restrict__ a_scales, const unsigned char* __restrict__ b,
-              const float* __restrict__ b_scales, const int* __restrict__ expert_offsets, To* __restrict__ out, int rows, int n_out, int K,
-              int experts, int fp8_format, int activation, int gated) {
+              const float* __restrict__ b_scales, const int* __restrict__ expert_rows, To* __restrict__ out, int rows, int n_out, int K,
+              int experts, int rows_per_expert, int fp8_format, int activation, int gated) {
     __shared__ RowTile shared_tile;
-    const RowTile tile = expert_row_tile<QG_TILE>(expert_offsets, experts, rows, &shared_tile);
+    const RowTile tile = expert_row_tile<QG_TILE>(expert_rows, experts, rows, rows_per_expert, &shared_tile);
     const int c0 = blockIdx.y * fp8_columns(gated);
     if (tile.rows <= 0) return;  // block-uniform
     if (tile.expert < 0) {
@@ -446,10 +447,10 @@ __device__ __forceinline__ void byte_tile_loop(const unsigned char* const a_rows
 // a_scale[row][block] * b_scale[weight row / 128][block] (times Mode::unit).
 template <class Mode, typename To>
 __device__ __forceinline__ void fp8_mma_tile(const unsigned char* __restrict__ a, const float* __restrict__ a_scales, const unsigned char* __restrict__ b,
-                                             const float* __restrict__ b_scales, const int* __restrict__ expert_offsets, To* __restrict__ out, int rows,
-                                             int n_out, int K, int experts, int fmt, int activation, int gated) {
+                                             const float* __restrict__ b_scales, const int* __restrict__ expert_rows, To* __restrict__ out, int rows,
+                                             int n_out, int K, int experts, int rows_per_expert, int fmt, int activation, int gated) {
     __shared__ RowTile shared_tile;
-    const RowTile tile = expert_row_tile<QG_TILE>(expert_offsets, experts, rows, &shared_tile);
+    const RowTile tile = expert_row_tile<QG_TILE>(expert_rows, experts, rows, rows_per_expert, &shared_tile);
     const int c0 = blockIdx.y * fp8_columns(gated);
     if (tile.rows <= 0) return;  // block-uniform
     if (tile.expert < 0) {
@@ -528,18 +529,18 @@ __device__ __forceinline__ void fp8_mma_tile(const unsigned char* __restrict__ a
 template <typename To>
 __global__ void __launch_bounds__(MMA_THREADS)
 fp8_gemm_mma(const unsigned char* __restrict__ a, const float* __restrict__ a_scales, const unsigned char* __restrict__ b,
-             const float* __restrict__ b_scales, const int* __restrict__ expert_offsets, To* __restrict__ out, int rows, int n_out, int K,
-             int experts, int fp8_format, int activation, int gated) {
-    fp8_mma_tile<Fp8AsHalfMode>(a, a_scales, b, b_scales, expert_offsets, out, rows, n_out, K, experts, fp8_format, activation, gated);
+             const float* __restrict__ b_scales, const int* __restrict__ expert_rows, To* __restrict__ out, int rows, int n_out, int K,
+             int experts, int rows_per_expert, int fp8_format, int activation, int gated) {
+    fp8_mma_tile<Fp8AsHalfMode>(a, a_scales, b, b_scales, expert_rows, out, rows, n_out, K, experts, rows_per_expert, fp8_format, activation, gated);
 }
 
 // e4m3fn only (the flavour of NVIDIA's fp8 units): the glue sends e4m3fnuz to fp8_gemm_mma.
 template <typename To>
 __global__ void __launch_bounds__(MMA_THREADS)
 fp8_gemm_mma_fp8(const unsigned char* __restrict__ a, const float* __restrict__ a_scales, const unsigned char* __restrict__ b,
-                 const float* __restrict__ b_scales, const int* __restrict__ expert_offsets, To* __restrict__ out, int rows, int n_out, int K,
-                 int experts, int fp8_format, int activation, int gated) {
-    fp8_mma_tile<Fp8NativeMode>(a, a_scales, b, b_scales, expert_offsets, out, rows, n_out, K, experts, fp8_format, activation, gated);
+                 const float* __restrict__ b_scales, const int* __restrict__ expert_rows, To* __restrict__ out, int rows, int n_out, int K,
+                 int experts, int rows_per_expert, int fp8_format, int activation, int gated) {
+    fp8_mma_tile<Fp8NativeMode>(a, a_scales, b, b_scales, expert_rows, out, rows, n_out, K, experts, rows_per_expert, fp8_format, activation, gated);
 }
 
 // int8: one int32 fragment over the whole of K (exact), scaled in the epilogue.

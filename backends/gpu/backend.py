@@ -75,6 +75,14 @@ def _runtime_headers(vendor):
     return tuple(getattr(import_module(module), function)())
 
 
+def saturated(xp, x, target):
+    """The integer array x (NumPy or CuPy: xp) as the integer type `target`, values past its range clamped
+    to it. For index arrays (int64 offsets and counts -> int32): exact within the range, and an unchecked
+    count past it (the masked layout's) stays past every row count instead of becoming its low word."""
+    lo, hi = np.iinfo(target), np.iinfo(x.dtype)
+    return xp.clip(x, max(lo.min, hi.min), min(lo.max, hi.max)).astype(target)
+
+
 class SimExecutor:
     """Runs kernel files in the host emulator; arrays are NumPy."""
 
@@ -102,7 +110,10 @@ class SimExecutor:
 
     @staticmethod
     def as_type(x, dtype):
-        return x if name_of(x.dtype) == dtype else x.astype(to_numpy(dtype))
+        if name_of(x.dtype) == dtype:
+            return x
+        target = to_numpy(dtype)
+        return saturated(np, x, target) if x.dtype.kind in "iu" and target.kind in "iu" else x.astype(target)
 
     @staticmethod
     def as_bytes(x):
@@ -174,8 +185,8 @@ class DeviceExecutor:
         source = self.dtype_name(x)
         if source == dtype:
             return x
-        if x.dtype.kind in "iu" and to_numpy(dtype).kind in "iu":  # index arrays (int64 offsets -> int32): directly, exact
-            return self.backend.dtypes.record(x.astype(to_numpy(dtype)), dtype)
+        if x.dtype.kind in "iu" and to_numpy(dtype).kind in "iu":
+            return self.backend.dtypes.record(saturated(cupy, x, to_numpy(dtype)), dtype)
         wide = (x.astype(cupy.uint32) << 16).view(cupy.float32) if source == "bfloat16" else x.astype(cupy.float32)
         if dtype != "bfloat16":
             return wide.astype(to_numpy(dtype))
@@ -224,6 +235,9 @@ class SimBackend(Backend):
     def compile_report(self):
         """The device compilers' report of the vendor's kernel files: the same sources the emulator runs."""
         return compile_report.vendor_report(self.vendor)
+
+    def fp8_format(self):
+        return self.vendor.fp8_format(self.arch)
 
 
 class DeviceBackend(Backend):
@@ -276,6 +290,9 @@ class DeviceBackend(Backend):
     def compile_report(self):
         """The offline compilers' report of this vendor's kernel files (registers, spills, shared memory per architecture)."""
         return compile_report.vendor_report(self.vendor)
+
+    def fp8_format(self):
+        return self.vendor.fp8_format(self.arch())
 
     def call_context(self, like):
         """For torch tensors on this vendor's devices: the call runs on that device, on torch's current

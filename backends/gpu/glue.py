@@ -39,6 +39,15 @@ def cdiv(a, b):
     return -(-a // b)
 
 
+def grouped_row_tiles(rows, experts, rows_per_expert, tile):
+    """grid.x of a grouped GEMM over `rows` rows of `tile`-row blocks (expert_row_tile in hal_gpu.h): in the
+    masked layout (rows_per_expert > 0) a compute and a zero tile per `tile` rows of each expert; over offsets
+    (rows_per_expert 0) an upper bound on the expert tiles and the zero tiles outside them."""
+    if rows_per_expert:
+        return 2 * experts * cdiv(rows_per_expert, tile)
+    return cdiv(rows, tile) + experts + 1
+
+
 def c_type(vendor, dtype):
     """The C++ type name of a hal dtype in `vendor`'s kernels."""
     return vendor.types.get(dtype) or C_TYPES[dtype]

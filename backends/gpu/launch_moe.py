@@ -2,14 +2,17 @@
 grouped GEMM) and of the tensor-op grouped GEMM (vendor family "grouped_gemm").
 
 Nothing here reads a device array on the host: the routing-dependent sizes (segment lengths,
-the padded total, which rows a grouped-GEMM block covers) are found by the kernels, and every
-grid is sized from shapes alone (moe_align's outputs have the worst-case capacity; grouped_gemm's
-grid is an upper bound on its tiles).
+the padded total, which rows a grouped-GEMM block covers, the masked layout's counts) are found by
+the kernels, and every grid is sized from shapes alone (moe_align's outputs have the worst-case
+capacity; grouped_gemm's grid is an upper bound on its tiles, grouped_gemm_masked's covers every
+expert's M rows).
 """
+import math
+
 from hal.codes import ROUTE_SCORINGS, activation_code
 from hal.dtypes import FLOATS
 
-from .glue import HALF_FLOATS, INDEX_DTYPES, TENSOR_OP_BLOCK, KernelEntry, Template, cdiv, ctype, f32, i32, widened
+from .glue import HALF_FLOATS, INDEX_DTYPES, TENSOR_OP_BLOCK, KernelEntry, Template, cdiv, ctype, f32, grouped_row_tiles, i32, widened
 
 ROUTE_TOKENS = 4  # tokens per moe_route block, one warp / wave each
 ROUTE_SHARED_BUDGET = 48 * 1024  # scores, selection values and group scores of ROUTE_TOKENS tokens
@@ -69,18 +72,27 @@ def moe_unpermute(ex, entry, outs, y, sorted_ids, topk_weights):
                  template="moe_unpermute")
 
 
-def grouped_gemm(ex, entry, outs, x_sorted, w, expert_offsets, activation):
-    out = outs[0]
-    rows, n = out.shape
+def _grouped_gemm(ex, entry, out, x, w, expert_rows, rows_per_expert, activation):
+    """out = the grouped product over x's rows (leading dimensions flattened: [R, K], or [E, M, K] with
+    rows_per_expert = M); expert_rows: the offsets, or in the masked layout the counts."""
+    *lead, n = out.shape
+    rows = math.prod(lead)
     if not (rows and n):
         return
     experts, k = w.shape[0], w.shape[-1]
     code, gated = activation_code(activation)  # gated: w has 2N rows, gate and up
-    # Offsets are at most R, so int32 holds them; E + 1 values are narrowed, not the kernels templated.
-    offsets = ex.as_type(expert_offsets, "int32")
-    tiles = cdiv(rows, GROUP_TILE) + experts + 1  # upper bound on expert tiles + zero tiles (expert_row_tile in the common headers)
-    entry.launch(ex, (ctype(ex, x_sorted),), (tiles, cdiv(n, GROUP_TILE // 2 if gated else GROUP_TILE)),
-                 (x_sorted, w, offsets, out, i32(rows), i32(n), i32(k), i32(experts), i32(code), i32(gated)))
+    # int32 holds the offsets (at most R) and the counts' meaning (as_type saturates, the kernels clamp to M):
+    # E + 1 or E values are narrowed, not the kernels templated.
+    entry.launch(ex, (ctype(ex, x),), (grouped_row_tiles(rows, experts, rows_per_expert, GROUP_TILE), cdiv(n, GROUP_TILE // 2 if gated else GROUP_TILE)),
+                 (x, w, ex.as_type(expert_rows, "int32"), out, i32(rows), i32(n), i32(k), i32(experts), i32(rows_per_expert), i32(code), i32(gated)))
+
+
+def grouped_gemm(ex, entry, outs, x_sorted, w, expert_offsets, activation):
+    _grouped_gemm(ex, entry, outs[0], x_sorted, w, expert_offsets, 0, activation)
+
+
+def grouped_gemm_masked(ex, entry, outs, x, w, masked_m, activation):
+    _grouped_gemm(ex, entry, outs[0], x, w, masked_m, x.shape[1], activation)
 
 
 def _route_fits(a):
@@ -97,6 +109,13 @@ def _route_block(vendor):
     return ROUTE_TOKENS * vendor.warp
 
 
+def _grouped_variants(op, glue):
+    """The tensor-op grouped GEMM (vendor family grouped_gemm), then the SIMT one (moe.cu), for one layout's op."""
+    return (KernelEntry(op, "grouped_gemm", glue, (Template("grouped_gemm_{tensor_op}", HALF_FLOATS),), HALF_FLOATS, TENSOR_OP_BLOCK,
+                        needs_tensor_ops=True),
+            KernelEntry(op, "moe", glue, (Template("grouped_gemm_simt", FLOATS),)))
+
+
 KERNELS = (
     KernelEntry("moe_route", "moe", moe_route, (Template("moe_route", FLOATS),), block=_route_block, supports=_route_fits,
                 requires=f"2 * experts + n_group <= {ROUTE_SHARED_BUDGET // (4 * ROUTE_TOKENS)} (at most 1536 experts)"),
@@ -106,7 +125,6 @@ KERNELS = (
     KernelEntry("moe_permute", "moe", moe_permute, (Template("moe_permute", FLOATS),)),
     # sorted_ids is int32 (ops/moe.py); a template so that name expressions and hipcc can name it.
     KernelEntry("moe_unpermute", "moe", moe_unpermute, (Template("moe_unpermute_index", ("int32",)), Template("moe_unpermute", FLOATS))),
-    KernelEntry("grouped_gemm", "grouped_gemm", grouped_gemm, (Template("grouped_gemm_{tensor_op}", HALF_FLOATS),), HALF_FLOATS, TENSOR_OP_BLOCK,
-                needs_tensor_ops=True),
-    KernelEntry("grouped_gemm", "moe", grouped_gemm, (Template("grouped_gemm_simt", FLOATS),)),
+    *_grouped_variants("grouped_gemm", grouped_gemm),
+    *_grouped_variants("grouped_gemm_masked", grouped_gemm_masked),
 )

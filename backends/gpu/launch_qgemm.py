@@ -8,11 +8,12 @@ Variants per op, in preference order: the native fp8 tensor-op instruction (fp8 
 for the fp8 flavour the vendor's hardware reads: OCP e4m3fn on NVIDIA Ada (sm_89), FNUZ e4m3fnuz on
 CDNA3), the f16/bf16 (or int8) tensor-op instruction, then SIMT for everything else.
 """
+import math
 
 from hal.codes import FORMAT_CODES, activation_code
 from hal.dtypes import FLOATS
 
-from .glue import HALF_FLOATS, TENSOR_OP_BLOCK, KernelEntry, Template, cdiv, ctype, i32, widened
+from .glue import HALF_FLOATS, TENSOR_OP_BLOCK, KernelEntry, Template, cdiv, ctype, grouped_row_tiles, i32, widened
 from .vendor import VENDORS
 
 TILE_ROWS = 64  # a rows per block, every qgemm kernel
@@ -23,21 +24,24 @@ WEIGHT_ONLY_TENSOR_OP_COLS = 32
 FP8_DTYPES = ("float8_e4m3fn", "float8_e4m3fnuz")
 
 
-def fp8_gemm(ex, entry, outs, a, a_scales, b, b_scales, expert_offsets=None, activation=None, out_dtype=None):
+def fp8_gemm(ex, entry, outs, a, a_scales, b, b_scales, expert_offsets=None, masked_m=None, activation=None, out_dtype=None):
+    """Plain (a [M, K]), grouped over offsets (a [R, K]) or masked (a [E, M, K], its rows flattened)."""
     out = outs[0]
-    rows, k = a.shape
-    n_out = out.shape[1]
+    *lead, k = a.shape
+    rows, n_out = math.prod(lead), out.shape[-1]
     if not (rows and n_out):
         return
     code, gated = activation_code(activation)  # gated: b has 2 n_out rows, gate and up
-    if expert_offsets is None:
-        experts, row_tiles, offsets = 1, cdiv(rows, TILE_ROWS), None
-    else:  # the bound on (expert, row tile) pairs plus the zero tiles outside the experts' rows
-        experts, offsets = b.shape[0], ex.as_type(expert_offsets, "int32")
-        row_tiles = cdiv(rows, TILE_ROWS) + experts + 1
+    expert_rows = masked_m if masked_m is not None else expert_offsets
+    rows_per_expert = a.shape[1] if masked_m is not None else 0
+    if expert_rows is None:
+        experts, row_tiles = 1, cdiv(rows, TILE_ROWS)
+    else:  # int32 holds the offsets (at most R) and the counts' meaning (as_type saturates, the kernels clamp to M)
+        experts, expert_rows = b.shape[0], ex.as_type(expert_rows, "int32")
+        row_tiles = grouped_row_tiles(rows, experts, rows_per_expert, TILE_ROWS)
     entry.launch(ex, (ctype(ex, out),), (row_tiles, cdiv(n_out, TILE_COLS // (2 if gated else 1))),
-                 (ex.as_bytes(a), widened(ex, a_scales), ex.as_bytes(b), widened(ex, b_scales), offsets, out, i32(rows), i32(n_out), i32(k),
-                  i32(experts), i32(FORMAT_CODES[ex.dtype_name(a)]), i32(code), i32(gated)))
+                 (ex.as_bytes(a), widened(ex, a_scales), ex.as_bytes(b), widened(ex, b_scales), expert_rows, out, i32(rows), i32(n_out), i32(k),
+                  i32(experts), i32(rows_per_expert), i32(FORMAT_CODES[ex.dtype_name(a)]), i32(code), i32(gated)))
 
 
 def int8_gemm(ex, entry, outs, a, b, a_scales, b_scales, bias, out_dtype):
@@ -78,6 +82,7 @@ def _fp8_variants(op):
 KERNELS = (
     *_fp8_variants("fp8_gemm_blockscale"),
     *_fp8_variants("fp8_grouped_gemm_blockscale"),
+    *_fp8_variants("fp8_grouped_gemm_masked_blockscale"),
     KernelEntry("int8_gemm", "qgemm", int8_gemm, (Template("int8_gemm_{tensor_op}", FLOATS),), ("int8",), TENSOR_OP_BLOCK, needs_tensor_ops=True),
     KernelEntry("int8_gemm", "qgemm", int8_gemm, (Template("int8_gemm_simt", FLOATS),), ("int8",)),
     KernelEntry("w4a16_gemm", "qgemm", w4a16_gemm, (Template("w4a16_gemm_{tensor_op}", HALF_FLOATS),), HALF_FLOATS, TENSOR_OP_BLOCK,

@@ -59,6 +59,10 @@ class Vendor:
         an f16 mma, their fp8 units being reached through wgmma / tcgen05), fp8 MFMA (FNUZ) on gfx94x."""
         return re.fullmatch(self.fp8_tensor_op_archs, arch) is not None
 
+    def fp8_format(self, arch):
+        """The e4m3 flavour `arch` computes in (hal.Backend.fp8_format): the fp8 units' where there are any, else OCP."""
+        return self.fp8_tensor_op_format if self.has_fp8_tensor_ops(arch) else "float8_e4m3fn"
+
     def arch_of(self, properties):
         """The architecture name of a device, from its CuPy device properties (bytes decoded)."""
         props = {k: v.decode(errors="replace") if isinstance(v, bytes) else v for k, v in properties.items()}

@@ -19,13 +19,14 @@
 #define GROUP_MFMA_ROW_UINT2 9  // 72 bytes per LDS row
 
 template <typename T>
-__global__ __launch_bounds__(GROUP_MFMA_THREADS) void grouped_gemm_mfma(const T* __restrict__ x, const T* __restrict__ w, const int* __restrict__ expert_offsets,
-                                                                        T* __restrict__ out, int R, int N, int K, int experts, int activation, int gated) {
+__global__ __launch_bounds__(GROUP_MFMA_THREADS) void grouped_gemm_mfma(const T* __restrict__ x, const T* __restrict__ w, const int* __restrict__ expert_rows,
+                                                                        T* __restrict__ out, int R, int N, int K, int experts, int rows_per_expert, int activation,
+                                                                        int gated) {
     __shared__ uint2 As[GROUP_BM * GROUP_MFMA_ROW_UINT2];  // [row][k], 4608 B
     __shared__ uint2 Bs[GROUP_BN * GROUP_MFMA_ROW_UINT2];  // [weight row][k], 4608 B
     __shared__ RowTile lds_tile;
     const int n0 = blockIdx.y * GROUP_BN_OUT(gated);
-    const RowTile tile = expert_row_tile<GROUP_BM>(expert_offsets, experts, R, &lds_tile);
+    const RowTile tile = expert_row_tile<GROUP_BM>(expert_rows, experts, R, rows_per_expert, &lds_tile);
     if (tile.rows <= 0) return;  // block-uniform
     if (tile.expert < 0) {
         zero_rows(out, tile, n0, GROUP_BN_OUT(gated), N);

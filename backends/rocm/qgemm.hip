@@ -17,7 +17,8 @@
 // right for wave32 RDNA: nothing below the block level assumes a wave size).
 // Grid (chosen by backends/gpu/launch_qgemm.py): x = row tiles, y = position tiles. Plain GEMMs:
 // x = ceil(M / 64), position p of tile y is output column 64 y + p (32 y + p). Grouped fp8
-// (expert_offsets != nullptr): x is ceil(M / 64) + E + 1, see expert_row_tile in hal_gpu.h.
+// (expert_rows != nullptr): x is ceil(M / 64) + E + 1 over offsets, 2 E ceil(rows_per_expert / 64)
+// in the masked layout; see expert_row_tile in hal_gpu.h.
 // Gated: positions pair up, p even = gate row, p odd = up row of output column 32 y + p / 2,
 // so such a block covers 32 output columns.
 //
@@ -41,7 +42,7 @@
 #define QG_CHUNK 8     // consecutive k a thread loads and stores at once
 
 // ====================================================================== what a block computes
-// Rows: expert_row_tile<QG_BM> (hal_gpu.h; plain GEMMs pass no offsets). Positions: weight_row.
+// Rows: expert_row_tile<QG_BM> (hal_gpu.h; plain GEMMs pass no expert rows). Positions: weight_row.
 struct Tile {
     int row0, rows;  // rows of a and out; rows <= 0: nothing
     int expert;      // which b / b_scales; -1: a zero tile (grouped rows outside every expert)
@@ -59,7 +60,7 @@ __device__ __forceinline__ Tile block_tile(const RowTile& r, int n_out, int gate
 }
 
 __device__ __forceinline__ Tile plain_tile(int rows, int n_out, int bn = QG_BN) {
-    return block_tile(expert_row_tile<QG_BM>(nullptr, 1, rows, nullptr), n_out, 0, bn);
+    return block_tile(expert_row_tile<QG_BM>(nullptr, 1, rows, 0, nullptr), n_out, 0, bn);
 }
 
 // ====================================================================== operands: 8 consecutive k of one row
@@ -507,16 +508,16 @@ struct SimtEngine {
 // ---------------------------------------------------------------- fp8 block-scaled (plain and grouped)
 #define FP8_GEMM_PARAMS                                                                                                       \
     const unsigned char *__restrict__ a, const float *__restrict__ a_scales, const unsigned char *__restrict__ b,             \
-        const float *__restrict__ b_scales, const int *__restrict__ expert_offsets, To *__restrict__ out, int rows, int n_out, \
-        int K, int experts, int fp8_format, int activation, int gated
-#define FP8_GEMM_ARGS a, a_scales, b, b_scales, expert_offsets, out, rows, n_out, K, experts, fp8_format, activation, gated
+        const float *__restrict__ b_scales, const int *__restrict__ expert_rows, To *__restrict__ out, int rows, int n_out,   \
+        int K, int experts, int rows_per_expert, int fp8_format, int activation, int gated
+#define FP8_GEMM_ARGS a, a_scales, b, b_scales, expert_rows, out, rows, n_out, K, experts, rows_per_expert, fp8_format, activation, gated
 
 // LDS besides the engine's slices: the grouped row tile the block found.
 #define FP8_LDS QG_LDS; __shared__ RowTile rows_
 
 template <class Engine, typename To>
 __device__ __forceinline__ void fp8_gemm(unsigned char* lds, RowTile* shared_rows, FP8_GEMM_PARAMS) {
-    const RowTile r = expert_row_tile<QG_BM>(expert_offsets, experts, rows, shared_rows);
+    const RowTile r = expert_row_tile<QG_BM>(expert_rows, experts, rows, rows_per_expert, shared_rows);
     if (r.rows <= 0) return;  // uniform: the block has nothing to do
     const Tile t = block_tile(r, n_out, gated, QG_BN, activation);
     if (t.expert < 0) {

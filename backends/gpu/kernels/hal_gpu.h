@@ -1,6 +1,7 @@
 // Vendor-neutral vocabulary of hal's GPU kernels, included by every kernel file (shared and vendor):
 // element conversions, warp and block reductions, the epilogue activations, the low-precision
-// codecs, chunk loads, the register-prefetch main loop and the grouped-GEMM row tiles.
+// codecs, chunk loads, the register-prefetch main loop and the grouped-GEMM row tiles (plain,
+// contiguous and masked layouts).
 //
 // Written once on the vendor shim "hal_vendor.h" (backends/cuda or backends/rocm, found through the
 // include path): its element type names, shuffles and matrix wrappers. Integer codes (HAL_ACT_*,
@@ -347,26 +348,48 @@ __device__ __forceinline__ void prefetch_main_loop(int slices, Load&& load, Stor
 }
 
 // ================================================================ expert row tiles (grouped GEMMs)
-// Which rows of x / a a block owns. Plain GEMMs (offsets == nullptr): tile blockIdx.x of
-// `BM` rows, expert 0. Grouped GEMMs: expert e owns rows [offsets[e], offsets[e + 1]), its segment
-// is cut into BM-row tiles numbered in expert order, then come the tiles of the rows no expert owns
-// (before offsets[0], from offsets[E]), which the block writes as zeros (expert -1). Offsets are
-// clamped into [0, R] so that bad device data cannot send a tile out of bounds. Grid bound: with L
-// rows covered the expert tiles number at most (L + (BM - 1) E) / BM and the zero tiles at most
-// (R - L + 2 (BM - 1)) / BM, together < R / BM + E + 2, so grid.x = ceil(R / BM) + E + 1 covers
-// both; the blocks past them get rows <= 0 and exit.
+// Which rows of x / a a block owns, in one of three layouts (R rows in all; `expert_rows` and
+// `rows_per_expert` are kernel arguments of every grouped GEMM):
+//
+// - Plain GEMMs (expert_rows == nullptr): tile blockIdx.x of `BM` rows, expert 0.
+// - Contiguous (rows_per_expert == 0; moe_align's layout): expert_rows holds E + 1 offsets, expert
+//   e owns rows [offsets[e], offsets[e + 1]); its segment is cut into BM-row tiles in expert order,
+//   then come the tiles of the rows no expert owns (before offsets[0], from offsets[E]), which the
+//   block writes as zeros (expert -1). Offsets are clamped into [0, R] so that bad device data cannot
+//   send a tile out of bounds. Grid bound: with L rows covered the expert tiles number at most
+//   (L + (BM - 1) E) / BM and the zero tiles at most (R - L + 2 (BM - 1)) / BM, together
+//   < R / BM + E + 2, so grid.x = ceil(R / BM) + E + 1 covers both; the blocks past them get
+//   rows <= 0 and exit.
+// - Masked (rows_per_expert M > 0; DeepEP's low-latency layout, R = E M): expert_rows holds E
+//   counts, expert e owns rows [e M, e M + clamp(counts[e], 0, M)) and the rest of its M rows are
+//   zeros. No scan: with T = ceil(M / BM), grid.x = 2 E T; tile i < E T computes those of rows
+//   (i % T) BM .. + BM of expert i / T that are below the count, tile E T + i zeros the others of
+//   the same BM rows (either may have no rows: it exits).
 struct RowTile {
     int row0, rows, expert;  // rows <= 0: no work; expert -1: rows [row0, row0 + rows) are zeros
 };
 
-// Warp 0 scans the experts warpSize at a time (shuffle prefix sum of their tile counts, no shared
-// scratch and no barrier per chunk); the lane whose expert holds this block's tile publishes it in
-// *shared_tile. Every thread must call it (one barrier).
+// Contiguous layout: warp 0 scans the experts warpSize at a time (shuffle prefix sum of their tile
+// counts, no shared scratch and no barrier per chunk) and the lane whose expert holds this block's
+// tile publishes it in *shared_tile; masked layout: thread 0 works it out and publishes it. Every
+// thread must call it (one barrier); the tile comes back from shared memory in every grouped
+// layout (a tile in registers from one layout and in shared memory from the other costs
+// grouped_gemm_simt 16 registers, a quarter of its occupancy, on sm_80 / sm_89).
 template <int BM>
-__device__ __forceinline__ RowTile expert_row_tile(const int* __restrict__ offsets, int experts, int R, RowTile* shared_tile) {
+__device__ __forceinline__ RowTile expert_row_tile(const int* __restrict__ expert_rows, int experts, int R, int rows_per_expert, RowTile* shared_tile) {
     const int tile = blockIdx.x;
-    if (!offsets) return RowTile{tile * BM, min(BM, R - tile * BM), 0};
-    if ((int)threadIdx.x < warpSize) {
+    if (!expert_rows) return RowTile{tile * BM, min(BM, R - tile * BM), 0};
+    if (rows_per_expert > 0) {
+        if (threadIdx.x == 0) {
+            const int per_expert = (rows_per_expert + BM - 1) / BM, compute_tiles = experts * per_expert;
+            const bool zeros = tile >= compute_tiles;
+            const int t = zeros ? tile - compute_tiles : tile, e = t / per_expert, first = t % per_expert * BM;
+            const int count = e < experts ? min(max(expert_rows[e], 0), rows_per_expert) : 0;
+            const int lo = zeros ? max(count, first) : first, hi = min(zeros ? rows_per_expert : count, first + BM);
+            *shared_tile = e < experts ? RowTile{e * rows_per_expert + lo, hi - lo, zeros ? -1 : e} : RowTile{0, 0, -1};
+        }
+    } else if ((int)threadIdx.x < warpSize) {
+        const int* offsets = expert_rows;
         const int lane = threadIdx.x;
         int before = 0;  // expert tiles of the chunks already scanned
         for (int base = 0; base < experts; base += warpSize) {

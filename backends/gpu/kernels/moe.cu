@@ -329,13 +329,13 @@ moe_unpermute(const T* __restrict__ y, const int* __restrict__ row_of, const flo
 
 template <typename T>
 __global__ void __launch_bounds__(GROUP_SIMT_THREADS)
-grouped_gemm_simt(const T* __restrict__ x, const T* __restrict__ w, const int* __restrict__ expert_offsets, T* __restrict__ out,
-                  int R, int N, int K, int experts, int activation, int gated) {
+grouped_gemm_simt(const T* __restrict__ x, const T* __restrict__ w, const int* __restrict__ expert_rows, T* __restrict__ out,
+                  int R, int N, int K, int experts, int rows_per_expert, int activation, int gated) {
     __shared__ float4 As[GROUP_SIMT_BK][GROUP_BM / 4 + 1];  // 4352 B: rows padded by one float4
     __shared__ float4 Bs[GROUP_SIMT_BK][GROUP_BN / 4 + 1];  // 4352 B
     __shared__ RowTile shared_tile;
     const int n0 = blockIdx.y * GROUP_BN_OUT(gated);
-    const RowTile tile = expert_row_tile<GROUP_BM>(expert_offsets, experts, R, &shared_tile);
+    const RowTile tile = expert_row_tile<GROUP_BM>(expert_rows, experts, R, rows_per_expert, &shared_tile);
     if (tile.rows <= 0) return;  // block-uniform
     if (tile.expert < 0) {
         zero_rows(out, tile, n0, GROUP_BN_OUT(gated), N);
