@@ -1,10 +1,13 @@
 """The attention family on the CPU backend against PyTorch CPU, in one run.
 
-    python benchmarks/bench_attention.py [--quick]
+    python benchmarks/bench_attention.py [--quick] [--seq N ...] [--repeat N] [--only OP ...] [--json FILE]
 
 - attention vs torch.nn.functional.scaled_dot_product_attention (torch's flash-attention CPU
-  kernel): GQA 32/8 heads, d 128, seq 4096 and 16384, causal and not, fp32 and bf16; median ms,
-  torch/hal, tokens/s, achieved GFLOP/s.
+  kernel): GQA 32/8 heads, d 128, seq 4096 and 16384 (or --seq), causal and not, fp32 and bf16;
+  ms, torch/hal (torch time / hal time, > 1: hal faster), tokens/s, achieved GFLOP/s. hal and
+  torch are timed back to back in each of --repeat rounds; times are medians over the rounds, the
+  ratio is the median of the per-round ratios with its min-max (this machine's bandwidth drifts
+  by 2x between runs).
 - extra memory of one attention call at seq 32768, 8 heads, d 128, measured as peak RSS growth in
   a fresh process (Linux VmHWM, reset before the call; inputs and output excluded), for hal and torch.
 - paged_decode_attention and mla_decode: GB/s of KV cache read against the machine's measured
@@ -20,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 import hal
-from hal.bench import median_time, roofline
+from hal.bench import format_ratio, interleaved_rounds, positive_int, roofline, rounds_caption
 from hal.opdef import as_torch
 from hal.ops.attention import _attention_bench
 
@@ -57,35 +60,44 @@ def extra_memory_mb(which):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seq 4096 only, no memory probe")
+    parser.add_argument("--seq", type=int, nargs="+", help="attention sequence lengths (default 4096 16384; --quick: 4096)")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="interleaved hal/torch rounds per row")
+    op_names = ("attention", "paged_decode_attention", "mla_decode")
+    parser.add_argument("--only", nargs="+", choices=op_names, default=op_names, help="only these ops' rows (the memory probe goes with attention)")
     parser.add_argument("--json")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     peak = roofline()
     rows = []
-    for seq in (4096,) if args.quick else (4096, 16384):
+    seqs = args.seq or ((4096,) if args.quick else (4096, 16384))
+    for seq in seqs if "attention" in args.only else ():
         for causal in (False, True):
             for dtype in ("float32", "bfloat16"):
                 a = _attention_bench(rng, dtype, seq, causal)
                 runs = dict(min_runs=3, min_seconds=0) if seq <= 4096 else dict(min_runs=1, min_seconds=0, warmup=False)  # compiled at 4096
-                ours = median_time(lambda: hal.ops.attention(**a, backend="cpu"), **runs)
-                theirs = median_time(hal.ops.attention.torch_peer(as_torch(a)), **runs)
+                timed = interleaved_rounds(lambda: hal.ops.attention(**a, backend="cpu"), hal.ops.attention.torch_peer(as_torch(a)),
+                                           args.repeat, **runs)
+                ours = timed["hal_s"]
                 flops, _ = hal.ops.attention.cost(a)
                 rows.append({"case": f"attention seq {seq}{' causal' if causal else ''}", "dtype": dtype, "hal_ms": ours * 1e3,
-                             "torch_ms": theirs * 1e3, "ratio": theirs / ours, "tokens_per_s": seq / ours, "gflops": flops / ours / 1e9})
+                             "torch_ms": timed["torch_s"] * 1e3, "ratio": timed["ratio"], "ratio_spread": timed["ratio_spread"],
+                             "tokens_per_s": seq / ours, "gflops": flops / ours / 1e9})
     for op in (hal.ops.paged_decode_attention, hal.ops.mla_decode):
+        if op.name not in args.only:
+            continue
         for dtype in ("float32", "bfloat16"):
             a = op.bench(rng, dtype)
-            ours = median_time(lambda: op(**a, backend="cpu"), min_runs=3, min_seconds=0)
+            ours = interleaved_rounds(lambda: op(**a, backend="cpu"), rounds=args.repeat, min_runs=3, min_seconds=0)["hal_s"]
             _, nbytes = op.cost(a)
             rows.append({"case": op.name, "dtype": dtype, "hal_ms": ours * 1e3, "gb_s": nbytes / ours / 1e9,
                          "bandwidth_pct": 100 * nbytes / ours / 1e9 / peak["bandwidth_gbs"]})
-    memory = {} if args.quick else {"hal_mb": extra_memory_mb("hal"), "torch_mb": extra_memory_mb("torch")}
-    table = Table(title=f"attention on cpu vs torch (this machine: {peak['bandwidth_gbs']:.1f} GB/s copy)")
-    for col in ("case", "dtype", "hal ms", "torch ms", "torch/hal", "tokens/s", "GFLOP/s", "KV GB/s", "% bandwidth"):
-        table.add_column(col, justify="left" if col == "case" else "right")
+    memory = {} if args.quick or "attention" not in args.only else {"hal_mb": extra_memory_mb("hal"), "torch_mb": extra_memory_mb("torch")}
+    table = Table(title=f"attention on cpu vs torch (this machine: {peak['bandwidth_gbs']:.1f} GB/s copy)", caption=rounds_caption(args.repeat))
+    for col in ("case", "dtype", "hal ms", "torch ms", "torch/hal (min-max)", "tokens/s", "GFLOP/s", "KV GB/s", "% bandwidth"):
+        table.add_column(col, justify="left" if col == "case" else "right", no_wrap=col.startswith("torch/hal"))
     for r in rows:
         table.add_row(r["case"], r["dtype"], f"{r['hal_ms']:.1f}", f"{r['torch_ms']:.1f}" if "torch_ms" in r else "",
-                      f"{r['ratio']:.2f}x" if "ratio" in r else "", f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "",
+                      format_ratio(r["ratio"], r["ratio_spread"]) if "ratio" in r else "", f"{r['tokens_per_s']:.0f}" if "tokens_per_s" in r else "",
                       f"{r['gflops']:.1f}" if "gflops" in r else "", f"{r['gb_s']:.1f}" if "gb_s" in r else "",
                       f"{r['bandwidth_pct']:.0f}%" if "bandwidth_pct" in r else "")
     Console().print(table)
@@ -93,7 +105,7 @@ def main():
         print(f"extra memory of one call at seq 32768, 8 heads, d 128 (fp32): hal {memory['hal_mb']:.0f} MB, torch {memory['torch_mb']:.0f} MB")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": rows, "memory": memory, "roofline": peak}, f, indent=2)
+            json.dump({"rows": rows, "memory": memory, "roofline": peak, "rounds": args.repeat}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """Every op on the CPU backend against the same computation in PyTorch CPU, in one run.
 
-    python benchmarks/bench_cpu.py [--quick] [--json FILE]
+    python benchmarks/bench_cpu.py [--quick] [--repeat N] [--only OP ...] [--json FILE]
 
-Prints per op, dtype and shape: median ms for hal and torch, the ratio (torch time / hal time,
-so > 1 means hal is faster), achieved GB/s or TFLOP/s and the fraction of this machine's
-roofline, measured in the same run (a STREAM-style parallel copy, an fp32 BLAS GEMM).
+Prints per op, dtype and shape: ms for hal and torch, the ratio (torch time / hal time, so > 1
+means hal is faster), achieved GB/s or TFLOP/s and the fraction of this machine's roofline,
+measured in the same run (a STREAM-style parallel copy, an fp32 BLAS GEMM). hal and torch are
+timed back to back in each of N rounds (each a median of repeated calls); times are medians over
+the rounds, the ratio is the median of the per-round ratios with its min-max, because this
+machine's bandwidth drifts by 2x between runs.
 """
 import argparse
 import json
@@ -13,7 +16,7 @@ import numpy as np
 from rich.console import Console
 
 import hal
-from hal.bench import bench_op, comparison_table, roofline
+from hal.bench import bench_op, comparison_table, positive_int, roofline
 from hal.ops.linear import _bench as gemm_args
 
 SHAPES = {
@@ -34,19 +37,24 @@ SHAPES = {
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the first dtype of each row")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="interleaved hal/torch rounds per row")
+    op_names = sorted({op.name for op, _, _ in SHAPES.values()})
+    parser.add_argument("--only", nargs="+", choices=op_names, default=op_names, help="only these ops' rows")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     peak = roofline()
     rows = []
     for label, (op, build, dtypes) in SHAPES.items():
+        if op.name not in args.only:
+            continue
         for dtype in dtypes[:1] if args.quick else dtypes:
             op_args = build(rng, dtype) if build else op.bench(rng, dtype)
-            rows.append({"shape": label, **bench_op(op, dtype, "cpu", vs_torch=True, args=op_args)})
-    Console().print(comparison_table(rows, f"hal cpu vs torch {__import__('torch').__version__}"))
+            rows.append({"shape": label, **bench_op(op, dtype, "cpu", vs_torch=True, args=op_args, rounds=args.repeat)})
+    Console().print(comparison_table(rows, f"hal cpu vs torch {__import__('torch').__version__}", args.repeat))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"roofline": peak, "rows": rows}, f, indent=2)
+            json.dump({"roofline": peak, "rounds": args.repeat, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 
 from hal import ops
 from hal.arrays import from_host
+from hal.bench import positive_int
 from hal.demo import FP8, Layer
 from hal.distributed import ExpertParallel, launch, run_experts
 
@@ -65,7 +66,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=512, help="tokens in total, split over the ranks")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=positive_int, default=3)
     parser.add_argument("--mode", default="normal", choices=("normal", "low_latency"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()

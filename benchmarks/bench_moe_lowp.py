@@ -1,13 +1,16 @@
 """MoE, quantized GEMMs, quantization and sparse ops on the CPU backend against PyTorch CPU doing
 the same work the way a user would without hal, in one run.
 
-    python benchmarks/bench_moe_lowp.py [--quick] [--json FILE]
+    python benchmarks/bench_moe_lowp.py [--quick] [--repeat N] [--only ROW ...] [--json FILE]
 
 The peers: a Python loop over experts (index_select, matmul, silu * mul, index_add with the
 routing weights) for the MoE block; dequantize to float then torch.matmul for the quantized
 GEMMs; amax / divide / .to(float8) for quantize; torch.nn.functional.embedding_bag and a sparse
 CSR tensor for the sparse ops. Shapes are DeepSeek-like, scaled to a 2-core machine: 256 experts,
 top-8, hidden 2048, expert dim 1024, 4096 tokens. Ratios are torch time / hal time (> 1: hal faster).
+hal and torch are timed back to back in each of N rounds (each a median of repeated calls); times are
+medians over the rounds, a ratio is the median of the per-round ratios with its min-max, because
+this machine's bandwidth drifts by 2x between runs. --only picks rows: moe_block or op names.
 """
 import argparse
 import json
@@ -16,7 +19,7 @@ import numpy as np
 from rich.console import Console
 
 import hal
-from hal.bench import bench_op, bench_pair, comparison_table
+from hal.bench import bench_op, bench_pair, comparison_table, positive_int
 from hal.cli import _default_bench_dtypes
 from hal.dtypes import to_numpy
 
@@ -95,22 +98,25 @@ def shapes(op, args):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1024 tokens in the MoE block, first dtype of each op only")
+    parser.add_argument("--repeat", type=positive_int, default=3, help="interleaved hal/torch rounds per row")
+    parser.add_argument("--only", nargs="+", choices=("moe_block", *OP_ROWS), default=("moe_block", *OP_ROWS), help="only these rows")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows = []
     tokens = 1024 if args.quick else TOKENS
-    for dtype in ("float32",) if args.quick else ("float32", "bfloat16"):
+    moe_dtypes = ("float32",) if args.quick else ("float32", "bfloat16")
+    for dtype in moe_dtypes if "moe_block" in args.only else ():
         a = moe_block_args(rng, dtype, tokens)
         label = f"MoE block {tokens} tok, {EXPERTS} experts top-{TOP_K}, {HIDDEN}->{EXPERT_DIM}"
-        rows.append({"shape": label, "dtype": dtype, **bench_pair(hal_moe_block(a), torch_moe_block(a), *moe_cost(a))})
+        rows.append({"shape": label, "dtype": dtype, **bench_pair(hal_moe_block(a), torch_moe_block(a), *moe_cost(a), rounds=args.repeat)})
         del a
-    for name in OP_ROWS:
+    for name in (name for name in OP_ROWS if name in args.only):
         op = hal.ops.ALL[name]
         for dtype in TORCH_DTYPES.get(name, _default_bench_dtypes(op))[: 1 if args.quick else None]:
             op_args = op.bench(rng, dtype)
-            rows.append({"shape": f"{name} {shapes(op, op_args)}", **bench_op(op, dtype, "cpu", vs_torch=True, args=op_args)})
-    Console().print(comparison_table(rows, f"hal cpu vs torch {__import__('torch').__version__}: MoE, low precision, sparse"))
+            rows.append({"shape": f"{name} {shapes(op, op_args)}", **bench_op(op, dtype, "cpu", vs_torch=True, args=op_args, rounds=args.repeat)})
+    Console().print(comparison_table(rows, f"hal cpu vs torch {__import__('torch').__version__}: MoE, low precision, sparse", args.repeat))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -97,6 +97,9 @@ def decode(codes, fmt):
     return codes.astype(np.float64)
 
 
+ENCODE_CHUNK = 1 << 18  # elements per pass of encode: its temporaries stay in cache, not in fresh pages
+
+
 def encode(x, fmt):
     """Codes (uint8; int8 for "int8") of float64 values under hal's convention (module docstring)."""
     f = FORMATS[fmt]
@@ -107,18 +110,29 @@ def encode(x, fmt):
     finite = _TABLES[fmt][: f.sign_bit]
     top = int(np.nanargmax(np.where(np.isinf(finite), -1.0, finite)))  # code of +max
     grid = finite[: top + 1]  # ascending magnitudes, codes 0..top
-    a = np.minimum(np.abs(x), f.max)  # saturate (inf included); NaN stays NaN
-    hi = np.clip(np.searchsorted(grid, np.nan_to_num(a), side="left"), 0, top)
-    lo = np.maximum(hi - 1, 0)
-    d_lo, d_hi = np.abs(np.nan_to_num(a) - grid[lo]), np.abs(grid[hi] - np.nan_to_num(a))
-    code = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
-    negative = np.signbit(x) & (f.negative_zero | (code != 0))
-    code = np.where(negative, code | f.sign_bit, code)
-    if f.nan:
-        code = np.where(np.isnan(x), f.nan[0], code)
-    else:
-        code = np.where(np.isnan(x), 0, code)
-    return code.astype(np.uint8)
+    flat, codes = x.reshape(-1), np.empty(x.size, np.uint8)
+    for start in range(0, flat.size, ENCODE_CHUNK):
+        v = flat[start:start + ENCODE_CHUNK]
+        nan = np.isnan(v)
+        a = np.where(nan, 0.0, np.minimum(np.abs(v), f.max))  # saturate (inf included)
+        hi = np.minimum(np.searchsorted(grid, a, side="left"), top)
+        lo = np.maximum(hi - 1, 0)
+        d_lo, d_hi = a - grid[lo], grid[hi] - a  # a lies in [grid[lo], grid[hi]] (or below grid[1] with lo = hi = 0)
+        code = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
+        negative = np.signbit(v) & (f.negative_zero | (code != 0))
+        code |= np.where(negative, f.sign_bit, 0)
+        codes[start:start + ENCODE_CHUNK] = np.where(nan, f.nan[0] if f.nan else 0, code)
+    return codes.reshape(x.shape)
+
+
+def _ordinals(f):
+    """The ordinal of every code of a float format: its magnitude's code, negated for a set sign bit."""
+    codes = np.arange(1 << f.bits)
+    mag = codes & (f.sign_bit - 1)
+    return np.where(codes & f.sign_bit, -mag, mag).astype(np.int16)
+
+
+_ORDINALS = {name: _ordinals(f) for name, f in FORMATS.items() if f.is_float}
 
 
 def ordinal(codes, fmt):
@@ -128,9 +142,8 @@ def ordinal(codes, fmt):
     f = FORMATS[fmt]
     if not f.is_float:
         return decode(codes, fmt).astype(np.int64)
-    c = np.asarray(codes).view(np.uint8).astype(np.int64) if np.asarray(codes).dtype.itemsize == 1 else np.asarray(codes, np.int64)
-    mag = c & (f.sign_bit - 1)
-    return np.where(c & f.sign_bit, -mag, mag)
+    c = np.asarray(codes)
+    return _ORDINALS[fmt][c.view(np.uint8) if c.dtype.itemsize == 1 else c.astype(np.uint8)]
 
 
 def pack_nibbles(codes):
