@@ -101,24 +101,26 @@ ENCODE_CHUNK = 1 << 18  # elements per pass of encode: its temporaries stay in c
 
 
 def encode(x, fmt):
-    """Codes (uint8; int8 for "int8") of float64 values under hal's convention (module docstring)."""
+    """Codes (uint8; int8 for "int8") of float64 values under hal's convention (module docstring).
+
+    Float formats round by arithmetic, exactly: |x| saturated to the largest value, its binade e
+    (floor(log2), at least the smallest normal one's e_min), n = rint(|x| / 2^(e - m)) (round half to
+    even: an even n is an even code), and the code ((e - e_min) << m) + n, which also holds where n
+    reaches 2^(m + 1) (the next binade) and in the subnormals."""
     f = FORMATS[fmt]
     x = np.asarray(x, np.float64)
     if not f.is_float:
         q = np.clip(np.rint(np.nan_to_num(x, nan=0.0, posinf=f.max, neginf=f.min)), f.min, f.max)
         return q.astype(np.int8) if fmt == "int8" else (q.astype(np.int64) & 0xF).astype(np.uint8)
-    finite = _TABLES[fmt][: f.sign_bit]
-    top = int(np.nanargmax(np.where(np.isinf(finite), -1.0, finite)))  # code of +max
-    grid = finite[: top + 1]  # ascending magnitudes, codes 0..top
+    m, e_min = f.mantissa_bits, 1 - f.bias
     flat, codes = x.reshape(-1), np.empty(x.size, np.uint8)
     for start in range(0, flat.size, ENCODE_CHUNK):
         v = flat[start:start + ENCODE_CHUNK]
         nan = np.isnan(v)
         a = np.where(nan, 0.0, np.minimum(np.abs(v), f.max))  # saturate (inf included)
-        hi = np.minimum(np.searchsorted(grid, a, side="left"), top)
-        lo = np.maximum(hi - 1, 0)
-        d_lo, d_hi = a - grid[lo], grid[hi] - a  # a lies in [grid[lo], grid[hi]] (or below grid[1] with lo = hi = 0)
-        code = np.where(d_lo < d_hi, lo, np.where(d_hi < d_lo, hi, np.where(lo % 2 == 0, lo, hi)))
+        e = np.maximum(np.frexp(a)[1] - 1, e_min)  # frexp: a = fraction * 2^exponent, fraction in [0.5, 1)
+        e[a == 0] = e_min  # frexp(0) has exponent 0
+        code = ((e - e_min) << m) + np.rint(np.ldexp(a, m - e)).astype(np.int64)
         negative = np.signbit(v) & (f.negative_zero | (code != 0))
         code |= np.where(negative, f.sign_bit, 0)
         codes[start:start + ENCODE_CHUNK] = np.where(nan, f.nan[0] if f.nan else 0, code)

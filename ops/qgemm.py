@@ -305,6 +305,23 @@ def _grouped_out_shape(a):
     return (*a["a"].shape[:-1], _grouped_out_columns(a))
 
 
+# The conformance suite asks for the reference, then for the magnitude on the same arguments: the
+# magnitude of the last reference waits here for that call (one float64 pass over the experts, not two).
+_PENDING_MAGNITUDE = {}
+
+
+def _grouped_reference(rows, a):
+    ref, mag = _grouped_reference_and_magnitude(rows, a)
+    _PENDING_MAGNITUDE.clear()
+    _PENDING_MAGNITUDE[id(a)] = (a, mag)
+    return ref
+
+
+def _grouped_magnitude(rows, a):
+    pending = _PENDING_MAGNITUDE.pop(id(a), None)
+    return pending[1] if pending is not None and pending[0] is a else _grouped_reference_and_magnitude(rows, a)[1]
+
+
 def _grouped_reference_and_magnitude(rows, a):
     """The reference and what its fp32 error is relative to, both shaped like the output; rows(a) gives the layout."""
     x, x_scales, segments = rows(a)
@@ -427,9 +444,9 @@ def _fp8_grouped_op(name, doc, a_rank, expert_rows, rows, **data):
             Attr("out_dtype", "bfloat16", choices=FLOATS),
         ],
         outputs=lambda a: [(_grouped_out_shape(a), a["out_dtype"])],
-        reference=lambda a: [_grouped_reference_and_magnitude(rows, a)[0]],
+        reference=lambda a: [_grouped_reference(rows, a)],
         growth=_growth,
-        magnitude=lambda a, refs: [_grouped_reference_and_magnitude(rows, a)[1]],
+        magnitude=lambda a, refs: [_grouped_magnitude(rows, a)],
         cost=lambda a: _grouped_cost(rows, a),
         **data,
     )
