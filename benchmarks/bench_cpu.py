@@ -27,10 +27,12 @@ SHAPES = {
     "silu_and_mul 4096x(2x5632)": (hal.ops.silu_and_mul, None, ("float32", "bfloat16")),
     "rope 4096 tok, 32/8 heads, d128": (hal.ops.rope, None, ("float32", "bfloat16")),
     "gemm 2048^3": (hal.ops.gemm, None, ("float32", "bfloat16")),
-    "gemm 4096^3": (hal.ops.gemm, lambda rng, dt: gemm_args(rng, dt, 4096, 4096, 4096), ("float32",)),
+    "gemm 4096^3": (hal.ops.gemm, lambda rng, dt: gemm_args(rng, dt, 4096, 4096, 4096), ("float32", "bfloat16")),
+    "gemm 1024^3 +silu": (hal.ops.gemm, lambda rng, dt: gemm_args(rng, dt, 1024, 1024, 1024, activation="silu"), ("float32",)),
     "gemm 2048^3 +gelu_tanh": (hal.ops.gemm, lambda rng, dt: gemm_args(rng, dt, activation="gelu_tanh"), ("float32",)),
     "gemm MLP up 1024x4096x14336 +silu": (hal.ops.gemm, lambda rng, dt: gemm_args(rng, dt, 1024, 4096, 14336, activation="silu"), ("float32", "bfloat16")),
-    "gemm MLP down 1024x14336x4096": (hal.ops.gemm, lambda rng, dt: gemm_args(rng, dt, 1024, 14336, 4096), ("float32",)),
+    "gemm MLP down 1024x14336x4096": (hal.ops.gemm, lambda rng, dt: gemm_args(rng, dt, 1024, 14336, 4096), ("float32", "bfloat16")),
+    "gemm decode 16x4096x4096": (hal.ops.gemm, lambda rng, dt: gemm_args(rng, dt, 16, 4096, 4096), ("bfloat16",)),
 }
 
 

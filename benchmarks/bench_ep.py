@@ -32,11 +32,9 @@ PHASES = ("route", "dispatch", "exchange", "experts", "combine")
 def _rank(rank, world, layer, tokens, transport, mode, repeat, seed):
     w = {name: from_host(v, torch.empty(0)) for name, v in layer.weights(np.random.default_rng(seed), "bfloat16").items()}
     local = slice(rank * layer.experts // world, (rank + 1) * layer.experts // world)
-    fp8 = transport == "fp8"
-    if fp8:
-        (w13, s13), (w2, s2) = (ops.quantize(w[name][local], FP8, "block") for name in ("w13", "w2"))
-    else:
-        (w13, s13), (w2, s2) = (w["w13"][local], None), (w["w2"][local], None)
+    (w13, s13), (w2, s2) = ((w[name][local], w[f"{name}_scales"][local]) for name in ("w13", "w2"))  # fp8, as the checkpoint ships them
+    if transport != "fp8":  # the same experts in bf16
+        (w13, s13), (w2, s2) = ((ops.dequantize(q, s, FP8, "block", out_dtype="bfloat16"), None) for q, s in ((w13, s13), (w2, s2)))
     x = torch.from_numpy(np.random.default_rng([seed, rank]).standard_normal((tokens, layer.hidden), np.float32)).bfloat16()
     ep = ExpertParallel(layer.experts, layer.hidden, transport=transport, mode=mode, max_tokens=tokens)
     masked = mode == "low_latency"

@@ -1,9 +1,9 @@
 """Timing ops against this machine's roofline and against PyTorch, in the same run.
 
 The roofline is measured, not looked up: memory bandwidth with a STREAM-style parallel copy
-(bytes read + written), compute with an fp32 BLAS GEMM. An op whose arithmetic intensity is
-above the machine balance is reported in TFLOP/s against the GEMM peak, otherwise in GB/s
-against the bandwidth.
+(bytes read + written) and a parallel read (a sum), compute with an fp32 BLAS GEMM. An op whose
+arithmetic intensity is above the machine balance is reported in TFLOP/s against the GEMM peak,
+otherwise in GB/s against the copy bandwidth.
 
 Against torch, hal and its peer are timed in interleaved rounds (hal, torch, hal, torch, ...): this
 machine's bandwidth varies by 2x between runs, and a drift then hits both sides of a round alike.
@@ -36,7 +36,9 @@ def median_time(fn, min_seconds=0.3, min_runs=5, max_runs=200, sync=None, warmup
 
 @lru_cache(maxsize=None)
 def roofline():
-    """{'bandwidth_gbs': STREAM copy GB/s, 'gemm_tflops': fp32 BLAS GEMM TFLOP/s}, measured once per process."""
+    """{'bandwidth_gbs': STREAM copy GB/s, 'read_gbs': STREAM-style read GB/s, 'gemm_tflops': fp32 BLAS GEMM
+    TFLOP/s}, measured once per process. The read figure is the ceiling of ops that stream a large input and
+    write little (decode attention reads the KV cache): a parallel sum over 1 GiB, past the largest L3 we run on."""
     import numba
 
     @numba.njit(parallel=True)  # compiled once per process: cheap, and keeps no cache of its own
@@ -44,14 +46,24 @@ def roofline():
         for i in numba.prange(src.size):
             dst[i] = src[i]
 
+    @numba.njit(parallel=True, fastmath={"reassoc"})  # reassociation: the sum vectorizes into several accumulators
+    def read(src):
+        total = np.float32(0.0)
+        for i in numba.prange(src.size):
+            total += src[i]
+        return total
+
     src = np.random.default_rng(0).standard_normal(64 * 2**20 // 4).astype(np.float32)  # 64 MiB, far beyond caches
     dst = np.empty_like(src)
     bandwidth = 2 * src.nbytes / median_time(lambda: copy(src, dst)) / 1e9
+    big = np.ones(2**30 // 4, np.float32)
+    read_gbs = big.nbytes / median_time(lambda: read(big)) / 1e9
+    del big
     n = 2048
     a = np.random.default_rng(1).standard_normal((n, n)).astype(np.float32)
     out = np.empty_like(a)
     flops = 2 * n**3 / median_time(lambda: np.matmul(a, a, out=out)) / 1e12
-    return {"bandwidth_gbs": bandwidth, "gemm_tflops": flops}
+    return {"bandwidth_gbs": bandwidth, "read_gbs": read_gbs, "gemm_tflops": flops}
 
 
 def positive_int(text):
@@ -124,7 +136,8 @@ def comparison_table(rows, title, rounds):
     from rich.table import Table
 
     peak = roofline()
-    table = Table(title=f"{title} (this machine: {peak['bandwidth_gbs']:.1f} GB/s copy, {peak['gemm_tflops']:.3f} TFLOP/s fp32 BLAS)",
+    table = Table(title=f"{title} (this machine: {peak['bandwidth_gbs']:.1f} GB/s copy, {peak['read_gbs']:.1f} GB/s read, "
+                        f"{peak['gemm_tflops']:.3f} TFLOP/s fp32 BLAS)",
                   caption=rounds_caption(rounds))
     for col in ("op / shape", "dtype", "hal ms", "torch ms", "torch/hal (min-max)", "hal throughput", "% roofline"):
         table.add_column(col, justify="left" if col == "op / shape" else "right", no_wrap=col.startswith("torch/hal"))

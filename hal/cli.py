@@ -413,7 +413,7 @@ def main(argv=None):
     p.add_argument("name")
     p.add_argument("--dir", default=".", help="where to create hal-NAME/")
     p.set_defaults(fn=cmd_new_backend)
-    p = sub.add_parser("bench", help="time an op: median, throughput, % of the measured roofline, ratio vs torch")
+    p = sub.add_parser("bench", help="time an op: median, throughput, %% of the measured roofline, ratio vs torch")
     p.add_argument("op")
     p.add_argument("--vs", choices=["torch"], help="also time the same computation in PyTorch")
     p.add_argument("--dtype", action="append", choices=DTYPES, help="repeatable; default float32 and bfloat16 where the op takes them")

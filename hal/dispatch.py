@@ -19,7 +19,9 @@ import warnings
 from collections import Counter
 from contextlib import contextmanager
 
-from .arrays import device_type
+import numpy as np
+
+from .arrays import DLPACK_CPU, device_type, is_tensor, kind_of
 from .dtypes import name_of, to_numpy
 from .errors import BackendUnavailable, FallbackWarning, KernelNotFound, OutOfMemory, SchemaError
 from .registry import FALLBACK_BACKEND, registry
@@ -228,33 +230,42 @@ def select(op, a, requested=None):
 
 
 @functools.cache
-def _memory_bound():
-    """The most output bytes one call may ask for: the host's physical memory (for every backend; a
-    device's own limit shows as OutOfMemory when it allocates); no bound where the OS does not say."""
+def physical_memory():
+    """The host's physical memory in bytes (math.inf where the OS does not say): the most output bytes
+    one call may ask for, on every backend (a device's own limit shows as OutOfMemory when it allocates)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # no os.sysconf (Windows) or no such name
         return math.inf
 
 
-def dispatch(op, a, requested=None):
+def dispatch(op, a, requested=None, out=None):
     """Validate, pick a kernel, move arguments to its backend, run it, return results like the input.
 
-    The outputs' total size is checked against `_memory_bound()` before anything is allocated, and a
-    call whose outputs are all empty returns them without running a kernel."""
+    The outputs' total size is checked against `physical_memory()` before anything is allocated, and a
+    call whose outputs are all empty returns them without running a kernel. With `out` (see
+    `check_out`) the kernel writes into the caller's tensors where the backend's kernels can reach
+    their memory (host memory for cpu, the device's for cuda and rocm), else into buffers of its own
+    that are then copied into them; the out tensors themselves are returned."""
     op.validate(a)
     shapes = op.outputs(a)
     sizes = [math.prod(shape) for shape, _ in shapes]
-    total = sum(n * to_numpy(dtype).itemsize for n, (_, dtype) in zip(sizes, shapes))
-    if total > _memory_bound():
-        raise SchemaError(op.name, "outputs", f"at most {_memory_bound()} bytes (physical memory)",
-                          f"{total} bytes for shapes {[tuple(s) for s, _ in shapes]}")
+    if out is None:
+        total = sum(n * to_numpy(dtype).itemsize for n, (_, dtype) in zip(sizes, shapes))
+        if total > physical_memory():
+            raise SchemaError(op.name, "outputs", f"at most {physical_memory()} bytes (physical memory)",
+                              f"{total} bytes for shapes {[tuple(s) for s, _ in shapes]}")
+    else:
+        out = check_out(op, a, shapes, out)
     kernel, be = select(op, a, requested)
     like = a[op.primary]
     make = be.poisoned if _poison[0] else be.empty
     with be.call_context(like):
         try:
-            outs = tuple([make(shape, dtype) for shape, dtype in shapes])
+            if out is None:
+                outs = tuple([make(shape, dtype) for shape, dtype in shapes])
+            else:
+                outs = tuple([_native_out(be, y, shape, dtype) for y, (shape, dtype) in zip(out, shapes)])
             if any(sizes):
                 native = dict(a)  # attributes pass as they are; tensors go through the backend
                 for t in op.tensors:
@@ -266,6 +277,117 @@ def dispatch(op, a, requested=None):
             if isinstance(e, OutOfMemory):
                 raise
             raise OutOfMemory(f"{op.name} on {be.name}: out of memory ({e})") from e
+        if out is not None:
+            for y, target in zip(outs, out):
+                _copy_into(target, be.from_native(y, target))
+            return out[0] if len(out) == 1 else out
         if len(outs) == 1:
             return be.from_native(outs[0], like)
         return tuple([be.from_native(y, like) for y in outs])
+
+
+# ---------------------------------------------------------------- out=
+
+def check_out(op, a, shapes, out):
+    """The caller's `out=` as a tuple, or SchemaError before any kernel runs: one tensor for a single
+    result, a tuple or list of one per result (as op.outputs says) otherwise, each a NumPy array, torch
+    tensor or CuPy array of exactly the result's shape and dtype, C-contiguous, writable, on the device
+    of the op's primary tensor, overlapping neither an input nor another out tensor (kernels read and
+    write rows in any order, so no op is safe in place)."""
+    many = len(shapes) > 1
+    if many != isinstance(out, (tuple, list)):
+        expected = f"a tuple of {len(shapes)} tensors" if many else "one tensor"
+        raise SchemaError(op.name, "out", f"{expected} ({op.name} has {len(shapes)} result{'s' * many} here)", type(out).__name__)
+    out = tuple(out) if many else (out,)
+    if len(out) != len(shapes):
+        raise SchemaError(op.name, "out", f"{len(shapes)} tensors", f"{len(out)}")
+    device = _device(a[op.primary])
+    spans = [(t.name, _extent(a[t.name])) for t in op.tensors if a[t.name] is not None]
+    for i, (y, (shape, dtype)) in enumerate(zip(out, shapes)):
+        what = f"out[{i}] " if many else ""
+        kind = kind_of(y) if is_tensor(y) else None
+        if kind not in ("numpy", "torch", "cupy"):
+            raise SchemaError(op.name, "out", f"{what}a NumPy array, torch tensor or CuPy array", type(y).__name__)
+        if tuple(y.shape) != tuple(shape) or name_of(y.dtype) != dtype:
+            raise SchemaError(op.name, "out", f"{what}shape {tuple(shape)} and dtype {dtype}",
+                              f"shape {tuple(y.shape)} and dtype {name_of(y.dtype)}")
+        try:
+            where = _device(y)
+        except Exception as e:  # torch 'meta' tensors: no memory to write
+            where = f"{type(y).__name__} whose device query failed: {e}"
+        if where != device:
+            raise SchemaError(op.name, "out", f"{what}on the device of '{op.primary}' (DLPack {device})", f"DLPack {where}")
+        problem = _unwritable(y, kind)
+        if problem:
+            raise SchemaError(op.name, "out", f"{what}a C-contiguous, writable tensor", problem)
+        span = _extent(y)
+        for name, other in spans:
+            if _overlap(span, other):
+                raise SchemaError(op.name, "out", f"{what}memory that no input or other out tensor uses", f"memory shared with '{name}'")
+        spans.append((f"out[{i}]", span))
+    return out
+
+
+def _device(x):
+    """(DLPack device type, device id)."""
+    return (DLPACK_CPU, 0) if isinstance(x, np.ndarray) else tuple(int(v) for v in x.__dlpack_device__())
+
+
+def _unwritable(y, kind):
+    """Why the kernels cannot write the out tensor `y` in place, or "" when they can."""
+    if kind == "torch":
+        if y.requires_grad:
+            return "a tensor that requires grad"
+        return "" if y.is_contiguous() else f"strides {tuple(y.stride())}"
+    if not y.flags.c_contiguous:
+        return f"strides {tuple(y.strides)} (bytes)"
+    return "" if y.flags.writeable else "a read-only array"
+
+
+def _extent(x):
+    """(device, first byte, end byte) of the memory a NumPy, torch or CuPy array spans; None when empty."""
+    if math.prod(x.shape) == 0:
+        return None
+    kind = kind_of(x)
+    if kind == "torch":
+        item = x.element_size()
+        start, strides = x.data_ptr(), [s * item for s in x.stride()]
+    elif kind == "cupy":
+        item, start, strides = x.itemsize, x.data.ptr, x.strides
+    elif kind == "numpy":
+        item, start, strides = x.itemsize, x.__array_interface__["data"][0], x.strides
+    else:
+        return None
+    low = sum((n - 1) * s for n, s in zip(x.shape, strides) if s < 0)
+    high = sum((n - 1) * s for n, s in zip(x.shape, strides) if s > 0)
+    return _device(x), start + low, start + high + item
+
+
+def _overlap(a, b):
+    return a is not None and b is not None and a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
+
+
+def _address(x):
+    kind = kind_of(x)
+    if kind == "numpy":
+        return x.__array_interface__["data"][0]
+    return x.data_ptr() if kind == "torch" else x.data.ptr if kind == "cupy" else None
+
+
+def _native_out(be, y, shape, dtype):
+    """The backend's array over the caller's out tensor `y` when its kernels can write that memory
+    (cpu: a NumPy view of host memory; cuda/rocm: a CuPy view of device memory), else a buffer of its own."""
+    native = be.to_native(y, True)
+    if math.prod(shape) and _address(native) != _address(y):  # a copy (OpenCL uploads, a fallback to cpu from a device)
+        return be.empty(shape, dtype)
+    return native
+
+
+def _copy_into(target, y):
+    """The result `y` (of target's kind and device) into the caller's out tensor, unless it is that memory."""
+    if math.prod(target.shape) == 0 or _address(y) == _address(target):
+        return
+    if kind_of(target) == "torch":
+        target.copy_(y)
+    else:
+        target[...] = y

@@ -97,6 +97,14 @@ def decode(codes, fmt):
     return codes.astype(np.float64)
 
 
+def values(x):
+    """float64 values of a float or fp8 array; fp8 through the tables of decode (ml_dtypes' astype takes
+    about 5x as long)."""
+    x = np.asarray(x)
+    name = x.dtype.name
+    return decode(x, name) if name in FORMATS and FORMATS[name].is_float else x.astype(np.float64)
+
+
 ENCODE_CHUNK = 1 << 18  # elements per pass of encode: its temporaries stay in cache, not in fresh pages
 
 
@@ -188,6 +196,18 @@ def expand_scales(scales, shape, granularity, group_size=128):
     s = np.asarray(scales)
     rows, cols = group_tile(granularity, m, k, group_size)
     return np.repeat(np.repeat(s, rows, axis=-2)[..., :m, :], cols, axis=-1)[..., :k]
+
+
+def apply_scales(x, scales, granularity, group_size=128, op=np.multiply):
+    """op(x, scale of each element) for x [..., M, K] and scales [..., sr, sc]: in the tensor's blocked
+    shape where the groups tile it exactly (no expanded copy of the scales), else through expand_scales."""
+    *lead, m, k = x.shape
+    rows, cols = group_tile(granularity, m, k, group_size)
+    s = np.asarray(scales)
+    if m % rows or k % cols:
+        return op(x, expand_scales(s, x.shape, granularity, group_size))
+    blocked = x.reshape(*lead, m // rows, rows, k // cols, cols)
+    return op(blocked, s[..., :, None, :, None]).reshape(x.shape)
 
 
 def e8m0_decode(codes):

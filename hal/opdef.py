@@ -146,14 +146,16 @@ class OpDef:
                 )
                 for i, p in enumerate(q for q in self.params if q != "*")
             ]
-            + [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None)]
+            + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in ("backend", "out")]
         )
 
     def __repr__(self):
         return f"<hal op {self.name}{self.__signature__}>"
 
-    def __call__(self, *args, backend=None, **kwargs):
-        return dispatch(self, self.bind(args, kwargs), backend)
+    def __call__(self, *args, backend=None, out=None, **kwargs):
+        """Run the op; `out=` takes the result tensor(s) to write into (torch's convention, see
+        hal.dispatch.check_out) and returns them."""
+        return dispatch(self, self.bind(args, kwargs), backend, out)
 
     def bind(self, args, kwargs):
         """Arguments by name, with defaults filled in."""

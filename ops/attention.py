@@ -387,6 +387,32 @@ def _paged_cost(a):
     return flops, int(lens.sum()) * row_bytes
 
 
+def _paged_peer(t):
+    """What an engine without a paged kernel does: gather each sequence's blocks into a dense cache
+    (padded to the longest, the padding masked), dequantize fp8, then SDPA with the query heads of
+    each KV head folded into the query length (GQA without repeating K and V). No softcap."""
+    import torch
+    import torch.nn.functional as F
+
+    q, kc, vc = t["q"], t["k_cache"], t["v_cache"]
+    b, hq, d = q.shape
+    bs, hkv = kc.shape[1], kc.shape[2]
+    lens = t["seq_lens"].long()
+    n = int(lens.max())
+    blocks = t["block_table"][:, :-(-n // bs)].long().clamp(min=0).flatten()  # unused entries (-1): any block, masked
+    mask = (torch.arange(n) < lens[:, None])[:, None, None, :] if bool((lens < n).any()) else None
+    scales = [1.0 if t[name] is None else t[name] for name in ("k_scale", "v_scale")]
+
+    def run():
+        k, v = (c.index_select(0, blocks).view(b, -1, hkv, c.shape[-1])[:, :n].transpose(1, 2) for c in (kc, vc))
+        if k.dtype != q.dtype:
+            k, v = (x.to(q.dtype) * s for x, s in zip((k, v), scales))
+        out = F.scaled_dot_product_attention(q.view(b, hkv, hq // hkv, d), k, v, attn_mask=mask, scale=t["scale"])
+        return out.reshape(b, hq, -1)
+
+    return run
+
+
 paged_decode_attention = OpDef(
     name="paged_decode_attention",
     doc="paged_decode_attention(q, k_cache, v_cache, block_table, seq_lens, *, scale=None, softcap=None, k_scale=None, "
@@ -405,6 +431,7 @@ paged_decode_attention = OpDef(
     error_samples=_paged_errors,
     bench=lambda rng, dtype: _paged_args(rng, dtype, [4096] * 16 + [16384] * 4, 32, 8, 128, 16),
     cost=_paged_cost,
+    torch_peer=_paged_peer,
 )
 
 

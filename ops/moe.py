@@ -235,8 +235,10 @@ moe_route = OpDef(
 
 
 def align_capacity(tokens, k, experts, block_m):
-    """Rows of moe_align's padded layout: enough for any routing, known without reading the ids."""
-    return -(-(tokens * k + experts * (block_m - 1)) // block_m) * block_m
+    """Rows of moe_align's padded layout: enough for any routing, known without reading the ids. At most
+    min(E, T*k) experts get rows, each padding its segment by fewer than block_m (a decode step of T*k = 6
+    of 64 experts needs 384 rows, not 4096)."""
+    return -(-(tokens * k + min(experts, tokens * k) * (block_m - 1)) // block_m) * block_m
 
 
 def align(topk_ids, experts, block_m):
@@ -265,7 +267,7 @@ def _align_check(a):
         check_range("topk_ids", a["topk_ids"], -2**31, 2**31, "expert ids (int32 values)")
     t, k = a["topk_ids"].shape
     if align_capacity(t, k, a["num_experts"], a["block_m"]) >= 2**31:
-        raise InvalidArgument("topk_ids", "T*k + num_experts*(block_m - 1) < 2**31 (int32 row indices)", f"shape {tuple(a['topk_ids'].shape)}")
+        raise InvalidArgument("topk_ids", "T*k + min(num_experts, T*k)*(block_m - 1) < 2**31 (int32 row indices)", f"shape {tuple(a['topk_ids'].shape)}")
 
 
 def _align_outputs(a):
@@ -348,7 +350,7 @@ def _align_peer(t):
 moe_align = OpDef(
     name="moe_align",
     doc="moe_align(topk_ids, num_experts, block_m) -> (sorted_ids [cap], block_experts [cap // block_m], "
-    "expert_offsets [E + 1], total [1]), int32, cap = round_up(T*k + E*(block_m - 1), block_m): the flat indices "
+    "expert_offsets [E + 1], total [1]), int32, cap = round_up(T*k + min(E, T*k)*(block_m - 1), block_m): the flat indices "
     "t*k + j grouped by expert (ascending within one), each segment padded with the sentinel T*k to a multiple "
     "of block_m; ids outside [0, E) are skipped.",
     params=[Tensor("topk_ids", dtypes=INTS, rank=2), Attr("num_experts", None, int, range=POSITIVE),

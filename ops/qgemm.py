@@ -22,6 +22,7 @@ from hal.dtypes import FLOATS, INTS, name_of, to_numpy
 from hal.opdef import Attr, InvalidArgument, check_finite, check_offsets, ErrorSample, OpDef, Sample, Tensor, random, strided
 
 from .activations import EPILOGUES, epilogue, epilogue_columns, epilogue_magnitude, is_gated, torch_epilogue
+from .linear import abs_matmul
 from .moe import check_masked_rows, masked_segments, offset_segments
 
 FP8 = ("float8_e4m3fn", "float8_e4m3fnuz")
@@ -33,17 +34,12 @@ FP4_GROUP = {"mxfp4": F.MXFP4_GROUP, "nvfp4": F.NVFP4_GROUP}
 # ---------------------------------------------------------------- dequantized operands (float64)
 
 
-def _values(x):
-    """float64 values of a float array (fp8 included: ml_dtypes widens exactly)."""
-    return np.asarray(x).astype(np.float64)
-
-
 def _promoted(a, a_scales, b, b_scales):
     """a @ b.T of fp8 codes as DeepSeek promotes it: each 128-wide K block's partial sum times
     a_scale * b_scale, summed (an inf scale gives +-inf, or NaN where that block's partial sum is 0).
     a [M, K], a_scales [M, KB]; b [N, K], b_scales [ceil(N / 128), KB]."""
-    x, w, xs = _values(a), _values(b), _values(a_scales)
-    ws = np.repeat(_values(b_scales), BLOCK, axis=0)[: w.shape[0]]
+    x, w, xs = F.values(a), F.values(b), F.values(a_scales)
+    ws = np.repeat(F.values(b_scales), BLOCK, axis=0)[: w.shape[0]]
     out = np.zeros((x.shape[0], w.shape[0]))
     with np.errstate(invalid="ignore"):  # inf * 0 is the NaN the rule asks for
         for kb, start in enumerate(range(0, x.shape[1], BLOCK)):
@@ -53,9 +49,9 @@ def _promoted(a, a_scales, b, b_scales):
 
 
 def _fp8_operand(q, scales, granularity):
-    x = _values(q)
+    x = F.values(q)
     with np.errstate(invalid="ignore"):  # an inf scale on a 0 code
-        return x * F.expand_scales(_values(scales), x.shape, granularity, BLOCK)
+        return F.apply_scales(x, F.values(scales), granularity, BLOCK)
 
 
 def _int4_weights(packed, scales, zeros, group):
@@ -64,18 +60,13 @@ def _int4_weights(packed, scales, zeros, group):
     if zeros is None:
         q = F.decode(codes, "int4")
     else:
-        q = codes.astype(np.float64) - F.expand_scales(_values(zeros), codes.shape, "group", group)
-    return q * F.expand_scales(_values(scales), codes.shape, "group", group)
+        q = codes.astype(np.float64) - F.expand_scales(F.values(zeros), codes.shape, "group", group)
+    return F.apply_scales(q, F.values(scales), "group", group)
 
 
 def _fp4_weights(packed, scales, fmt, tensor_scale):
     w = F.decode(F.unpack_nibbles(packed), "e2m1")
-    return w * F.expand_scales(F.scale_values(fmt, scales, tensor_scale), w.shape, "group", FP4_GROUP[fmt])
-
-
-def _product_magnitude(a, b):
-    """|a| @ |b|.T: what fp32 dot-product rounding is relative to."""
-    return np.abs(a) @ np.abs(b).T
+    return F.apply_scales(w, F.scale_values(fmt, scales, tensor_scale), "group", FP4_GROUP[fmt])
 
 
 def _growth(a):
@@ -101,8 +92,11 @@ def _scales(rng, shape, unit=1.0):
 
 
 def _codes(rng, shape, fmt, spread):
-    """Codes of random values: encode(x / scale) for normal x / scale of std `spread`."""
-    return F.encode(rng.standard_normal(shape) * spread, fmt)
+    """Codes of normal draws of std `spread` (encode(x)). Each element's 16 random bits pick one of 65536
+    draws encoded once, so the demo's 200M expert weights cost one pass of random bits, not of float64."""
+    table = F.encode(rng.standard_normal(1 << 16) * spread, fmt)
+    n = math.prod(shape)
+    return table[rng.bit_generator.random_raw(-(-n // 4)).view(np.uint16)[:n]].reshape(shape)  # 4 draws per 64 random bits
 
 
 def _fp8(rng, shape, fmt):
@@ -160,7 +154,7 @@ def _fp8_reference(a):
 
 
 def _fp8_magnitude(a, refs):
-    return [_product_magnitude(_fp8_operand(a["a"], a["a_scales"], "group"), _fp8_operand(a["b"], a["b_scales"], "block"))]
+    return [abs_matmul(_fp8_operand(a["a"], a["a_scales"], "group"), _fp8_operand(a["b"], a["b_scales"], "block").T)]
 
 
 def _fp8_args(rng, fmt, m, k, n, out_dtype="bfloat16"):
@@ -330,8 +324,12 @@ def _grouped_reference_and_magnitude(rows, a):
     for e, lo, hi in segments:
         if hi <= lo:  # an expert without rows (most of them in a decode step): its weights are not read
             continue
-        h = _promoted(x[lo:hi], x_scales[lo:hi], a["b"][e], a["b_scales"][e])
-        bound = _product_magnitude(_fp8_operand(x[lo:hi], x_scales[lo:hi], "group"), _fp8_operand(a["b"][e], a["b_scales"][e], "block"))
+        xd, wd = _fp8_operand(x[lo:hi], x_scales[lo:hi], "group"), _fp8_operand(a["b"][e], a["b_scales"][e], "block")
+        if np.isinf(x_scales[lo:hi]).any() or np.isinf(a["b_scales"][e]).any():
+            h = _promoted(x[lo:hi], x_scales[lo:hi], a["b"][e], a["b_scales"][e])
+        else:  # finite scales: the promoted sum is the product of the dequantized operands, one matmul
+            h = xd @ wd.T
+        bound = abs_matmul(xd, wd.T)
         ref[lo:hi] = epilogue(act, h)
         # errors of the products reach the output through the activation (and the gate * up product)
         mag[lo:hi] = bound if act is None else epilogue_magnitude(act, h, bound) + np.abs(ref[lo:hi])
@@ -343,16 +341,18 @@ def _grouped_cost(rows, a):
     return _cost(a, a["b"].shape[1], a["a"], a["b"], a["a_scales"], a["b_scales"], n_out=_grouped_out_columns(a), rows=used)
 
 
-def _expert_weights(rng, fmt, e, nw, k):
-    """b [E, Nw, K] fp8 and its 128 x 128 block scales."""
-    return {"b": _fp8(rng, (e, nw, k), fmt), "b_scales": _fp8_scales(rng, (e, -(-nw // BLOCK), -(-k // BLOCK)), fmt)}
+def fp8_expert_weights(rng, fmt, e, nw, k, scale=1.0):
+    """b [E, Nw, K] fp8 and its 128 x 128 block scales (as DeepSeek-V3's checkpoint ships its experts),
+    the values of order `scale`."""
+    scales = _fp8_scales(rng, (e, -(-nw // BLOCK), -(-k // BLOCK)), fmt) * np.float32(scale)
+    return {"b": _fp8(rng, (e, nw, k), fmt), "b_scales": scales}
 
 
 def _grouped_args(rng, fmt, counts, k, nw, activation=None, lead=0, tail=0, index="int32", out_dtype="bfloat16"):
     """Experts with `counts` rows each, after `lead` rows no expert owns and before `tail` such rows."""
     offsets = (lead + np.concatenate([[0], np.cumsum(counts)])).astype(index)
     r, kb = int(offsets[-1]) + tail, -(-k // BLOCK)
-    return {"a": _fp8(rng, (r, k), fmt), "a_scales": _fp8_scales(rng, (r, kb), fmt), **_expert_weights(rng, fmt, len(counts), nw, k),
+    return {"a": _fp8(rng, (r, k), fmt), "a_scales": _fp8_scales(rng, (r, kb), fmt), **fp8_expert_weights(rng, fmt, len(counts), nw, k),
             "expert_offsets": offsets, "activation": activation, "out_dtype": out_dtype}
 
 
@@ -466,7 +466,7 @@ fp8_grouped_gemm_blockscale = _fp8_grouped_op(
 def _masked_args(rng, fmt, counts, m, k, nw, activation=None, index="int32", out_dtype="bfloat16"):
     counts = np.asarray(counts, np.int64)
     e, kb = counts.size, -(-k // BLOCK)
-    return {"a": _fp8(rng, (e, m, k), fmt), "a_scales": _fp8_scales(rng, (e, m, kb), fmt), **_expert_weights(rng, fmt, e, nw, k),
+    return {"a": _fp8(rng, (e, m, k), fmt), "a_scales": _fp8_scales(rng, (e, m, kb), fmt), **fp8_expert_weights(rng, fmt, e, nw, k),
             "masked_m": counts.astype(index), "activation": activation, "out_dtype": out_dtype}
 
 
@@ -558,13 +558,13 @@ def _int8_check(a):
 
 def _int8_scaled(a):
     """(a @ b.T) * a_scales * b_scales.T, the int8 values as float64 (exact)."""
-    s = _values(a["a_scales"]) * _values(a["b_scales"]).T
-    return (_values(a["a"]) @ _values(a["b"]).T) * s
+    s = F.values(a["a_scales"]) * F.values(a["b_scales"]).T
+    return (F.values(a["a"]) @ F.values(a["b"]).T) * s
 
 
 def _int8_reference(a):
     y = _int8_scaled(a)
-    return [y if a["bias"] is None else y + _values(a["bias"])]
+    return [y if a["bias"] is None else y + F.values(a["bias"])]
 
 
 def _int8_magnitude(a, refs):
@@ -572,7 +572,7 @@ def _int8_magnitude(a, refs):
     # scaled sum and the bias, not to |a| @ |b|. A kernel that accumulates in fp32 fails the sample
     # whose partial sums pass 2^24 and cancel back.
     y = np.abs(_int8_scaled(a))
-    return [y if a["bias"] is None else y + np.abs(_values(a["bias"]))]
+    return [y if a["bias"] is None else y + np.abs(F.values(a["bias"]))]
 
 
 def _int8_args(rng, m, k, n, per_token=True, per_channel=True, bias=None, out_dtype="bfloat16"):
@@ -766,7 +766,7 @@ w4a16_gemm = OpDef(
     samples=_w4_samples,
     error_samples=_w4_errors,
     growth=_growth,
-    magnitude=lambda a, refs: [_product_magnitude(a["a"], _w4_weights(a))],
+    magnitude=lambda a, refs: [abs_matmul(a["a"], _w4_weights(a).T)],
     bench=lambda rng, dtype, m=4096, k=2048, n=2048: _w4_args(rng, dtype, m, k, n, 128),
     cost=lambda a: _cost(a, a["b_packed"].shape[0], a["a"], a["b_packed"], a["scales"], a["zeros"]),
     torch_peer=_w4_peer,
@@ -879,7 +879,7 @@ fp4_gemm = OpDef(
     samples=_fp4_samples,
     error_samples=_fp4_errors,
     growth=_growth,
-    magnitude=lambda a, refs: [_product_magnitude(a["a"], _fp4_w(a))],
+    magnitude=lambda a, refs: [abs_matmul(a["a"], _fp4_w(a).T)],
     bench=lambda rng, dtype, m=4096, k=2048, n=2048, fmt="mxfp4": _fp4_args(rng, dtype, m, k, n, fmt),
     cost=lambda a: _cost(a, a["b_packed"].shape[0], a["a"], a["b_packed"], a["b_scales"]),
     torch_peer=_fp4_peer,

@@ -150,8 +150,10 @@ def _group_reduce(x, granularity, group_size, reduce):
     *lead, m, k = x.shape
     sr, sc = F.scale_shape(x.shape, granularity, group_size)[-2:]
     gr, gc = F.group_tile(granularity, m, k, group_size)
-    padded = np.zeros((*lead, sr * gr, sc * gc), x.dtype)
-    padded[..., :m, :k] = x
+    padded = x
+    if (sr * gr, sc * gc) != (m, k):
+        padded = np.zeros((*lead, sr * gr, sc * gc), x.dtype)
+        padded[..., :m, :k] = x
     return reduce(padded.reshape(*lead, sr, gr, sc, gc), axis=(-3, -1))
 
 
@@ -180,7 +182,7 @@ def _quantize_reference(a):
         if a["zero_point"]:
             return _int4_zero_point_reference(x, a)
         scale = _amax_scale(_group_reduce(np.abs(x), a["granularity"], a["group_size"], np.max), F.FORMATS[fmt].max)
-        codes = F.encode(x / _spread(scale, x.shape, a), fmt)
+        codes = F.encode(F.apply_scales(x, scale, a["granularity"], a["group_size"], np.divide), fmt)
         q = F.pack_nibbles(codes) if fmt == "int4" else codes if fmt == "int8" else _stored(codes, fmt)
         return [q, scale.astype(np.float64)]
 
@@ -215,11 +217,6 @@ def _nvfp4_reference(x, a):
     return [F.pack_nibbles(q), _stored(block, "float8_e4m3fn"), tensor_scale.astype(np.float64)]
 
 
-def _values(t):
-    """float64 values of a float array (fp8 included: ml_dtypes widens exactly)."""
-    return np.asarray(t).astype(np.float64)
-
-
 def _dequantize_values(q, scales, fmt, granularity, group_size, zeros=None, tensor_scale=None):
     """float64 x = decode(q) * scale of already checked arguments (fmt's default granularity filled in)."""
     shape = _logical_shape(q, fmt)
@@ -230,10 +227,10 @@ def _dequantize_values(q, scales, fmt, granularity, group_size, zeros=None, tens
         elif zeros is None:
             v = F.decode(codes, "int4")
         else:
-            v = codes - F.expand_scales(_values(zeros), shape, granularity, group_size)
+            v = codes - F.expand_scales(F.values(zeros), shape, granularity, group_size)
     else:
-        v = _values(q)
-    return v * F.expand_scales(F.scale_values(fmt, scales, tensor_scale), shape, granularity, group_size)
+        v = F.values(q)
+    return F.apply_scales(v, F.scale_values(fmt, scales, tensor_scale), granularity, group_size)
 
 
 def _dequantize_reference(a):

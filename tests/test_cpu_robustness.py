@@ -217,3 +217,8 @@ def test_truncated_numba_cache_heals(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0 and done.stdout.split() == ["ok"], done.stderr
     assert done.stderr.count("unreadable Numba cache file") == 1 and "_align_kernel" in done.stderr  # warned once
+    # A compile says so, naming the kernel, once per compile (3: the first and after each truncation); a cache hit is silent.
+    assert done.stderr.count("hal: compiling cpu kernel _align_kernel") == 3, done.stderr
+    again = subprocess.run([sys.executable, "-c", "import numpy as np, hal.ops as o; o.moe_align(np.zeros((5, 2), np.int32), 3, 2, backend='cpu')"],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "hal: compiling" not in again.stderr, again.stderr

@@ -11,6 +11,7 @@ from hal import formats as F
 from hal.conformance import judge
 from hal.dtypes import to_numpy
 from hal.errors import SchemaError
+from hal.backends.cpu import gemm_core
 from hal.ops import qgemm
 
 FP8 = ("float8_e4m3fn", "float8_e4m3fnuz")
@@ -19,6 +20,14 @@ FP8 = ("float8_e4m3fn", "float8_e4m3fnuz")
 def _run(op, args):
     with hal.use("cpu", fallback="error"):
         return op(**args)
+
+
+@pytest.fixture(params=["amx", "fma"])
+def fp8_path(request, monkeypatch):
+    """The fp8 GEMMs' two cpu paths: AMX tiles (where the CPU and OS offer them), and the dequantizing one."""
+    if request.param not in gemm_core.RUNGS:
+        pytest.skip(f"this CPU (or the OS) offers only the rungs {', '.join(gemm_core.RUNGS)}")
+    monkeypatch.setattr(gemm_core, "RUNG", request.param)
 
 
 # ---------------------------------------------------------------- quantizing per the spec (hal.formats only)
@@ -86,7 +95,7 @@ def test_fp8_round_trip(fmt):
     assert np.linalg.norm(got - exact) < 0.05 * np.linalg.norm(exact)
 
 
-def test_fp8_grouped_matches_plain_per_expert():
+def test_fp8_grouped_matches_plain_per_expert(fp8_path):
     """Each expert's rows of the grouped op equal fp8_gemm_blockscale on those rows (bitwise: same path)."""
     rng = np.random.default_rng(3)
     args = qgemm._grouped_args(rng, FP8[0], [3, 50, 0, 9], 260, 300, lead=2, tail=3, out_dtype="float32")
@@ -100,7 +109,7 @@ def test_fp8_grouped_matches_plain_per_expert():
     assert not got[:2].any() and not got[-3:].any()
 
 
-def test_fp8_grouped_silu_and_mul_across_panels():
+def test_fp8_grouped_silu_and_mul_across_panels(fp8_path):
     """N = 300 gate and up columns: the gate/up pairing holds across several weight panels (BLAS path)."""
     rng = np.random.default_rng(4)
     args = qgemm._grouped_args(rng, FP8[1], [40, 0, 70], 200, 2 * 300, "silu_and_mul", tail=2)
@@ -110,7 +119,7 @@ def test_fp8_grouped_silu_and_mul_across_panels():
 
 
 @pytest.mark.parametrize("activation", [a for a in hal.ops.activations.EPILOGUES if a])
-def test_fp8_grouped_every_activation(activation):
+def test_fp8_grouped_every_activation(activation, fp8_path):
     """Every activation of hal.codes, plain and gated, fused into the grouped epilogue: a small-M expert
     and a BLAS-path expert (M > 32), float32 out (the plain ones activate the output in place)."""
     rng = np.random.default_rng(5)
@@ -121,7 +130,7 @@ def test_fp8_grouped_every_activation(activation):
     assert worst <= 1.0, message
 
 
-def test_fp8_masked_computes_what_the_contiguous_layout_does():
+def test_fp8_masked_computes_what_the_contiguous_layout_does(fp8_path):
     """fp8_grouped_gemm_masked_blockscale over a [E, M, K] equals fp8_grouped_gemm_blockscale over the
     same rows packed back to back, on both paths (a 5-row expert: small-M loop; 60 rows: BLAS), and its
     other rows are zeros: NaN codes and inf scales in those rows reach nothing."""

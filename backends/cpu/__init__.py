@@ -13,12 +13,18 @@ Without TBB, Numba on Linux falls back to GNU OpenMP, which kills a fork child t
 region once the parent has; there a forked child gets a HalError saying to use spawn instead.
 """
 import functools
+import math
 import os
 import platform
 import sys
+import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
+
+from hal.dispatch import physical_memory
+from hal.dtypes import to_numpy
 from hal.errors import HalError
 from hal.registry import Backend, Priority, hookimpl
 
@@ -33,18 +39,87 @@ class CpuBackend(Backend):
     priority = Priority.HOST
 
     def info(self):
-        """CPU facts: the model, the LLVM target Numba compiles for, the ISA features the kernels use,
-        cores, Numba's threads and threading layer."""
+        """CPU facts: the model, the LLVM target Numba compiles for, the ISA features the kernels use, the
+        GEMM microkernel chosen from them, cores, Numba's threads and threading layer."""
         import llvmlite.binding as llvm
         import numba
 
+        from . import gemm_core
         from .common import CPU_FEATURES
 
         isa = [f for f in _ISA if f in CPU_FEATURES]
         return {"device": _cpu_model(), "arch": llvm.get_host_cpu_name(), "isa": " ".join(isa) or "baseline",
+                "gemm": f"bfloat16 microkernel {gemm_core.RUNG} (of {', '.join(gemm_core.RUNGS)}; HAL_CPU_GEMM forces one)",
                 "cores": str(os.cpu_count()), "threads": str(numba.get_num_threads()), "threading_layer": _threading_layer(),
-                "memory": "host NumPy arrays; torch CPU tensors are viewed, not copied",
-                "toolchain": f"Numba {numba.__version__} (LLVM), no system compiler; BLAS from NumPy"}
+                "memory": "host NumPy arrays; torch CPU tensors are viewed, not copied; outputs >= 4 MiB reuse pooled buffers",
+                "toolchain": f"Numba {numba.__version__} (LLVM), no system compiler; BLAS from NumPy",
+                "thread pools": _thread_pools()}
+
+    def empty(self, shape, dtype):
+        return _POOL.empty(shape, to_numpy(dtype))
+
+
+class _Lease:
+    """The base of the arrays over one pooled buffer (NumPy keeps it alive through __array_interface__):
+    when the last of them dies, the buffer goes back to the pool."""
+
+    def __init__(self, pool, raw, size, nbytes):
+        offset = -raw.ctypes.data % 64  # cache-line aligned rows for the vector loads and stores
+        self.pool, self.raw, self.size = pool, raw, size
+        self.__array_interface__ = {"data": (raw.ctypes.data + offset, False), "shape": (nbytes,), "typestr": "|u1", "version": 3}
+
+    def __del__(self):
+        self.pool.give_back(self.raw, self.size)
+
+
+class OutputPool:
+    """Output buffers of >= MIN_BYTES, reused once their arrays are gone.
+
+    NumPy takes a big array from mmap and glibc unmaps it on free, so a fresh output was faulted in again
+    on every call: each 2 MiB page (NumPy asks for transparent huge pages) zeroed by the kernel and, with
+    THP defrag, memory compacted first. A 64 MiB rms_norm output cost 5-12 ms of system time per call
+    (the kernel itself 10-15 ms), more when memory is fragmented: the call-to-call variance. Buffers come
+    in size classes of 2 MiB; at most `limit` bytes wait idle, beyond that a released buffer is freed."""
+
+    MIN_BYTES = 4 << 20
+    CLASS = 2 << 20
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.idle = {}  # size class -> idle raw buffers
+        self.idle_bytes = 0
+        self.lock = threading.RLock()  # reentrant: a release can run inside empty() when it triggers the GC
+
+    def empty(self, shape, dtype):
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < self.MIN_BYTES:
+            return np.empty(shape, dtype)
+        size = -(-nbytes // self.CLASS) * self.CLASS
+        with self.lock:
+            free = self.idle.get(size)
+            raw = free.pop() if free else None
+            if raw is not None:
+                self.idle_bytes -= size
+        if raw is None:
+            raw = np.empty(size + 64, np.uint8)
+        return np.asarray(_Lease(self, raw, size, nbytes)).view(dtype).reshape(shape)
+
+    def give_back(self, raw, size):
+        with self.lock:
+            if self.idle_bytes + size <= self.limit:
+                self.idle.setdefault(size, []).append(raw)
+                self.idle_bytes += size
+
+
+_POOL = OutputPool(limit=min(512 << 20, physical_memory() // 32))
+
+
+def _thread_pools():
+    """The native thread pools loaded in this process (threadpoolctl): library, API and threads."""
+    import threadpoolctl
+
+    pools = threadpoolctl.threadpool_info()
+    return ", ".join(f"{Path(p['filepath']).name} ({p['internal_api']}, {p['num_threads']} threads)" for p in pools) or "none"
 
 
 # ISA features the kernels take a faster path with (a 16-lane tile, vdpbf16ps, vcvtph2ps), or that
@@ -110,9 +185,9 @@ def _fork_checked(fn):
     return kernel
 
 
+@functools.cache  # once per process, however often the registry is rebuilt
 def _install_compile_notice():
     """Print one line when a hal kernel is compiled (not when it is loaded from the cache)."""
-    import numba
     from numba.core import event
 
     class Notice(event.Listener):
@@ -127,7 +202,7 @@ def _install_compile_notice():
         def on_end(self, ev):
             self.depth -= 1
 
-    event.install_listener("numba:compile", Notice())
+    event.register("numba:compile", Notice())  # (install_listener is a context manager: it would uninstall at once)
 
 
 def _install_cache_healing():

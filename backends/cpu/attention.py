@@ -14,6 +14,11 @@ contiguous (vector) dimension:
     O^T [dv, rows]  += V^T [dv, keys] . P^T [keys, rows]  (A = the V tile read column-wise)
 so K and V are only widened to float32 row by row, never transposed, and the softmax of each
 query row is a column of S^T: its max, exp and sum vectorize across the rows.
+
+Decode has one query row per head, too few for that layout: a paged_decode_attention task owns a
+partition of one sequence (split-K over long contexts, merged afterwards) for all heads, and per
+KV head multiplies its group of query heads (padded to 4) with 4 keys at a time in `_dots`, then
+P V in a 4 x 64 instance of the microkernel.
 """
 import math
 
@@ -25,7 +30,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .common import F32, FASTMATH, HELPER, KERNEL, Kernel, U32, bits_f32, exp, load, raw_view, store
+from .common import (F16_TO_F32, F32, FASTMATH, HAS_F16C, HELPER, KERNEL, Kernel, U32, exp, f16_f32, f32_bits, load, raw_view,
+                     store)
 
 # ---------------------------------------------------------------- register-blocked microkernel
 
@@ -94,6 +100,57 @@ def _microkernel(mr, nr):
 
 
 _mk = _microkernel(_MR, _NR)
+
+
+@intrinsic
+def _dots(typingctx, a, a_off, lda, b, b_off, ldb, s, s_off, lds, k):
+    """S[i, j] = A[i, :k] . B[j, :k] for i, j < 4 (k a multiple of 16) on float32 arrays: row i of A at
+    a[a_off + i * lda], row j of B at b[b_off + j * ldb], S[i, j] to s[s_off + i * lds + j].
+
+    Sixteen 16-lane accumulators, each loaded vector of A or B feeding four FMAs (one dot product at a
+    time is bound by its two loads per FMA). The sixteen horizontal sums are one transposing tree:
+    each stage adds the two halves of every pair of vectors' partial sums, so 15 adds and 30 shuffles
+    leave the 16 dot products in the lanes of one vector (16 separate sums would take 64 of each)."""
+    sig = types.void(a, a_off, lda, b, b_off, ldb, s, s_off, lds, k)
+
+    def codegen(context, builder, sig, args):
+        f32, i64 = ir.FloatType(), ir.IntType(64)
+        vec = ir.VectorType(f32, _LANES)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
+        pa, pb, ps = (builder.gep(context.make_array(sig.args[i])(context, builder, args[i]).data,
+                                  [context.cast(builder, args[i + 1], sig.args[i + 1], types.int64)]) for i in (0, 3, 6))
+        lda, ldb, lds, kk = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (2, 5, 8, 9))
+
+        def vload(base, ld, row, p):
+            ptr = builder.gep(base, [builder.add(builder.mul(ir.Constant(i64, row), ld), p)])
+            return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4)
+
+        acc = [cgutils.alloca_once_value(builder, ir.Constant(vec, [0.0] * _LANES)) for _ in range(16)]
+        with cgutils.for_range_slice(builder, ir.Constant(i64, 0), kk, ir.Constant(i64, _LANES)) as (p, _):
+            av = [vload(pa, lda, i, p) for i in range(4)]
+            bv = [vload(pb, ldb, j, p) for j in range(4)]
+            for i in range(4):
+                for j in range(4):
+                    builder.store(builder.call(fma, [av[i], bv[j], builder.load(acc[4 * i + j])]), acc[4 * i + j])
+        sums = [builder.load(x) for x in acc]
+        width = _LANES  # lanes of each accumulator's partial sums in the vectors of this stage
+        while len(sums) > 1:
+            half = width // 2
+            chunks = range(0, _LANES, width)
+            lo = [c + x for c in chunks for x in range(half)]
+            hi = [c + half + x for c in chunks for x in range(half)]
+            lo, hi = (ir.Constant(ir.VectorType(ir.IntType(32), _LANES), m + [_LANES + i for i in m]) for m in (lo, hi))
+            sums = [builder.fadd(builder.shuffle_vector(x, y, lo), builder.shuffle_vector(x, y, hi))
+                    for x, y in zip(sums[0::2], sums[1::2])]
+            width = half
+        quad = ir.VectorType(f32, 4)
+        for i in range(4):
+            row = builder.shuffle_vector(sums[0], sums[0], ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(4 * i, 4 * i + 4))))
+            ptr = builder.gep(ps, [builder.mul(ir.Constant(i64, i), lds)])
+            builder.store(row, builder.bitcast(ptr, quad.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @intrinsic
@@ -364,36 +421,35 @@ def _ld_kv(a, i):
 @overload(_ld_kv, jit_options=HELPER)
 def _ld_kv_impl(a, i):
     if a.dtype in (types.uint8, types.int8):
-        # e4m3 bits shifted into a float32's exponent and mantissa fields give 2**-bias' times the
-        # value (subnormals included: they land on float32 subnormals), rescaled by a power of 2.
-        # e4m3fn: bias 7, NaN 0x7F / 0xFF; e4m3fnuz: bias 8, NaN 0x80, no -0.
+        # e4m3 bits shifted into a float16's fields give 2**-(bias - 15) times the value, subnormals
+        # included (F16C converts float16 subnormals at full speed, where float32 subnormal inputs to
+        # a multiply take a microcode assist). The arithmetic stays in 16-bit lanes and the NaN test
+        # on the float32, else the vectorizer widens every lane to 64 bits.
+        # e4m3fn: bias 7, NaN 0x7F / 0xFF (|value| 480 here); e4m3fnuz: bias 8, NaN 0x80 (-0.0 here).
         fn = a.dtype == types.uint8
-        rescale = F32(2.0 ** 120 if fn else 2.0 ** 119)
+        rescale = F32(2.0 ** 8 if fn else 2.0 ** 7)
 
         def ld(a, i):
-            x = U32(np.uint8(a[i]))
-            f = bits_f32(((x & U32(0x7F)) << U32(20)) | ((x & U32(0x80)) << U32(24))) * rescale
-            nan = (x & U32(0x7F)) == U32(0x7F) if fn else x == U32(0x80)
+            x = np.uint16(np.uint8(a[i]))
+            h = np.uint16(((x & 0x80) << 8) | ((x & 0x7F) << 7))
+            f = (f16_f32(h) if HAS_F16C else F16_TO_F32[h]) * rescale
+            nan = abs(f) == F32(480.0) if fn else f32_bits(f) == U32(0x80000000)
             return F32(np.nan) if nan else f
         return ld
     return lambda a, i: load(a, i)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _widen_paged(cache, table, b, h, j0, n, end, dst):
-    """dst[j, :] = float32(cache[block, slot, h, :]) for the keys j0 + j (j < n) of sequence b,
-    prefetching the next n keys before `end` (rows in scattered blocks: no hardware prefetch)."""
+def _widen_paged(cache, table, b, h, j0, n, dst):
+    """dst[j, :w] = float32(cache[block, slot, h, :]) for the keys j0 + j (j < n) of sequence b.
+    Block and slot advance by counting: a division per row costs as much as widening it."""
     bs = cache.shape[1]
+    i, slot = j0 // bs, j0 % bs
     for j in range(n):
-        key = j0 + j
-        row = cache[table[b, key // bs], key % bs, h]
+        row, out = cache[table[b, i], slot, h], dst[j]
         for p in range(row.shape[0]):
-            dst[j, p] = _ld_kv(row, p)
-    for j in range(n, min(2 * n, end - j0)):
-        key = j0 + j
-        row = cache[table[b, key // bs], key % bs, h]
-        for i in range(0, row.shape[0], 64 // row.itemsize):
-            _prefetch(row, i)
+            out[p] = _ld_kv(row, p)
+        i, slot = (i + 1, 0) if slot == bs - 1 else (i, slot + 1)
 
 
 @njit(**KERNEL)
@@ -433,65 +489,85 @@ def _partitions(seq_lens, size):
 
 # ---------------------------------------------------------------- paged_decode_attention
 
-_DECODE_PART = 512  # keys per partition: 32 partitions for a 16K sequence
-_DECODE_CHUNK = 64  # keys widened to float32 at a time (K and V chunks in L1)
+_DECODE_PART = 1024  # keys per partition: a 16K sequence spreads over 16 tasks
+_DECODE_CHUNK = 32  # keys per online-softmax step: K and V tiles of 32 x d floats stay in L1
+_DG = 4  # query heads per register block of both products (a KV head's group is padded to a multiple)
+_pv = _microkernel(_DG, _NR)  # O[4 heads, 64 columns] += P[4 heads, keys] . V[keys, 64 columns]
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _paged_task(q, kc, vc, table, part, kvh, qk_scale, softcap, m_out, l_out, o_out):
-    """One partition (sequence b, keys j0:j1) for the query heads of KV head kvh, unnormalized."""
+def _paged_task(q, kc, vc, table, part, qk_scale, softcap, m_out, l_out, o_out):
+    """One partition (sequence b, keys j0:j1) for every query head, unnormalized into m_out, l_out
+    [heads_q] and o_out [heads_q, dv].
+
+    Chunk by chunk, every KV head in turn: its K rows widened to float32, the scores of its group
+    of query heads in 4 x 4 blocks (GQA: K and V are read once for all of them), the online
+    softmax, its V rows widened, then P V in the register-blocked microkernel. The tiles stay in
+    L1; over the KV heads a chunk's blocks are read whole."""
     b, j0, j1 = part
-    group = q.shape[1] // kc.shape[2]
-    d, dv = q.shape[2], vc.shape[3]
-    h0 = kvh * group
-    qs = np.empty((group, d), np.float32)
-    for g in range(group):
+    hq, d = q.shape[1], q.shape[2]
+    hkv, dv = kc.shape[2], vc.shape[3]
+    group = hq // hkv
+    gp, dp, dvp = _round_up(group, _DG), _round_up(d, _LANES), _round_up(dv, _NR)
+    # Padding is zeros: heads with q = 0 (results unused), dims that add nothing.
+    qs = np.zeros((hkv, gp, dp), np.float32)
+    for h in range(hq):
         for p in range(d):
-            qs[g, p] = load(q[b, h0 + g], p) * qk_scale
-    kb = np.empty((_DECODE_CHUNK, d), np.float32)
-    vb = np.empty((_DECODE_CHUNK, dv), np.float32)
-    sc = np.empty(_DECODE_CHUNK, np.float32)
-    for g in range(group):
-        m_out[h0 + g] = -np.inf
-        l_out[h0 + g] = 0.0
-        o_out[h0 + g, :] = 0.0
+            qs[h // group, h % group, p] = load(q[b, h], p) * qk_scale
+    o = np.zeros((hkv, gp, dvp), np.float32)
+    m = np.full((hkv, gp), -np.inf, np.float32)
+    l = np.zeros((hkv, gp), np.float32)
+    s = np.empty((gp, _DECODE_CHUNK), np.float32)
+    kt = np.zeros((_DECODE_CHUNK, dp), np.float32)
+    vt = np.zeros((_DECODE_CHUNK, dvp), np.float32)
     for c0 in range(j0, j1, _DECODE_CHUNK):
         n = min(_DECODE_CHUNK, j1 - c0)
-        _widen_paged(kc, table, b, kvh, c0, n, j1, kb)
-        _widen_paged(vc, table, b, kvh, c0, n, j1, vb)
-        for g in range(group):
-            h = h0 + g
-            top = m_out[h]
-            for j in range(n):
-                acc = F32(0.0)
-                for p in range(d):
-                    acc += qs[g, p] * kb[j, p]
+        n4 = _round_up(n, 4)  # keys n..n4-1 pad the last 4 x 4 block: p = 0 and V = 0 (0 * inf would be NaN)
+        for kvh in range(hkv):
+            _widen_paged(kc, table, b, kvh, c0, n, kt)
+            for g0 in range(0, gp, _DG):
+                for t0 in range(0, n4, 4):
+                    _dots(qs[kvh], g0 * dp, dp, kt, t0 * dp, dp, s, g0 * _DECODE_CHUNK + t0, _DECODE_CHUNK, dp)
+            for g in range(group):
+                row = s[g]
                 if softcap > 0:
-                    acc = softcap * math.tanh(acc / softcap)
-                sc[j] = acc
-                top = max(top, acc)
-            alpha = exp(m_out[h] - top)
-            total = l_out[h] * alpha
-            o = o_out[h]
-            for c in range(dv):
-                o[c] *= alpha
-            for j in range(n):
-                p = exp(sc[j] - top)
-                total += p
-                for c in range(dv):
-                    o[c] += p * vb[j, c]
-            m_out[h] = top
-            l_out[h] = total
+                    for t in range(n):
+                        row[t] = softcap * math.tanh(row[t] / softcap)
+                top = m[kvh, g]
+                for t in range(n):
+                    top = row[t] if row[t] > top else top
+                # A head with only -inf scores so far keeps m = -inf and p = exp(-inf - 0) = 0.
+                alpha = exp(m[kvh, g] - top) if top > -np.inf else F32(1.0)
+                shift = top if top > -np.inf else F32(0.0)
+                total = F32(0.0)
+                for t in range(n):
+                    row[t] = exp(row[t] - shift)
+                    total += row[t]
+                row[n:n4] = 0.0
+                m[kvh, g] = top
+                l[kvh, g] = l[kvh, g] * alpha + total
+                if alpha != 1:  # the running max grew
+                    orow = o[kvh, g]
+                    for c in range(dv):
+                        orow[c] *= alpha
+            _widen_paged(vc, table, b, kvh, c0, n, vt)
+            vt[n:n4] = 0.0
+            for g0 in range(0, gp, _DG):
+                for c in range(0, dvp, _NR):
+                    _pv(s, g0 * _DECODE_CHUNK, _DECODE_CHUNK, 1, vt, c, dvp, o[kvh], g0 * dvp + c, dvp, n4, True)
+    for h in range(hq):
+        m_out[h] = m[h // group, h % group]
+        l_out[h] = l[h // group, h % group]
+        o_out[h] = o[h // group, h % group, :dv]
 
 
 @njit(**KERNEL)
 def _paged_kernel(q, kc, vc, table, parts, order, bounds, qk_scale, softcap, part_m, part_l, part_o):
-    """Thread w runs the (partition, KV head) items order[bounds[w]:bounds[w + 1]]."""
-    hkv = kc.shape[2]
+    """Thread w runs the partitions order[bounds[w]:bounds[w + 1]]."""
     for w in prange(bounds.shape[0] - 1):
         for i in range(bounds[w], bounds[w + 1]):
-            t, kvh = order[i] // hkv, order[i] % hkv
-            _paged_task(q, kc, vc, table, parts[t], kvh, qk_scale, softcap, part_m[t], part_l[t], part_o[t])
+            t = order[i]
+            _paged_task(q, kc, vc, table, parts[t], qk_scale, softcap, part_m[t], part_l[t], part_o[t])
 
 
 def paged_decode_attention(outs, q, k_cache, v_cache, block_table, seq_lens, scale, softcap, k_scale, v_scale):
@@ -504,8 +580,7 @@ def paged_decode_attention(outs, q, k_cache, v_cache, block_table, seq_lens, sca
     k_scale = 1.0 if k_scale is None else k_scale
     v_scale = 1.0 if v_scale is None else v_scale
     parts, first = _partitions(seq_lens, _DECODE_PART)
-    hkv = k_cache.shape[2]
-    order, bounds = _balance(np.repeat(parts[:, 2] - parts[:, 1], hkv))
+    order, bounds = _balance(parts[:, 2] - parts[:, 1])
     part_m = np.empty((len(parts), hq), np.float32)
     part_l = np.empty((len(parts), hq), np.float32)
     part_o = np.empty((len(parts), hq, v_cache.shape[-1]), np.float32)
@@ -540,8 +615,8 @@ def _mla_task(q_nope, q_pe, latent, k_pe, table, part, scale, m_out, l_out, o_ou
     kt, vt, s, o, m, l, alpha = _tile_state(d, dvp, mp)
     for c0 in range(j0, j1, _BN):
         n = min(_BN, j1 - c0)
-        _widen_paged(latent.reshape(latent.shape[0], latent.shape[1], 1, dl), table, b, 0, c0, n, j1, kt)
-        _widen_paged(k_pe.reshape(k_pe.shape[0], k_pe.shape[1], 1, d - dl), table, b, 0, c0, n, j1, kt[:, dl:])
+        _widen_paged(latent.reshape(latent.shape[0], latent.shape[1], 1, dl), table, b, 0, c0, n, kt)
+        _widen_paged(k_pe.reshape(k_pe.shape[0], k_pe.shape[1], 1, d - dl), table, b, 0, c0, n, kt[:, dl:])
         vt[:n, :dl] = kt[:n, :dl]
         _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, c0, False, F32(0.0))
     for h in range(heads):

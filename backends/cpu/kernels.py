@@ -5,91 +5,97 @@ layer_norm, the gated elementwise ops (silu_and_mul), rope and gemm with its fus
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from hal.codes import activation_code
 from hal.ops.activations import GATED_OPS
 
-from .common import (BF16, F32, FASTMATH, HELPER, KERNEL, Kernel, activate, as_f32, as_rows, dot4, exp, load, raw_view,
-                     store)
+from . import gemm_core
+from .common import (BF16, F32, FASTMATH, HELPER, KERNEL, Kernel, activate, as_f32, as_rows, bits_f32, dot4, exp, f32_bits,
+                     load, raw_view, store)
 
 # ---------------------------------------------------------------- kernels
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _load_row(x, res, s_out, r, buf):
-    """buf = x[r] (+ res[r]) in float32, also stored to s_out[r] with a residual; returns sum(buf)."""
-    acc = F32(0.0)
-    for j in range(buf.shape[0]):
-        v = load(x, (r, j))
-        if res is not None:
-            v += load(res, (r, j))
+def _summed_row(x, res, s_out, r):
+    """The row a norm works on: x[r] itself (its later passes then read it from L1/L2, so no scratch
+    row is written), or with a residual the float32 row x[r] + res[r], also stored to s_out[r]."""
+
+
+@overload(_summed_row, jit_options=HELPER)
+def _summed_row_impl(x, res, s_out, r):
+    if isinstance(res, types.NoneType):  # chosen by type at compile time: the two return different arrays
+        return lambda x, res, s_out, r: x[r]
+
+    def summed(x, res, s_out, r):
+        buf = np.empty(x.shape[1], np.float32)
+        for j in range(x.shape[1]):
+            v = load(x, (r, j)) + load(res, (r, j))
             store(s_out, (r, j), v)
-        buf[j] = v
-        acc += v
-    return acc
+            buf[j] = v
+        return buf
+
+    return summed
 
 
 @njit(**KERNEL)
 def _rms_norm_kernel(x, w, res, y, s_out, eps):
     rows, n = x.shape
     for r in prange(rows):
-        buf = np.empty(n, np.float32)  # float32 scratch row, stays in cache between passes
-        _load_row(x, res, s_out, r, buf)
+        row = _summed_row(x, res, s_out, r)
         ss = F32(0.0)
         for j in range(n):
-            ss += buf[j] * buf[j]
+            v = load(row, j)
+            ss += v * v
         inv = F32(1.0) / np.sqrt(ss / F32(n) + eps)
         for j in range(n):
-            store(y, (r, j), buf[j] * inv * load(w, j))
+            store(y, (r, j), load(row, j) * inv * load(w, j))
 
 
 @njit(**KERNEL)
 def _layer_norm_kernel(x, w, b, res, y, s_out, eps):
     rows, n = x.shape
     for r in prange(rows):
-        buf = np.empty(n, np.float32)  # float32 scratch row, stays in cache between passes
-        mean = _load_row(x, res, s_out, r, buf) / F32(n)
+        row = _summed_row(x, res, s_out, r)
+        total = F32(0.0)
+        for j in range(n):
+            total += load(row, j)
+        mean = total / F32(n)
         var = F32(0.0)  # two-pass (centered) variance over the cached row: no cancellation
         for j in range(n):
-            d = buf[j] - mean
+            d = load(row, j) - mean
             var += d * d
         inv = F32(1.0) / np.sqrt(var / F32(n) + eps)
         for j in range(n):
-            v = (buf[j] - mean) * inv * load(w, j)
+            v = (load(row, j) - mean) * inv * load(w, j)
             if b is not None:
                 v += load(b, j)
             store(y, (r, j), v)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _row_max(buf):
-    """max(buf) ignoring NaN (a NaN still makes its softmax row NaN through exp). Kept in 16
-    independent lanes: LLVM will not vectorize a float max reduction without nnan."""
-    n = buf.shape[0]
-    n16 = n - n % 16
-    lanes = np.full(16, -np.inf, np.float32)
-    for j0 in range(0, n16, 16):
-        for lane in range(16):
-            v = buf[j0 + lane]
-            lanes[lane] = v if v > lanes[lane] else lanes[lane]
-    m = F32(-np.inf)
-    for j in range(n16, n):
-        m = buf[j] if buf[j] > m else m
-    for lane in range(16):
-        m = lanes[lane] if lanes[lane] > m else m
-    return m
+def _widen_max(x, r, buf):
+    """buf = x[r] in float32; returns its max, taken on integer keys that order like the floats (LLVM
+    vectorizes an integer max, not a float one without nnan). A NaN with the sign bit clear is the
+    largest key: the row is then NaN, as it is anyway through exp(NaN - m)."""
+    key = np.int32(-2**31)
+    for j in range(buf.shape[0]):
+        v = load(x, (r, j))
+        buf[j] = v
+        bits = np.int32(f32_bits(v))
+        k = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))  # negative floats: reverse their order
+        key = k if k > key else key
+    return bits_f32(key ^ ((key >> 31) & np.int32(0x7FFFFFFF)))
 
 
 @njit(**KERNEL)
 def _softmax_rows_kernel(x, y):
-    """Softmax over the last, contiguous axis of x [rows, n]: max, exp + sum into a cached
+    """Softmax over the last, contiguous axis of x [rows, n]: widen + max, exp + sum into a cached
     float32 row, scale; one exp per element."""
     rows, n = x.shape
     for r in prange(rows):
         buf = np.empty(n, np.float32)  # float32 scratch row, stays in cache between passes
-        for j in range(n):
-            buf[j] = load(x, (r, j))
-        m = _row_max(buf)
+        m = _widen_max(x, r, buf)
         # A row of -inf gives (-inf) - (-inf) = NaN everywhere, like torch.
         s = F32(0.0)
         for j in range(n):
@@ -213,11 +219,9 @@ def _epilogue(v, out, bias, c, alpha, beta, act, r, j):
 
 @njit(**KERNEL)
 def _gemm_epilogue_kernel(acc, out, bias, c, alpha, beta, act):
-    """out = act(alpha * acc + bias) + beta * c in one pass; acc may be out itself (float32)."""
-    rows, cols = out.shape
-    for r in prange(rows):
-        for j in range(cols):
-            _epilogue(acc[r, j], out, bias, c, alpha, beta, act, r, j)
+    """out = act(alpha * acc + bias) + beta * c, row by row (vector loops); acc may be out itself (float32)."""
+    for r in prange(acc.shape[0]):
+        gemm_core.epilogue_rows(acc, r, 1, out.shape[1], out, r, 0, bias, c, alpha, beta, act)
 
 
 # Inner loops of the small-M gemm on contiguous 1-D slices, so LLVM vectorizes them.
@@ -304,7 +308,9 @@ def _flat(b):
 # to float32 for BLAS. Measured on 2 AVX-512 cores, K x N = 2048 x 3072 / 5632 x 2048: bfloat16
 # M = 1 / 16 took 0.3 / 2 ms against ~8 ms for widen + BLAS; past M ~ 24 BLAS catches up. float32
 # stays on BLAS: OpenBLAS's gemv/gemm is as fast or faster there (M = 1: 0.24 vs 0.6 ms).
-_SMALL_M = {np.dtype(np.float32): 0, np.dtype(np.float16): 16, BF16: 16}
+# With AMX, bfloat16 past M = 8 goes to hal's driver, which packs b on the fly (4096 x 4096, M = 16:
+# 13.8 vs 18.1 ms; M = 8: 12.0 vs 11.4 ms).
+_SMALL_M = {np.dtype(np.float32): 0, np.dtype(np.float16): 16, BF16: 8 if gemm_core.RUNG == "amx" else 16}
 # Columns of N per task (measured): row-major b reads 2-4 KB runs of each row (shorter ones ran
 # slower), the [M, block] accumulator stays in L2; transposed b needs only a few columns per task.
 _SMALL_M_BLOCK = 1024
@@ -312,8 +318,9 @@ _SMALL_M_BLOCK_T = 64
 
 
 def gemm(outs, a, b, bias, c, *, activation, alpha, beta, out_dtype=None):
-    """out = act(alpha * (a @ b) + bias) + beta * c; the matmul core is float32 BLAS (out_dtype is outs[0].dtype),
-    or for a few rows of a a Numba kernel that reads b once in its own format."""
+    """out = act(alpha * (a @ b) + bias) + beta * c (out_dtype is outs[0].dtype): for a few rows of a a Numba
+    kernel that reads b once in its own format; bfloat16 on AMX hal's own driver (gemm_core.py); else
+    float32 BLAS and one vectorized epilogue pass."""
     (out,) = outs
     act, _ = activation_code(activation)
     m = a.shape[0]
@@ -324,6 +331,12 @@ def gemm(outs, a, b, bias, c, *, activation, alpha, beta, out_dtype=None):
         _gemm_small_m_kernel(a32, flat[0], flat[1], flat[2], raw_view(out), raw_view(bias), raw_view(c), F32(alpha), F32(beta),
                              act, block)
         return
+    if b.dtype == BF16 and gemm_core.RUNG == "amx":
+        gemm_core.amx_gemm(raw_view(a), raw_view(b), raw_view(out), raw_view(bias), raw_view(c), alpha, beta, act)
+        return
+    # One BLAS call, then one epilogue pass: BLAS by row panels with the epilogue on each panel while in
+    # L2 measured 1.6-8x slower at 1024^3 and 2048^3 (every panel hands the cores from OpenBLAS's spinning
+    # threads to Numba's and back).
     a32, b32 = as_f32(a), as_f32(b)
     if out.dtype == np.float32:
         np.matmul(a32, b32, out=out)

@@ -17,6 +17,7 @@ from hal.codes import activation_code
 from hal.dtypes import INTS
 from hal.ops.moe import masked_counts
 
+from . import gemm_core
 from .common import CPU_FEATURES, F32, FASTMATH, HELPER, KERNEL, Kernel, activate_row, as_rows, exp, f32_bits, load, outside_segments, raw_view, store
 
 # ---------------------------------------------------------------- moe_route
@@ -203,14 +204,15 @@ def moe_unpermute(outs, y, sorted_ids, topk_weights):
 
 # ---------------------------------------------------------------- grouped_gemm
 #
+# bfloat16 on AMX takes gemm_core.amx_grouped (AMX tiles, W read in place); the rest is this kernel.
 # Each expert's product is a block of dot products out[r, n] = x[r, :] . w[e, n, :]: both operands
 # keep K contiguous (nn.Linear layout), so a tile of _MR rows x _NR weight rows is computed straight
 # from them, with no packing or widening pass over the weights (which are most of the bytes). The
 # tile is hand-built LLVM IR (Numba cannot express vector accumulators): _MR x _NR accumulators of 16
 # float32 lanes stay in registers across K, one 64-byte chunk of each row at a time, then a
 # shuffle tree sums the lanes. bfloat16 uses AVX512-BF16's vdpbf16ps (32 products per instruction)
-# where the host has it; otherwise a chunk is widened in registers (bfloat16 by a shift, float16 by
-# vcvtph2ps) and fed to FMAs, which is also the float32 path.
+# where the host has it (unless HAL_CPU_GEMM=fma); otherwise a chunk is widened in registers (bfloat16
+# by a shift, float16 by vcvtph2ps) and fed to FMAs, which is also the float32 path.
 
 _HAS_BF16_DOT = "avx512bf16" in CPU_FEATURES
 # Tile: with AVX-512, 6 x 4 accumulators + 6 row chunks of x + 1 of w = 31 of the 32 zmm registers
@@ -301,21 +303,24 @@ def _lane_sums(builder, vectors):
     return items
 
 
-@intrinsic
-def _dot_tile(typingctx, x, m0, m_valid, w, expert, n0, n_valid, k0, k1, out, col):
+@intrinsic(prefer_literal=True)
+def _dot_tile(typingctx, x, m0, m_valid, w, expert, n0, n_valid, k0, k1, out, col, dot):
     """out[i, col + j] (+)= x[m0 + i, k0:k1] . w[expert, n0 + j, k0:k1] in float32 for i < _MR, j < _NR,
     adding to out when k0 > 0.
 
     x [R, K] and w [E, N, K] are raw arrays with K contiguous; the kind of tile follows their dtype.
     Rows past m_valid / n_valid repeat the last valid row (wasted lanes, no bounds checks in the loop);
     out is a float32 [_MR, >= col + _NR] buffer."""
-    kind = {types.float32: "f32", types.uint16: "f16", types.int16: "bf16dot" if _HAS_BF16_DOT else "bf16"}.get(x.dtype)
+    if not isinstance(dot, types.BooleanLiteral):
+        return None
+    bf16 = "bf16dot" if dot.literal_value and _HAS_BF16_DOT else "bf16"
+    kind = {types.float32: "f32", types.uint16: "f16", types.int16: bf16}.get(x.dtype)
     if kind is None or w.dtype != x.dtype:
         return None
-    sig = types.void(x, types.intp, types.intp, w, types.intp, types.intp, types.intp, types.intp, types.intp, out, types.intp)
+    sig = types.void(x, types.intp, types.intp, w, types.intp, types.intp, types.intp, types.intp, types.intp, out, types.intp, dot)
 
     def codegen(context, builder, sig, args):
-        xa, m0, m_valid, wa, expert, n0, n_valid, k0, k1, outa, col = args
+        xa, m0, m_valid, wa, expert, n0, n_valid, k0, k1, outa, col, _ = args
         xarr = context.make_array(sig.args[0])(context, builder, xa)
         warr = context.make_array(sig.args[3])(context, builder, wa)
         oarr = context.make_array(sig.args[9])(context, builder, outa)
@@ -423,8 +428,18 @@ def _store_gated_row(gate, up, out, act):
         store(out, j, gate[j] * up[j])
 
 
+@njit(**HELPER)
+def _tile(x, m0, m_valid, w, expert, n0, n_valid, k0, k1, out, col, dot):
+    """_dot_tile on bfloat16 with vdpbf16ps where the host has it, or (dot False: the forced fma rung)
+    widening; a run-time choice, so one cached kernel serves both."""
+    if dot:
+        _dot_tile(x, m0, m_valid, w, expert, n0, n_valid, k0, k1, out, col, True)
+    else:
+        _dot_tile(x, m0, m_valid, w, expert, n0, n_valid, k0, k1, out, col, False)
+
+
 @njit(**KERNEL)
-def _grouped_kernel(x, w, starts, ends, tasks, n, act, gated, out):
+def _grouped_kernel(x, w, starts, ends, tasks, n, act, gated, out, dot):
     """tasks[t] = (expert, first column): the output columns of one expert over all its rows
     [starts[e], ends[e]) into a float32 block, then a vectorized epilogue over its rows. K is taken in
     blocks of _KC_BYTES (outermost, so one block's slices of the expert's x rows and the task's weight
@@ -444,10 +459,10 @@ def _grouped_kernel(x, w, starts, ends, tasks, n, act, gated, out):
             for m0 in range(lo, hi, _MR):
                 mv = min(_MR, hi - m0)
                 for j in range(0, width, _NR):
-                    _dot_tile(x, m0, mv, w, e, j0 + j, min(_NR, width - j), k0, k1, gate[m0 - lo:], j)
+                    _tile(x, m0, mv, w, e, j0 + j, min(_NR, width - j), k0, k1, gate[m0 - lo:], j, dot)
                 if gated:  # the up half's rows sit n below the gate's
                     for j in range(0, width, _NR):
-                        _dot_tile(x, m0, mv, w, e, n + j0 + j, min(_NR, width - j), k0, k1, up[m0 - lo:], j)
+                        _tile(x, m0, mv, w, e, n + j0 + j, min(_NR, width - j), k0, k1, up[m0 - lo:], j, dot)
         for r in range(lo, hi):
             if gated:
                 _store_gated_row(gate[r - lo], up[r - lo], out[r, j0:j0 + width], act)
@@ -475,11 +490,14 @@ def _grouped_rows(x, w, starts, ends, activation, out):
     n = out.shape[1]
     out[outside_segments(out.shape[0], starts, ends)] = 0
     act, gated = activation_code(activation)
+    if x.dtype == np.int16 and gemm_core.RUNG == "amx":  # bfloat16
+        gemm_core.amx_grouped(x, w, starts, ends, act, gated, out)
+        return
     nb = _TASK_ROWS // 2 if gated else _TASK_ROWS
     experts = np.flatnonzero(ends > starts)
     blocks = -(-n // nb)
     tasks = np.stack([np.repeat(experts, blocks), np.tile(np.arange(blocks) * nb, experts.size)], axis=1)
-    _grouped_kernel(_unaliased(x), w, starts, ends, tasks, n, act, gated, out)
+    _grouped_kernel(_unaliased(x), w, starts, ends, tasks, n, act, gated, out, gemm_core.RUNG != "fma")
 
 
 def grouped_gemm(outs, x_sorted, w, expert_offsets, *, activation):

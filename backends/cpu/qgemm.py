@@ -15,10 +15,14 @@ that group's scale. What the rows are then multiplied with depends on M:
 Both write an fp32 (int32 for int8) accumulator [M, N]; one parallel epilogue then scales, adds,
 applies the activation (plain or gated, hal.codes) and rounds to the output dtype.
 
-fp8 block scales are applied to both operands before the product, so DeepSeek's promotion of each
-128-K partial sum folds into the ordinary fp32 accumulation of scaled values (equal up to rounding,
-which the reference's tolerance allows); scales that are inf or NaN take a literal per-block path,
-whose results differ (see _fp8_promoted). int8 products are integers: fp32 arithmetic is exact on them while
+fp8 GEMMs (fp8_gemm_blockscale is the grouped kernel with one expert) take AMX tiles where gemm_core's
+rung is "amx": fp8 values are exact in bfloat16, so the tiles multiply the codes exactly, and each
+128-K block's fp32 sum is promoted literally (times its two scales, added in fp32), with no BLAS call
+and no float32 copy of the weights (a task converts its 128 weight rows into an L2 buffer). Elsewhere
+the block scales are applied to both operands before the product, so DeepSeek's promotion folds into
+the ordinary fp32 accumulation of scaled values (equal up to rounding, which the reference's tolerance
+allows). Scales that are inf or NaN take a literal per-block path in NumPy, whose results differ (see
+_fp8_promoted). int8 products are integers: fp32 arithmetic is exact on them while
 every partial sum stays within 2^24, which K chunks of 1024 guarantee (1024 * 128 * 128 = 2^24);
 the chunks' sums are added in int32.
 """
@@ -35,6 +39,8 @@ from hal.ops.moe import masked_counts
 from hal.ops.qgemm import FP8
 
 from .common import F32, FASTMATH, HELPER, KERNEL, Kernel, activate_row, as_f32, dot4, load, outside_segments, raw_view, store
+from . import gemm_core
+from .gemm_core import _GROUP_ROWS, _GROUP_X, _amx_begin, _amx_end, _amx_tiles, _columns_epilogue, packed_q
 
 BLOCK = 128  # fp8 scale block along K (and along N for the weights)
 # Up to this many activation rows the small-M loop beats dequantize + BLAS. Measured on one AVX-512
@@ -247,10 +253,6 @@ def _fp8_activations(a, a_scales, table):
     return x
 
 
-def _finite(*scales):
-    return all(np.isfinite(s).all() for s in scales)
-
-
 def _fp8_promoted(acc, a, a_scales, codes, b_scales, table):
     """acc = the sum over 128-K blocks of (a_blk @ b_blk.T) * (a_scale * b_scale): DeepSeek's promotion
     taken literally, for scales that are not all finite. Scaling the operands first (the fast path)
@@ -266,16 +268,94 @@ def _fp8_promoted(acc, a, a_scales, codes, b_scales, table):
 
 
 def fp8_gemm_blockscale(outs, a, a_scales, b, b_scales, *, out_dtype):
-    """out = (a * a_scales) @ (b * b_scales).T: activations dequantized per token per 128 K, weights
-    per 128 x 128 block."""
-    (out,) = outs
-    table = _FP8_TABLES[a.dtype.name]
-    if _finite(a_scales, b_scales):
-        _float_gemm(out, _fp8_activations(a, a_scales, table), Fp8Rows(b.view(np.uint8), b_scales, BLOCK, table))
-    else:
-        acc = _accumulator(out, False)
-        _fp8_promoted(acc, a, a_scales, b.view(np.uint8), b_scales, table)
-        _finish(acc, out)
+    """out = (a * a_scales) @ (b * b_scales).T, scales per token per 128 K and per 128 x 128 weight block:
+    the grouped kernel with one expert."""
+    _fp8_grouped(outs[0], a, a_scales, b[None], b_scales[None], np.zeros(1, np.int64), np.full(1, a.shape[0], np.int64), None)
+
+
+# ---------------------------------------------------------------- fp8 grouped GEMM on AMX tiles
+
+# bfloat16 bits of every fp8 code: exact (fp8 has 2-3 mantissa bits and a narrower exponent range), so the
+# AMX bf16 tiles multiply the codes' values exactly and sum them in fp32.
+_FP8_BF16 = {fmt: (F.code_values(fmt).astype(np.float32).view(np.uint32) >> 16).astype(np.int32) for fmt in FP8}
+
+
+@njit(**KERNEL)
+def _fp8_to_bf16_rows(codes, table, dst):
+    for i in prange(codes.shape[0]):
+        for j in range(codes.shape[1]):
+            dst[i, j] = table[codes[i, j]]
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+def _amx_fp8_grouped_kernel(codes, w_scales, table, half, xp, x_scales, first_tile, starts, ends, tasks, act, gated, out):
+    """tasks[t] = (expert, first output column, first x row), as gemm_core's bf16 grouped kernel, with
+    DeepSeek's promotion done literally: each 128-wide K block's product (AMX tiles of the fp8 values
+    as bf16, fp32 sums) times x_scale[row, kb] * w_scale[e, n // 128, kb], added in fp32. The task's
+    weight rows are converted to bf16 into an L2-resident buffer laid out as the microkernel takes them
+    (32 rows per call: 32 output columns, or 16 gate rows then their 16 up rows)."""
+    n_out, k = out.shape[1], codes.shape[2]
+    steps = xp.shape[1]
+    kp = 32 * steps
+    per_call = 16 if gated else 32
+    x_base = xp.ctypes.data
+    for t in prange(tasks.shape[0]):
+        e, c0, r0 = tasks[t, 0], tasks[t, 1], tasks[t, 2]
+        cols, rows = min(_GROUP_ROWS // (32 // per_call), n_out - c0), min(_GROUP_X, ends[e] - r0)
+        calls = -(-cols // per_call)
+        w = np.zeros((32 * calls, kp), np.int16)
+        w_row = np.full(32 * calls, -1, np.int64)  # the weight row of each buffer row (-1: past N, zeros)
+        for p in range(32 * calls):
+            c, q = p // 32, p % 32
+            col = c0 + c * per_call + (q % 16 if gated else q)
+            if col < c0 + cols:
+                w_row[p] = col + half if gated and q >= 16 else col
+                src = codes[e, w_row[p]]
+                dst = w[p]
+                for j in range(k):
+                    dst[j] = table[src[j]]
+        acc = np.zeros((_GROUP_ROWS, _GROUP_X), np.float32)
+        part = np.empty((32, 32), np.float32)
+        ws = np.empty(32 * calls, np.float32)
+        xs = np.empty(32, np.float32)
+        tile0 = first_tile[e] + (r0 - starts[e]) // 16
+        _amx_begin()
+        for kb in range(-(-k // BLOCK)):
+            s0 = kb * (BLOCK // 32)
+            for p in range(32 * calls):
+                ws[p] = w_scales[e, w_row[p] // BLOCK, kb] if w_row[p] >= 0 else F32(0.0)
+            for x0 in range(0, rows, 32):
+                b0 = x_base + ((tile0 + x0 // 16) * steps + s0) * 1024
+                xr = min(32, rows - x0)
+                for r in range(xr):
+                    xs[r] = x_scales[r0 + x0 + r, kb]
+                for c in range(calls):
+                    a0 = w.ctypes.data + (32 * c * kp + 32 * s0) * 2
+                    _amx_tiles(a0, a0 + 16 * kp * 2, kp * 2, 64, b0, b0 + steps * 1024, min(BLOCK // 32, steps - s0),
+                               part.ctypes.data, 32 * 4, False)
+                    for p in range(32):
+                        s = ws[32 * c + p]
+                        dst = acc[32 * c + p, x0:x0 + xr]
+                        for r in range(xr):
+                            dst[r] += part[p, r] * (s * xs[r])
+        _amx_end()
+        for x0 in range(0, rows, 32):
+            _columns_epilogue(acc, x0, out, r0 + x0, rows - x0, c0, cols, act, gated)
+
+
+def _amx_fp8_grouped(out, a, a_scales, codes, b_scales, starts, ends, outside, act, gated):
+    """out[starts[e]:ends[e]] = the fp8 grouped product of those rows on AMX tiles; the `outside` rows 0."""
+    table = _FP8_BF16[a.dtype.name]
+    x = np.empty(a.shape, np.int16)
+    _fp8_to_bf16_rows(a.view(np.uint8), table, x)
+    xp, first_tile = packed_q(x, False, starts, ends)
+    raw = raw_view(out)
+    raw[outside] = 0
+    cols = _GROUP_ROWS // (2 if gated else 1)
+    tasks = [(e, c0, r0) for e in range(codes.shape[0]) for r0 in range(starts[e], ends[e], _GROUP_X)
+             for c0 in range(0, out.shape[1], cols)]
+    _amx_fp8_grouped_kernel(codes, b_scales, table, codes.shape[1] // 2 if gated else 0, xp, a_scales, first_tile, starts, ends,
+                            np.array(tasks, np.int64).reshape(-1, 3), act, gated, raw)
 
 
 def _fp8_grouped(out, a, a_scales, b, b_scales, starts, ends, activation):
@@ -284,12 +364,16 @@ def _fp8_grouped(out, a, a_scales, b, b_scales, starts, ends, activation):
     go first, so the parallel small-M loops and the BLAS calls do not alternate. Which rows take the
     literal promotion path (non-finite scales) is decided per expert, over its own rows only."""
     act, gated = activation_code(activation)
+    codes = b.view(np.uint8)
+    finite_rows, finite_experts = np.isfinite(a_scales).all(axis=1), np.isfinite(b_scales).all(axis=(1, 2))
+    outside = outside_segments(a.shape[0], starts, ends)
+    if gemm_core.RUNG == "amx" and finite_rows[~outside].all() and finite_experts[ends > starts].all():
+        _amx_fp8_grouped(out, a, a_scales, codes, b_scales, starts, ends, outside, act, gated)
+        return
     table = _FP8_TABLES[a.dtype.name]
     x = _fp8_activations(a, a_scales, table)  # one parallel pass; rows outside the segments are never read
-    finite_rows, finite_experts = np.isfinite(a_scales).all(axis=1), np.isfinite(b_scales).all(axis=(1, 2))
-    codes = b.view(np.uint8)
     acc = _accumulator(out, gated)
-    acc[outside_segments(acc.shape[0], starts, ends)] = 0
+    acc[outside] = 0
     for _, e, lo, hi in sorted((hi - lo, e, lo, hi) for e, (lo, hi) in enumerate(zip(starts.tolist(), ends.tolist()))):
         if finite_experts[e] and finite_rows[lo:hi].all():
             _product(x[lo:hi], Fp8Rows(codes[e], b_scales[e], BLOCK, table), acc[lo:hi], x.shape[1])

@@ -6,7 +6,7 @@ the fake (meta) implementation from its own validation and output inference run 
 torch's CPU and CUDA dispatch keys (ROCm builds of torch use the CUDA key too) that calls the op
 through hal's ordinary dispatch, so backend choice (`backend="cuda-sim"` as in hal.ops, or
 `hal.use`), fallback records and strict mode behave as for NumPy callers. Autograd: every op has a
-registration that refuses grad (hal kernels are inference only). No hal op has an output whose size
+kernel on the Autograd key that refuses grad (hal kernels are inference only). No hal op has an output whose size
 depends on data (moe_align returns a buffer sized by its bound and the count), so none needs
 torch's dynamic-size mechanism.
 """
@@ -96,12 +96,19 @@ def register(op):
     torch.library.impl(qualname, ("cpu", "cuda"), lib=LIBRARY)(kernel)
     torch.library.register_fake(qualname, fake, lib=LIBRARY)
 
-    def refuse_grad(*_, **__):
-        """torch calls this (as setup_context) only when an input requires grad and grad mode is on."""
-        raise GradNotSupported(f"{op.name}: hal kernels are inference only and have no backward, but an input "
-                               "requires grad with grad mode on; call it under torch.no_grad() or "
-                               "torch.inference_mode(), or detach the inputs")
+    packet = getattr(torch.ops.hal, op.name)
 
-    torch.library.register_autograd(qualname, refuse_grad, setup_context=refuse_grad, lib=LIBRARY)
+    def below_autograd(*args, **kwargs):
+        """The Autograd key's kernel, as torch advises for an op without a derivative: refuse grad, else run
+        the op again below autograd (a third of register_autograd's cost per call, which builds an
+        autograd.Function every time)."""
+        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*args, *kwargs.values())):
+            raise GradNotSupported(f"{op.name}: hal kernels are inference only and have no backward, but an input "
+                                   "requires grad with grad mode on; call it under torch.no_grad() or "
+                                   "torch.inference_mode(), or detach the inputs")
+        with torch._C._AutoDispatchBelowAutograd():
+            return packet(*args, **kwargs)
+
+    LIBRARY.impl(op.name, below_autograd, "Autograd")
     REGISTERED[op.name] = op
-    return getattr(torch.ops.hal, op.name)
+    return packet

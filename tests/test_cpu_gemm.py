@@ -1,0 +1,92 @@
+"""The CPU GEMM driver (backends/cpu/gemm_core.py) on every microkernel rung this CPU has, forced one at
+a time: odd shapes (tails of every tile and block size, K = 1), transposed and strided b, the fused
+epilogue, gated grouped GEMMs, and inf / NaN propagation, judged against the float64 reference with
+the conformance suite's bounds. Rungs the CPU lacks are skipped with the reason."""
+import numpy as np
+import pytest
+
+from hal import ops
+from hal.backends.cpu import gemm_core
+from hal.conformance import judge
+from hal.opdef import random, strided
+
+RUNGS = ("amx", "avx512bf16", "fma")
+
+
+@pytest.fixture(params=RUNGS)
+def rung(request, monkeypatch):
+    if request.param not in gemm_core.RUNGS:
+        pytest.skip(f"this CPU (or the OS) offers only the rungs {', '.join(gemm_core.RUNGS)}")
+    monkeypatch.setattr(gemm_core, "RUNG", request.param)
+    return request.param
+
+
+def _check(op, args):
+    out = op(**args, backend="cpu")
+    worst, _, message = judge(op, args, out if isinstance(out, tuple) else (out,))
+    assert worst <= 1.0, message
+    return out
+
+
+# (M, K, N): every tail of the 32 x 32 block, the 32-k step, the 128 x 256 x 512 cache blocks; K = 1.
+SHAPES = [(17, 1, 33), (33, 31, 17), (129, 513, 257), (300, 40, 520)]
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_gemm_epilogue_on_odd_shapes(rung, m, k, n, rng):
+    dtype = "bfloat16"  # the rungs differ for bfloat16 only (float16 always widens: the conformance suite)
+    args = {"a": random(rng, (m, k), dtype), "b": random(rng, (k, n), dtype), "bias": random(rng, (n,), dtype),
+            "c": random(rng, (m, n), dtype), "activation": "silu", "alpha": 0.75, "beta": -0.5}
+    _check(ops.gemm, args)
+
+
+def test_gemm_b_packed_per_task(rung, monkeypatch, rng):
+    """Big B is packed by each task of up to _FUSED_MC rows (here forced on a small B, several row blocks)."""
+    monkeypatch.setattr(gemm_core, "_FUSED_B_BYTES", 0)
+    monkeypatch.setattr(gemm_core, "_FUSED_MC", 64)
+    m, k, n = 200, 100, 300
+    _check(ops.gemm, {"a": random(rng, (m, k), "bfloat16"), "b": random(rng, (k, n), "bfloat16"),
+                      "bias": random(rng, (n,), "bfloat16"), "activation": "gelu_tanh"})
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_gemm_b_layouts(rung, layout, rng):
+    m, k, n = 70, 96, 45
+    b = random(rng, (n, k), "bfloat16").T if layout == "transposed" else strided(random(rng, (k, n), "bfloat16"))
+    _check(ops.gemm, {"a": random(rng, (m, k), "bfloat16"), "b": b, "activation": "gelu", "out_dtype": "float32"})
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")
+def test_gemm_inf_nan_propagate(rung, rng):
+    m, k, n = 40, 70, 50
+    a, b = random(rng, (m, k), "bfloat16"), random(rng, (k, n), "bfloat16")
+    a[3, 5], a[20, 69] = np.nan, np.inf
+    b[0, 7] = -np.inf
+    out = _check(ops.gemm, {"a": a, "b": b, "bias": random(rng, (n,), "bfloat16"), "activation": "relu"})
+    assert np.isnan(out[3].astype(np.float32)).all()  # a NaN reaches its whole row, and no further
+    assert not np.isnan(out[[0, 1, 39]].astype(np.float32)).any()
+
+
+@pytest.mark.parametrize("activation", [None, "gelu", "silu_and_mul"])
+def test_grouped_gemm(rung, activation, rng):
+    counts, k, n = [3, 0, 40, 70], 40, 48  # an empty expert; segments off every tile boundary
+    offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int32)
+    nw = 2 * n if activation == "silu_and_mul" else n
+    x = random(rng, (offsets[-1], k), "bfloat16")
+    x[5, 2] = np.nan
+    _check(ops.grouped_gemm, {"x_sorted": x, "w": random(rng, (len(counts), nw, k), "bfloat16"),
+                              "expert_offsets": offsets, "activation": activation})
+
+
+def test_grouped_gemm_masked(rung, rng):
+    e, m, k, n = 3, 37, 64, 32
+    _check(ops.grouped_gemm_masked, {"x": random(rng, (e, m, k), "bfloat16"), "w": random(rng, (e, 2 * n, k), "bfloat16"),
+                                     "masked_m": np.array([37, 0, 20], np.int32), "activation": "silu_and_mul"})
+
+
+def test_forced_rung(monkeypatch):
+    monkeypatch.setenv("HAL_CPU_GEMM", "fma")
+    assert gemm_core._chosen() == "fma"
+    monkeypatch.setenv("HAL_CPU_GEMM", "tpu")
+    with pytest.warns(RuntimeWarning, match="HAL_CPU_GEMM"):
+        assert gemm_core._chosen() == gemm_core.RUNGS[0]
