@@ -308,9 +308,10 @@ def _flat(b):
 # to float32 for BLAS. Measured on 2 AVX-512 cores, K x N = 2048 x 3072 / 5632 x 2048: bfloat16
 # M = 1 / 16 took 0.3 / 2 ms against ~8 ms for widen + BLAS; past M ~ 24 BLAS catches up. float32
 # stays on BLAS: OpenBLAS's gemv/gemm is as fast or faster there (M = 1: 0.24 vs 0.6 ms).
-# With AMX, bfloat16 past M = 8 goes to hal's driver, which packs b on the fly (4096 x 4096, M = 16:
-# 13.8 vs 18.1 ms; M = 8: 12.0 vs 11.4 ms).
-_SMALL_M = {np.dtype(np.float32): 0, np.dtype(np.float16): 16, BF16: 8 if gemm_core.RUNG == "amx" else 16}
+# bfloat16 past M = 16 goes to hal's AMX driver where there is one: on a quiet machine, 4096 x 4096, M = 16
+# took 3.9 ms here against 4.4 ms there, M = 32 4.15 against 4.26 ms (torch: 1.7-2.0 ms; M = 1: 1.2 ms
+# here, 1.9 ms for torch).
+_SMALL_M = {np.dtype(np.float32): 0, np.dtype(np.float16): 16, BF16: 16}
 # Columns of N per task (measured): row-major b reads 2-4 KB runs of each row (shorter ones ran
 # slower), the [M, block] accumulator stays in L2; transposed b needs only a few columns per task.
 _SMALL_M_BLOCK = 1024
