@@ -23,7 +23,8 @@ __version__ = "0.1.0"
 
 def list_backends():
     """Every known backend, highest priority first: name, available, reason, device, arch, priority,
-    kernel count, plugin; then the plugins that failed to load (available False, the reason why)."""
+    kernel count, plugin, details (the rest of its info(): ISA, GEMM microkernel, threads, ...); then the
+    plugins that failed to load (available False, the reason why)."""
     reg = registry()
     rows = []
     for name, entry in sorted(reg.backends.items(), key=lambda kv: -kv[1].backend.priority):
@@ -38,10 +39,11 @@ def list_backends():
             "priority": entry.backend.priority,
             "kernels": len(reg.kernels_of(name)),
             "plugin": entry.plugin,
+            "details": {k: v for k, v in info.items() if k not in ("device", "arch", "error")},
         })
     for plugin, reason in sorted(reg.failures.items()):
         rows.append({"name": plugin, "available": False, "reason": reason, "device": "", "arch": "",
-                     "priority": None, "kernels": 0, "plugin": plugin})
+                     "priority": None, "kernels": 0, "plugin": plugin, "details": {}})
     return rows
 
 

@@ -32,6 +32,9 @@ def cmd_backends(args):
         table.add_row(escape(r["name"]), "[green]yes[/]" if r["available"] else "[red]no[/]", escape(r["device"]), escape(r["arch"]),
                       str(r["priority"] if r["priority"] is not None else ""), str(r["kernels"]), escape(r["plugin"]), escape(r["reason"]))
     console.print(table)
+    for r in rows:
+        if r["available"] and r["details"]:
+            console.print(f"[bold]{escape(r['name'])}[/]: " + "; ".join(f"{k} {escape(str(v))}" for k, v in r["details"].items()))
 
 
 def compile_reports():
