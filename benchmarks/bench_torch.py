@@ -7,7 +7,8 @@ A Llama-shaped model of about 0.5B parameters with random weights (hidden 1024, 
 tokens and 32 greedy decode steps, for stock eager, stock torch.compile, hal-patched eager
 (hal.torch.apply) and hal-patched compiled. Reports tokens/s (median over the repeats) and the ratio
 to stock eager with its spread (min-max of the per-repeat ratios). Then the extra cost per call of
-torch.ops.hal.<op> over hal.ops.<op> on tiny inputs (median and spread of 7 rounds).
+torch.ops.hal.<op> over hal.ops.<op> on tiny inputs (median and spread of 7 rounds, each side timed as the
+best of 50 batches of 20 calls).
 """
 import argparse
 import json
@@ -94,10 +95,8 @@ def call_overhead():
         extra = []
         for _ in range(7):
             per_call = []
-            for fn in (direct, through_torch):
-                for _ in range(200):
-                    fn()
-                per_call.append(timed(lambda: [fn() for _ in range(3000)]) / 3000 * 1e6)
+            for fn in (direct, through_torch):  # the best of 50 batches of 20: a busy machine preempts long batches
+                per_call.append(min(timed(lambda: [fn() for _ in range(20)]) for _ in range(50)) / 20 * 1e6)
             extra.append(per_call[1] - per_call[0])
         out[name] = {"direct_us": per_call[0], "extra_us": statistics.median(extra), "spread": (min(extra), max(extra))}
     return out

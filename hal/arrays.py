@@ -4,6 +4,8 @@ Backends whose native arrays live in host memory (cpu, the sims, OpenCL on a CPU
 NumPy views of the caller's memory; torch CPU tensors and other host DLPack producers are viewed,
 not copied. Arrays on another device are copied to the host only when an op falls back.
 """
+import functools
+
 import ml_dtypes
 import numpy as np
 
@@ -22,12 +24,20 @@ def is_tensor(x):
     return isinstance(x, np.ndarray) or hasattr(x, "__dlpack__")
 
 
+_KINDS = {np.ndarray: "numpy"}  # type -> kind, filled as types are seen
+
+
 def kind_of(x):
     """'numpy', 'torch', 'cupy' or 'dlpack' (any other producer)."""
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    module = type(x).__module__.split(".", 1)[0]
-    return module if module in ("torch", "cupy") else "dlpack"
+    kind = _KINDS.get(type(x))
+    if kind is None:
+        if isinstance(x, np.ndarray):
+            kind = "numpy"
+        else:
+            module = type(x).__module__.split(".", 1)[0]
+            kind = module if module in ("torch", "cupy") else "dlpack"
+        _KINDS[type(x)] = kind
+    return kind
 
 
 def device_type(x):
@@ -43,16 +53,12 @@ def to_host(x):
         return x
     kind = kind_of(x)
     if kind == "torch":
-        import torch
-
-        x = x.detach()
-        if x.device.type != "cpu":
+        if x.requires_grad:
+            x = x.detach()
+        if not x.is_cpu:
             x = x.cpu()
-        name = str(x.dtype)[6:]
-        if name in _TORCH_VIA_INT:
-            int_name, np_type = _TORCH_VIA_INT[name]
-            return x.view(getattr(torch, int_name)).numpy().view(np_type)
-        return x.numpy()
+        via = _torch_via_int().get(x.dtype)
+        return x.numpy() if via is None else x.view(via[0]).numpy().view(via[1])
     if kind == "cupy":
         return x.get()
     return np.from_dlpack(x)
@@ -64,16 +70,27 @@ def from_host(y, like):
     if kind == "torch":
         import torch
 
-        name = y.dtype.name
-        if name in _TORCH_VIA_INT:
-            int_name, _ = _TORCH_VIA_INT[name]
-            t = torch.from_numpy(y.view(int_name)).view(getattr(torch, name))
-        else:
-            t = torch.from_numpy(y)
-        return t if like.device.type == "cpu" else t.to(like.device)
+        via = _torch_via_int().get(y.dtype)
+        t = torch.from_numpy(y) if via is None else torch.from_numpy(y.view(via[2])).view(via[3])
+        return t if like.is_cpu else t.to(like.device)
     if kind == "cupy":
         import cupy
 
         with cupy.cuda.Device(like.device.id):
             return cupy.asarray(y)
     return y
+
+
+@functools.cache
+def _torch_via_int():
+    """_TORCH_VIA_INT keyed both ways, for the per-call conversions: torch dtype -> (torch int dtype, NumPy
+    dtype) and NumPy dtype -> (NumPy int dtype, torch dtype) (both kinds of dtype hash apart)."""
+    import torch
+
+    table = {}
+    for name, (int_name, np_type) in _TORCH_VIA_INT.items():
+        if not hasattr(torch, name):  # an older torch without this float8 flavour
+            continue
+        ints = (getattr(torch, int_name), np.dtype(np_type), np.dtype(int_name), getattr(torch, name))
+        table[ints[3]] = table[ints[1]] = ints
+    return table

@@ -183,14 +183,14 @@ class OpDef:
             dtype = name_of(x.dtype)
             if dtype not in t.dtypes:
                 raise SchemaError(self.name, t.name, f"dtype in ({', '.join(t.dtypes)})", dtype)
-            if not getattr(x.dtype, "isnative", True):  # NumPy '>f4' on a little-endian host: kernels read raw bytes
+            if isinstance(x.dtype, np.dtype) and not x.dtype.isnative:  # NumPy '>f4' on a little-endian host: kernels read raw bytes
                 raise SchemaError(self.name, t.name, f"{dtype} in native byte order", f"byte-swapped dtype {x.dtype.str!r}")
             ndim = len(x.shape)
             if t.rank is not None and ndim != t.rank:
                 raise SchemaError(self.name, t.name, f"rank {t.rank}", f"rank {ndim} with shape {_shape(x)}")
             if ndim < t.min_rank:
                 raise SchemaError(self.name, t.name, f"rank >= {t.min_rank}", f"rank {ndim}")
-            if any(d > MAX_DIM for d in x.shape):
+            if any(d > MAX_DIM for d in x.shape):  # not max(x.shape): on torch's symbolic sizes that guards on their order
                 raise SchemaError(self.name, t.name, "dimensions < 2**31", f"shape {_shape(x)}")
             if _shapes_only.get():  # torch fake or meta tensors while torch traces: no DLPack device
                 continue
@@ -232,6 +232,9 @@ def _expected(p):
 def _convert(op, p, value):
     """The value of attribute `p` as its kind, or SchemaError: no coercion of strings, floats to ints
     or bools to numbers."""
+    kind = type(value)
+    if kind is p.kind and (kind is bool or kind is float and math.isfinite(value)):
+        return value  # the common case first, a Python bool or finite float: this runs on every call
     if p.kind is bool:
         ok = isinstance(value, (bool, np.bool_))
     elif p.kind is int:

@@ -54,3 +54,21 @@ def test_torch_peer_does_the_same_work(rng, kv):
     a = _paged_args(rng, "float32", [5, 40, 17], 8, 2, 32, 16, kv_dtype=kv)
     got = OP.torch_peer(as_torch(a))().numpy()
     np.testing.assert_allclose(got, OP.reference(a)[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv", ["float8_e4m3fn", "float8_e4m3fnuz"])
+def test_fp8_codes_decode_exactly(rng, kv):
+    """All 256 fp8 codes as one V row (a single key: its weight is exactly 1) come out as ml_dtypes
+    decodes them times v_scale, bit for bit, NaN codes as NaN; a sliced cache (rows not contiguous)."""
+    import ml_dtypes
+
+    fp8 = getattr(ml_dtypes, kv)
+    a = _paged_args(rng, "float32", [1, 1], 2, 1, 256, 3, kv_dtype=kv)
+    codes = np.arange(256, dtype=np.uint8).view(fp8)
+    v = np.zeros(a["v_cache"].shape[:2] + (3, 256), fp8)
+    v[a["block_table"][:, 0], 0, 1] = codes
+    a["v_cache"] = v[:, :, 1:2]
+    a["v_scale"] = 0.5
+    out = np.asarray(run(a))
+    want = np.broadcast_to(codes.astype(np.float32) * np.float32(0.5), out.shape)
+    np.testing.assert_array_equal(out, want)

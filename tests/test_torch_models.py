@@ -116,6 +116,33 @@ def test_apply_twice_restore_and_report(apply):
         hal.torch.apply(model, ops=["flash"])
 
 
+def test_gated_mlp_fuses_gate_and_up_and_restore_separates_them(apply):
+    """While applied, gate_proj's and up_proj's weights are row views of one [gate; up] tensor (one GEMM);
+    restore gives each weight its own memory with its values; a projection given a new Parameter while
+    applied is seen (the unfused path)."""
+    model, ids = build("llama"), prompt()
+    mlp = model.model.layers[0].mlp
+    gate, up = mlp.gate_proj.weight.detach().clone(), mlp.up_proj.weight.detach().clone()
+    with torch.no_grad():
+        stock = model(ids).logits
+        apply(model, backend="cpu")
+        fused = mlp._hal_gate_up[0]
+        assert mlp.gate_proj.weight.data_ptr() == fused.data_ptr() and torch.equal(fused, torch.cat([gate, up]))
+        torch.testing.assert_close(model(ids).logits, stock, rtol=1e-4, atol=1e-5)
+        hal.torch.restore(model)
+        assert "_hal_gate_up" not in mlp.__dict__
+        assert torch.equal(mlp.gate_proj.weight, gate) and torch.equal(mlp.up_proj.weight, up)
+        assert fused.untyped_storage().data_ptr() not in {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+        assert torch.equal(model(ids).logits, stock)
+        apply(model, backend="cpu")
+        mlp.up_proj.weight = torch.nn.Parameter(up * 2)
+        patched = model(ids).logits
+        hal.torch.restore(model)
+        expected = model(ids).logits
+    assert not torch.allclose(expected, stock)
+    torch.testing.assert_close(patched, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_unknown_families_are_left_alone(apply):
     config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50)
     model = transformers.GPT2LMHeadModel(config).eval()

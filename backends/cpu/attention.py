@@ -17,8 +17,14 @@ query row is a column of S^T: its max, exp and sum vectorize across the rows.
 
 Decode has one query row per head, too few for that layout: a paged_decode_attention task owns a
 partition of one sequence (split-K over long contexts, merged afterwards) for all heads, and per
-KV head multiplies its group of query heads (padded to 4) with 4 keys at a time in `_dots`, then
-P V in a 4 x 64 instance of the microkernel.
+KV head multiplies its group of query heads (padded to 4) with 4 keys at a time (`_qk_block`), then
+P V in 4 heads x 64 columns (`_pv_block`), both reading the cache rows in place and widening them in
+registers (bfloat16 scores take vdpbf16ps without widening). `attention` with one query per
+sequence is decode and takes that path too, its K and V read in place as a paged cache
+(`_decode_as_paged`).
+
+bfloat16 prefill on CPUs with AMX (gemm_core's "amx" rung) runs both products on AMX tiles instead
+(`_amx_attention_task`): bf16 operands, float32 sums, the same float32 online softmax.
 """
 import math
 
@@ -30,8 +36,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .common import (F16_TO_F32, F32, FASTMATH, HAS_F16C, HELPER, KERNEL, Kernel, U32, exp, f16_f32, f32_bits, load, raw_view,
-                     store)
+from .common import (BF16, CPU_FEATURES, F32, FASTMATH, HAS_F16C, HELPER, KERNEL, Kernel, U32, bits_f32, exp, f32_bits,
+                     load, prefetch, raw_view, store)
+from .gemm_core import RUNG, _amx_begin, _amx_end, _amx_tiles, _pack_tile
 
 # ---------------------------------------------------------------- register-blocked microkernel
 
@@ -100,73 +107,6 @@ def _microkernel(mr, nr):
 
 
 _mk = _microkernel(_MR, _NR)
-
-
-@intrinsic
-def _dots(typingctx, a, a_off, lda, b, b_off, ldb, s, s_off, lds, k):
-    """S[i, j] = A[i, :k] . B[j, :k] for i, j < 4 (k a multiple of 16) on float32 arrays: row i of A at
-    a[a_off + i * lda], row j of B at b[b_off + j * ldb], S[i, j] to s[s_off + i * lds + j].
-
-    Sixteen 16-lane accumulators, each loaded vector of A or B feeding four FMAs (one dot product at a
-    time is bound by its two loads per FMA). The sixteen horizontal sums are one transposing tree:
-    each stage adds the two halves of every pair of vectors' partial sums, so 15 adds and 30 shuffles
-    leave the 16 dot products in the lanes of one vector (16 separate sums would take 64 of each)."""
-    sig = types.void(a, a_off, lda, b, b_off, ldb, s, s_off, lds, k)
-
-    def codegen(context, builder, sig, args):
-        f32, i64 = ir.FloatType(), ir.IntType(64)
-        vec = ir.VectorType(f32, _LANES)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
-        pa, pb, ps = (builder.gep(context.make_array(sig.args[i])(context, builder, args[i]).data,
-                                  [context.cast(builder, args[i + 1], sig.args[i + 1], types.int64)]) for i in (0, 3, 6))
-        lda, ldb, lds, kk = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (2, 5, 8, 9))
-
-        def vload(base, ld, row, p):
-            ptr = builder.gep(base, [builder.add(builder.mul(ir.Constant(i64, row), ld), p)])
-            return builder.load(builder.bitcast(ptr, vec.as_pointer()), align=4)
-
-        acc = [cgutils.alloca_once_value(builder, ir.Constant(vec, [0.0] * _LANES)) for _ in range(16)]
-        with cgutils.for_range_slice(builder, ir.Constant(i64, 0), kk, ir.Constant(i64, _LANES)) as (p, _):
-            av = [vload(pa, lda, i, p) for i in range(4)]
-            bv = [vload(pb, ldb, j, p) for j in range(4)]
-            for i in range(4):
-                for j in range(4):
-                    builder.store(builder.call(fma, [av[i], bv[j], builder.load(acc[4 * i + j])]), acc[4 * i + j])
-        sums = [builder.load(x) for x in acc]
-        width = _LANES  # lanes of each accumulator's partial sums in the vectors of this stage
-        while len(sums) > 1:
-            half = width // 2
-            chunks = range(0, _LANES, width)
-            lo = [c + x for c in chunks for x in range(half)]
-            hi = [c + half + x for c in chunks for x in range(half)]
-            lo, hi = (ir.Constant(ir.VectorType(ir.IntType(32), _LANES), m + [_LANES + i for i in m]) for m in (lo, hi))
-            sums = [builder.fadd(builder.shuffle_vector(x, y, lo), builder.shuffle_vector(x, y, hi))
-                    for x, y in zip(sums[0::2], sums[1::2])]
-            width = half
-        quad = ir.VectorType(f32, 4)
-        for i in range(4):
-            row = builder.shuffle_vector(sums[0], sums[0], ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(4 * i, 4 * i + 4))))
-            ptr = builder.gep(ps, [builder.mul(ir.Constant(i64, i), lds)])
-            builder.store(row, builder.bitcast(ptr, quad.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _prefetch(typingctx, a, i):
-    """Prefetch the cache line of a[i] (1-D array) into L2 (llvm.prefetch, read, locality 2)."""
-    sig = types.void(a, i)
-
-    def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        ptr = builder.bitcast(builder.gep(data, [context.cast(builder, args[1], sig.args[1], types.int64)]), i8p)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0")
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -285,7 +225,18 @@ def _prefetch_rows(src, t0, h, n):
     for j in range(n):
         row = src[t0 + j, h]
         for i in range(0, row.shape[0], 64 // row.itemsize):
-            _prefetch(row, i)
+            prefetch(row, i)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _store_rows(o, l, rows, out, t0, bm, h0):
+    """The first `rows` columns of O^T [dv, rows] divided by their softmax sums l, into out: row r
+    is (token t0 + r % bm, head h0 + r // bm). A row that saw no key (l = 0) gets zeros."""
+    for r in range(rows):
+        total = l[r] if l[r] > 0 else F32(np.inf)
+        orow = out[t0 + r % bm, h0 + r // bm]
+        for c in range(orow.shape[0]):
+            store(orow, c, o[c, r] / total)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -319,11 +270,7 @@ def _attention_task(q, k, v, out, task, scale, causal, window, softcap):
         _prefetch_rows(v, ks0 + j0 + n, kvh, n_next)
         masked = j0 < all_lo or j0 + n > all_hi
         _tile_step(qt, kt, vt, n, s, o, m, l, alpha, lo, hi, j0, masked, softcap)
-    for r in range(rows):
-        total = l[r] if l[r] > 0 else F32(np.inf)  # no visible key: zeros
-        orow = out[qs0 + i0 + r % bm, h0 + r // bm]
-        for c in range(dv):
-            store(orow, c, o[c, r] / total)
+    _store_rows(o, l, rows, out, qs0 + i0, bm, h0)
 
 
 @njit(**KERNEL)
@@ -332,6 +279,126 @@ def _attention_kernel(q, k, v, out, tasks, bounds, scale, causal, window, softca
     for w in prange(bounds.shape[0] - 1):
         for t in range(bounds[w], bounds[w + 1]):
             _attention_task(q, k, v, out, tasks[t], scale, causal, window, softcap)
+
+
+_AMX_BN = 64  # keys per tile on AMX: two 32-key chunks of the P V product
+
+
+@njit(**HELPER)
+def _bf16_bits(x):
+    """float32 -> bfloat16 bits, round to nearest even, branch-free so loops vectorize (common's
+    f32_to_bf16 tests for NaN first); only for values that are not NaN with a payload in the low
+    bits (those would round to inf): probabilities, whose NaNs come from arithmetic."""
+    b = f32_bits(x)
+    return np.int16(np.uint16((b + U32(0x7FFF) + ((b >> U32(16)) & U32(1))) >> U32(16)))
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _finite_rows(a, n):
+    """Whether a[:n] (a bfloat16 int16 view) holds no inf or NaN: exponent bits not all ones."""
+    for j in range(n):
+        for c in range(a.shape[1]):
+            if a[j, c] & 0x7F80 == 0x7F80:
+                return False
+    return True
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _amx_attention_task(q, k, v, out, task, scale, causal, window, softcap):
+    """_attention_task for bfloat16 (int16 views) on AMX tiles, in the same transposed layout:
+    S^T = K Q^T and O^T += V^T P^T are bf16 tile products summed in float32 (gemm_core._amx_tiles,
+    32 x 32 blocks) and the online softmax (_softmax_tile) runs in float32 on S^T. P enters the
+    second product as two bfloat16 terms, P = hi + lo, keeping 16 bits: rounded to one bfloat16 as
+    FlashAttention does on GPUs, P's error alone takes the output to 0.8-0.95 of the conformance
+    tolerance (2x the naive bf16 error), against 0.5 in float32. The scale multiplies S in float32.
+
+    Operands are packed per task, zero-padded (a stale inf times a zero would be NaN): K and V^T as
+    16 x 32 "A" tiles [row tile, k chunk, 16, 32], Q and P^T as VNNI "B" tiles [column tile, k chunk,
+    16 pairs, 16] (gemm_core._pack_tile). Tile addresses are taken from the arrays where they are
+    used: Numba frees an array after its last use by name, so an address kept in a variable can
+    outlive the buffer (on 2 threads that gave NaN columns in S, from a reused Q buffer)."""
+    qs0, ks0, sq, sk, kvh, h0, hn, i0, bm = task
+    d, dv = q.shape[2], v.shape[2]
+    dc, kc, dvp = -(-d // 32), _AMX_BN // 32, _round_up(dv, 32)
+    rows = hn * bm
+    mp = _round_up(rows, 32)
+    qrows = np.zeros((mp, d), np.int16)
+    lo = np.zeros(mp, np.int64)
+    hi = np.zeros(mp, np.int64)
+    for r in range(rows):
+        qrows[r] = q[qs0 + i0 + r % bm, h0 + r // bm]
+        lo[r], hi[r] = _visible(i0 + r % bm + sk - sq, sk, causal, window)
+    qb = np.zeros((mp // 16, dc, 16, 16), np.uint32)
+    for t in range(mp // 16):
+        for c in range(dc):
+            _pack_tile(qrows, False, 16 * t, 16, c, qb[t, c])
+    k_lo, k_hi = lo[:rows].min(), hi[:rows].max()
+    all_lo, all_hi = lo[:rows].max(), hi[:rows].min()  # keys in [all_lo, all_hi) are seen by every row
+    ka = np.zeros((_AMX_BN // 16, dc, 16, 32), np.int16)
+    va = np.zeros((dvp // 16, kc, 16, 32), np.int16)
+    p2 = np.zeros((2, _AMX_BN, mp), np.int16)  # P^T = p2[0] + p2[1]
+    pb = np.zeros((2, mp // 16, kc, 16, 16), np.uint32)
+    s = np.empty((_AMX_BN, mp), np.float32)
+    o = np.zeros((dvp, mp), np.float32)
+    m = np.full(mp, -np.inf, np.float32)
+    l = np.zeros(mp, np.float32)
+    alpha = np.empty(mp, np.float32)
+    _amx_begin()
+    for j0 in range(k_lo, k_hi, _AMX_BN):
+        n = min(_AMX_BN, k_hi - j0)
+        nc = _round_up(n, 32)
+        kt, vt = k[ks0 + j0:ks0 + j0 + n, kvh], v[ks0 + j0:ks0 + j0 + n, kvh]
+        for j in range(nc):
+            for p in range(d):
+                ka[j // 16, p // 32, j % 16, p % 32] = kt[j, p] if j < n else 0
+        for i in range(0, nc, 32):
+            for r in range(0, mp, 32):
+                a0, b0 = ka.ctypes.data + i // 16 * dc * 1024, qb.ctypes.data + r // 16 * dc * 1024
+                _amx_tiles(a0, a0 + dc * 1024, 64, 1024, b0, b0 + dc * 1024, dc, s.ctypes.data + (i * mp + r) * 4, mp * 4, False)
+        for j in range(n):
+            for r in range(mp):
+                s[j, r] *= scale
+        masked = j0 < all_lo or j0 + n > all_hi
+        _softmax_tile(s, n, mp, lo, hi, j0, masked, softcap, m, l, alpha)
+        for c in range(dv):
+            for r in range(mp):
+                o[c, r] *= alpha[r]
+        if masked and not _finite_rows(vt, n):
+            # A NaN / inf of V at a key some rows may not see: those rows leave it out (see _tile_step).
+            for j in range(n):
+                for r in range(mp):
+                    if lo[r] <= j0 + j < hi[r]:
+                        for c in range(dv):
+                            o[c, r] += s[j, r] * load(vt[j], c)
+            continue
+        for j in range(nc):
+            for r in range(mp):
+                x = s[j, r] if j < n else F32(0.0)
+                p2[0, j, r] = _bf16_bits(x)
+                p2[1, j, r] = _bf16_bits(x - bits_f32(U32(np.uint16(p2[0, j, r])) << U32(16)))
+        for part in range(2):
+            for t in range(mp // 16):
+                for c in range(nc // 32):
+                    _pack_tile(p2[part, :nc], True, 16 * t, 16, c, pb[part, t, c])
+        for j in range(nc):
+            for c in range(dv):
+                va[c // 16, j // 32, c % 16, j % 32] = vt[j, c] if j < n else 0
+        for part in range(2):
+            for c in range(0, dvp, 32):
+                for r in range(0, mp, 32):
+                    a0, b0 = va.ctypes.data + c // 16 * kc * 1024, pb.ctypes.data + (part * mp + r) // 16 * kc * 1024
+                    _amx_tiles(a0, a0 + kc * 1024, 64, 1024, b0, b0 + kc * 1024, nc // 32, o.ctypes.data + (c * mp + r) * 4, mp * 4, True)
+    _amx_end()
+    _store_rows(o, l, rows, out, qs0 + i0, bm, h0)
+
+
+@njit(**KERNEL)
+def _amx_attention_kernel(q, k, v, out, tasks, bounds, scale, causal, window, softcap):
+    """_attention_kernel with _amx_attention_task (a kernel of its own: its tile instructions only
+    compile where gemm_core found AMX)."""
+    for w in prange(bounds.shape[0] - 1):
+        for t in range(bounds[w], bounds[w + 1]):
+            _amx_attention_task(q, k, v, out, tasks[t], scale, causal, window, softcap)
 
 
 def _balance(costs):
@@ -379,12 +446,64 @@ def _default_scale(q):
     return 1.0 / math.sqrt(max(q.shape[-1], 1))
 
 
+def _paged_view(rows, starts, length, bs):
+    """rows [T, heads, d] (C-contiguous) as a paged cache of blocks of bs rows (bs dividing T and
+    every start), and a block table whose row i starts at rows[starts[i]] and covers `length` rows.
+    Entries past the end of rows (past their sequence's length, never read) point at the last block."""
+    blocks = rows.shape[0] // bs
+    table = np.minimum(starts[:, None] // bs + np.arange(-(-length // bs)), blocks - 1).astype(np.int32)
+    return rows.reshape(blocks, bs, *rows.shape[1:]), table
+
+
+def _decode_as_paged(out, q, k, v, scale, window, softcap, cu_seqlens_q, cu_seqlens_k):
+    """One query per sequence is decode: the keys a query sees, [max(0, sk - window), sk) whether
+    causal or not, become a paged cache for paged_decode_attention, whose tasks keep a KV head's
+    query group in registers (a prefill task would pad its rows to 64). K and V are read in place
+    when their rows are C-contiguous: varlen or dense [B, Sk, Hkv, D] as [tokens, Hkv, D], and
+    dense views of [B, Hkv, Sk, D] memory (as transformers passes them) as B * Hkv sequences of one
+    KV head each. Returns False when the call is not decode."""
+    if cu_seqlens_q is None:
+        if q.shape[1] != 1:
+            return False
+        b, sk, hkv = k.shape[0], k.shape[1], k.shape[2]
+        first = max(0, sk - window) if window else 0
+        if sk == first:  # no keys: zeros
+            out[...] = 0
+            return True
+        q, out = q[:, 0], out[:, 0]
+        if all(x.transpose(0, 2, 1, 3).flags.c_contiguous for x in (k, v)) and out.flags.c_contiguous:
+            k, v = (x.transpose(0, 2, 1, 3).reshape(b * hkv * sk, 1, x.shape[3]) for x in (k, v))
+            q, out = q.reshape(b * hkv, -1, q.shape[2]), out.reshape(b * hkv, -1, out.shape[2])  # views: out is written
+            b = b * hkv
+        else:
+            k, v = (np.ascontiguousarray(x).reshape(b * sk, hkv, x.shape[3]) for x in (k, v))
+        starts, seq_lens, bs = np.arange(b) * sk + first, np.full(b, sk - first, np.int32), math.gcd(sk, first)
+    else:
+        cq, ck = np.asarray(cu_seqlens_q, np.int64), np.asarray(cu_seqlens_k, np.int64)
+        if not (np.diff(cq) == 1).all():
+            return False
+        starts = np.maximum(ck[:-1], ck[1:] - window) if window else ck[:-1]
+        seq_lens = (ck[1:] - starts).astype(np.int32)
+        if seq_lens.max() == 0:
+            out[...] = 0
+            return True
+        k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
+        bs = int(np.gcd.reduce(np.append(starts, k.shape[0])))
+    k_cache, table = _paged_view(k, starts, int(seq_lens.max()), bs)
+    v_cache, _ = _paged_view(v, starts, int(seq_lens.max()), bs)
+    paged_decode_attention((out,), q, k_cache, v_cache, table, seq_lens, scale, softcap, None, None)
+    return True
+
+
 def attention(outs, q, k, v, causal, scale, window, softcap, cu_seqlens_q, cu_seqlens_k):
     """softmax(q k^T * scale) v, dense [B, S, H, D] or varlen [T, H, D] with cu_seqlens."""
     (out,) = outs
     if out.size == 0:
         return
     scale = _default_scale(q) if scale is None else scale
+    if _decode_as_paged(out, q, k, v, scale, int(window or 0), softcap, cu_seqlens_q, cu_seqlens_k):
+        return
+    q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))  # a prefill reads each row many times
     if cu_seqlens_q is None:
         b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
         lens_q, lens_k = [sq] * b, [sk] * b
@@ -395,48 +514,169 @@ def attention(outs, q, k, v, causal, scale, window, softcap, cu_seqlens_q, cu_se
         lens_q, lens_k, starts_q, starts_k = np.diff(cq), np.diff(ck), cq[:-1], ck[:-1]
     tasks, bounds = _attention_tasks(lens_q, lens_k, starts_q, starts_k, q.shape[1], k.shape[1], bool(causal), int(window or 0))
     if tasks is not None:
-        _attention_kernel(raw_view(q), raw_view(k), raw_view(v), raw_view(out), tasks, bounds, F32(scale), bool(causal), int(window or 0),
+        kernel = _amx_attention_kernel if RUNG == "amx" and q.dtype == BF16 else _attention_kernel
+        kernel(raw_view(q), raw_view(k), raw_view(v), raw_view(out), tasks, bounds, F32(scale), bool(causal), int(window or 0),
                           F32(softcap or 0.0))
 
 
 # ---------------------------------------------------------------- decode: fp8 caches, partitions, merge
 
-_FP8_FN = np.dtype(ml_dtypes.float8_e4m3fn)
-_FP8_FNUZ = np.dtype(ml_dtypes.float8_e4m3fnuz)
+# fp8 e4m3 caches are read as uint8 (e4m3fn) or int8 (e4m3fnuz) and widened through float16 fields,
+# which leave the value times 2**-(bias - 15): the caller folds the inverse into k_scale and v_scale.
+_FP8_KV = {np.dtype(ml_dtypes.float8_e4m3fn): (np.uint8, 2.0 ** 8), np.dtype(ml_dtypes.float8_e4m3fnuz): (np.int8, 2.0 ** 7)}
 
 
-def _raw_kv(a):
-    """raw_view, plus fp8 caches: e4m3fn as uint8 and e4m3fnuz as int8 (the integer type picks the format)."""
-    if a.dtype == _FP8_FN:
-        return a.view(np.uint8)
-    if a.dtype == _FP8_FNUZ:
-        return a.view(np.int8)
-    return raw_view(a)
+def _kv_operand(cache):
+    """(array the decode kernel reads, factor its values are off by) for a KV cache: fp8 as its
+    integer view; float16 and fp8 as a float32 copy where the CPU lacks F16C; rows with a unit stride."""
+    kind, factor = _FP8_KV.get(cache.dtype, (None, 1.0))
+    if not HAS_F16C and (kind is not None or cache.dtype == np.float16):
+        cache, kind, factor = cache.astype(np.float32), None, 1.0
+    raw = cache.view(kind) if kind is not None else raw_view(cache)
+    return (raw if raw.strides[-1] == raw.itemsize else np.ascontiguousarray(raw)), factor
 
 
-def _ld_kv(a, i):
-    """a[i] as float32 for the _raw_kv formats (fp8 unscaled)."""
+def _masked_load(builder, base, off, mask):
+    """The len(mask) elements at base[off:] as a vector, lanes outside `mask` (<n x i1>) 0 and not read."""
+    i32, vec = ir.IntType(32), ir.VectorType(base.type.pointee, mask.type.count)
+    name = f"llvm.masked.load.v{vec.count}{'f32' if isinstance(vec.element, ir.FloatType) else f'i{vec.element.width}'}.p0"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec.as_pointer(), i32, mask.type, vec]), name)
+    return builder.call(fn, [builder.bitcast(builder.gep(base, [off]), vec.as_pointer()), ir.Constant(i32, 1), mask, ir.Constant(vec, None)])
 
 
-@overload(_ld_kv, jit_options=HELPER)
-def _ld_kv_impl(a, i):
-    if a.dtype in (types.uint8, types.int8):
-        # e4m3 bits shifted into a float16's fields give 2**-(bias - 15) times the value, subnormals
-        # included (F16C converts float16 subnormals at full speed, where float32 subnormal inputs to
-        # a multiply take a microcode assist). The arithmetic stays in 16-bit lanes and the NaN test
-        # on the float32, else the vectorizer widens every lane to 64 bits.
-        # e4m3fn: bias 7, NaN 0x7F / 0xFF (|value| 480 here); e4m3fnuz: bias 8, NaN 0x80 (-0.0 here).
-        fn = a.dtype == types.uint8
-        rescale = F32(2.0 ** 8 if fn else 2.0 ** 7)
+def _kv_vector(builder, dtype, base, off, mask):
+    """The 16 cache elements at base[off:] as <16 x float>, lanes outside `mask` (<16 x i1>) read as
+    0 without touching memory. dtype is the Numba type of the raw cache (see _kv_operand)."""
+    i16, i32 = ir.IntType(16), ir.IntType(32)
+    x = _masked_load(builder, base, off, mask)
+    f32x16, f16x16 = ir.VectorType(ir.FloatType(), _LANES), ir.VectorType(ir.HalfType(), _LANES)
 
-        def ld(a, i):
-            x = np.uint16(np.uint8(a[i]))
-            h = np.uint16(((x & 0x80) << 8) | ((x & 0x7F) << 7))
-            f = (f16_f32(h) if HAS_F16C else F16_TO_F32[h]) * rescale
-            nan = abs(f) == F32(480.0) if fn else f32_bits(f) == U32(0x80000000)
-            return F32(np.nan) if nan else f
-        return ld
-    return lambda a, i: load(a, i)
+    def splat(t, v):
+        return ir.Constant(ir.VectorType(t, _LANES), [v] * _LANES)
+
+    if dtype == types.float32:
+        return x
+    if dtype == types.uint16:  # float16: vcvtph2ps
+        return builder.fpext(builder.bitcast(x, f16x16), f32x16)
+    if dtype == types.int16:  # bfloat16 is the top half of a float32
+        return builder.bitcast(builder.shl(builder.zext(x, ir.VectorType(i32, _LANES)), splat(i32, 16)), f32x16)
+    # e4m3: sign to bit 15, exponent and mantissa to bits 7..13 of a float16, where F16C converts
+    # subnormals at full speed (float32 subnormal inputs to a multiply take a microcode assist).
+    # NaN: e4m3fn 0x7F / 0xFF, e4m3fnuz 0x80 (which would be -0.0); the format has no inf.
+    x = builder.zext(x, ir.VectorType(i16, _LANES))
+    mag = builder.and_(x, splat(i16, 0x7F))
+    h = builder.or_(builder.shl(builder.and_(x, splat(i16, 0x80)), splat(i16, 8)), builder.shl(mag, splat(i16, 7)))
+    nan = builder.icmp_unsigned("==", mag, splat(i16, 0x7F)) if dtype == types.uint8 else builder.icmp_unsigned("==", x, splat(i16, 0x80))
+    return builder.fpext(builder.bitcast(builder.select(nan, splat(i16, 0x7E00), h), f16x16), f32x16)
+
+
+def _lanes_below(builder, n, lanes=_LANES):
+    """<lanes x i1>: lane i < n (n an i64)."""
+    i64 = ir.IntType(64)
+    iota = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
+    spread = builder.shuffle_vector(builder.insert_element(ir.Constant(iota.type, ir.Undefined), n, ir.Constant(ir.IntType(32), 0)),
+                                    ir.Constant(iota.type, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+    return builder.icmp_signed("<", iota, spread)
+
+
+def _args(context, builder, sig, args, arrays):
+    """The data pointers of the array arguments at `arrays`, every other argument as an i64."""
+    return [context.make_array(sig.args[i])(context, builder, args[i]).data if i in arrays
+            else context.cast(builder, args[i], sig.args[i], types.int64) for i in range(len(args))]
+
+
+@intrinsic
+def _qk_block(typingctx, q, q_off, ldq, cache, rows, r0, h_off, s, s_off, lds, d):
+    """S[i, j] = Q[i, :d] . K_j[:d] for 4 query heads i and 4 keys j, K_j read from the cache at
+    element rows[r0 + j] + h_off and widened on the fly (Q: float32 rows at q[q_off + i * ldq],
+    zero-padded to a multiple of 16; S[i, j] to s[s_off + i * lds + j]). With Q in bfloat16 (int16,
+    padded to 32) and a bfloat16 cache, vdpbf16ps takes 32 of each per instruction: products of two
+    bfloat16 are exact in float32, and the cache needs no widening.
+
+    Sixteen 16-lane accumulators, each loaded vector feeding four FMAs; the sixteen horizontal sums
+    are one transposing tree: each stage adds the two halves of every pair of vectors' partial sums,
+    so 15 adds and 30 shuffles leave the 16 dot products in the lanes of one vector."""
+    sig = types.void(q, q_off, ldq, cache, rows, r0, h_off, s, s_off, lds, d)
+
+    def codegen(context, builder, sig, args):
+        pq, q_off, ldq, pk, prow, r0, h_off, ps, s_off, lds, d = _args(context, builder, sig, args, (0, 3, 4, 7))
+        f32, i64 = ir.FloatType(), ir.IntType(64)
+        vec = ir.VectorType(f32, _LANES)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
+        pq, ps = builder.gep(pq, [q_off]), builder.gep(ps, [s_off])
+        krow = [builder.add(builder.load(builder.gep(prow, [builder.add(r0, ir.Constant(i64, j))])), h_off) for j in range(4)]
+        pairs = sig.args[0].dtype == types.int16
+        step = 2 * _LANES if pairs else _LANES
+        if pairs:
+            words = ir.VectorType(ir.IntType(32), _LANES)
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, words, words]), "llvm.x86.avx512bf16.dpbf16ps.512")
+        acc = [cgutils.alloca_once_value(builder, ir.Constant(vec, [0.0] * _LANES)) for _ in range(16)]
+        with cgutils.for_range_slice(builder, ir.Constant(i64, 0), d, ir.Constant(i64, step)) as (p, _):
+            mask = _lanes_below(builder, builder.sub(d, p), step)
+            qv = [builder.load(builder.bitcast(builder.gep(pq, [builder.add(builder.mul(ir.Constant(i64, i), ldq), p)]),
+                                               (words if pairs else vec).as_pointer()), align=4) for i in range(4)]
+            if pairs:
+                kv = [builder.bitcast(_masked_load(builder, pk, builder.add(krow[j], p), mask), words) for j in range(4)]
+            else:
+                kv = [_kv_vector(builder, sig.args[3].dtype, pk, builder.add(krow[j], p), mask) for j in range(4)]
+            for i in range(4):
+                for j in range(4):
+                    old = builder.load(acc[4 * i + j])
+                    builder.store(builder.call(fma, [old, qv[i], kv[j]] if pairs else [qv[i], kv[j], old]), acc[4 * i + j])
+        sums = [builder.load(x) for x in acc]
+        width = _LANES  # lanes of each accumulator's partial sums in the vectors of this stage
+        while len(sums) > 1:
+            half = width // 2
+            chunks = range(0, _LANES, width)
+            lo = [c + x for c in chunks for x in range(half)]
+            hi = [c + half + x for c in chunks for x in range(half)]
+            lo, hi = (ir.Constant(ir.VectorType(ir.IntType(32), _LANES), m + [_LANES + i for i in m]) for m in (lo, hi))
+            sums = [builder.fadd(builder.shuffle_vector(x, y, lo), builder.shuffle_vector(x, y, hi)) for x, y in zip(sums[0::2], sums[1::2])]
+            width = half
+        quad = ir.VectorType(f32, 4)
+        for i in range(4):
+            row = builder.shuffle_vector(sums[0], sums[0], ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(4 * i, 4 * i + 4))))
+            builder.store(row, builder.bitcast(builder.gep(ps, [builder.mul(ir.Constant(i64, i), lds)]), quad.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _pv_block(typingctx, p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0, dv):
+    """O[i, c0:c0 + 64] += sum over t < n of P[i, t] V_t[c0:c0 + 64] for 4 query heads i, V_t read
+    from the cache at element rows[t] + h_off and widened on the fly, columns >= dv as 0 (P: float32
+    at p[p_off + i * ldp + t]; O: float32 rows at o[o_off + i * ldo], 64 columns writable).
+    4 x 4 accumulators; each V vector feeds four FMAs, each broadcast of P four."""
+    sig = types.void(p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0, dv)
+
+    def codegen(context, builder, sig, args):
+        pp, p_off, ldp, pv, prow, h_off, n, po, o_off, ldo, c0, dv = _args(context, builder, sig, args, (0, 3, 4, 7))
+        f32, i64 = ir.FloatType(), ir.IntType(64)
+        vec = ir.VectorType(f32, _LANES)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
+        pp, po = builder.gep(pp, [p_off]), builder.gep(po, [builder.add(o_off, c0)])
+        masks = [_lanes_below(builder, builder.sub(dv, builder.add(c0, ir.Constant(i64, v * _LANES)))) for v in range(4)]
+        o_ptr = [[builder.bitcast(builder.gep(po, [builder.add(builder.mul(ir.Constant(i64, i), ldo), ir.Constant(i64, v * _LANES))]),
+                                  vec.as_pointer()) for v in range(4)] for i in range(4)]
+        acc = [[cgutils.alloca_once_value(builder, builder.load(o_ptr[i][v], align=4)) for v in range(4)] for i in range(4)]
+        undef = ir.Constant(vec, ir.Undefined)
+        splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES)
+        with cgutils.for_range(builder, n) as loop:
+            t = loop.index
+            base = builder.add(builder.add(builder.load(builder.gep(prow, [t])), h_off), c0)
+            vv = [_kv_vector(builder, sig.args[3].dtype, pv, builder.add(base, ir.Constant(i64, v * _LANES)), masks[v]) for v in range(4)]
+            for i in range(4):
+                pi = builder.load(builder.gep(pp, [builder.add(builder.mul(ir.Constant(i64, i), ldp), t)]))
+                splat = builder.shuffle_vector(builder.insert_element(undef, pi, ir.Constant(ir.IntType(32), 0)), undef, splat_mask)
+                for v in range(4):
+                    builder.store(builder.call(fma, [splat, vv[v], builder.load(acc[i][v])]), acc[i][v])
+        for i in range(4):
+            for v in range(4):
+                builder.store(builder.load(acc[i][v]), o_ptr[i][v], align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -448,7 +688,7 @@ def _widen_paged(cache, table, b, h, j0, n, dst):
     for j in range(n):
         row, out = cache[table[b, i], slot, h], dst[j]
         for p in range(row.shape[0]):
-            out[p] = _ld_kv(row, p)
+            out[p] = load(row, p)
         i, slot = (i + 1, 0) if slot == bs - 1 else (i, slot + 1)
 
 
@@ -490,9 +730,58 @@ def _partitions(seq_lens, size):
 # ---------------------------------------------------------------- paged_decode_attention
 
 _DECODE_PART = 1024  # keys per partition: a 16K sequence spreads over 16 tasks
-_DECODE_CHUNK = 32  # keys per online-softmax step: K and V tiles of 32 x d floats stay in L1
+_DECODE_CHUNK = 32  # keys per online-softmax step and per prefetch (16 as fast; 64 and more measured slower)
 _DG = 4  # query heads per register block of both products (a KV head's group is padded to a multiple)
-_pv = _microkernel(_DG, _NR)  # O[4 heads, 64 columns] += P[4 heads, keys] . V[keys, 64 columns]
+
+
+_BF16_DOT = "avx512bf16" in CPU_FEATURES
+
+
+def _query_tile(q, b, group, gp, qk_scale, kc):
+    """(Q of sequence b as _qk_block takes it: [heads_kv, gp, padded d], zero-padded; the factor
+    left to apply to the scores)."""
+
+
+@overload(_query_tile, jit_options=HELPER)
+def _query_tile_impl(q, b, group, gp, qk_scale, kc):
+    pairs = _BF16_DOT and q.dtype == types.int16 and kc.dtype == types.int16
+    dtype, lanes = (np.int16, 2 * _LANES) if pairs else (np.float32, _LANES)
+
+    def tile(q, b, group, gp, qk_scale, kc):
+        hq, d = q.shape[1], q.shape[2]
+        qs = np.zeros((hq // group, gp, _round_up(d, lanes)), dtype)
+        for h in range(hq):
+            for p in range(d):
+                if pairs:  # bfloat16 bits as they are, the scale applied to the scores
+                    qs[h // group, h % group, p] = q[b, h, p]
+                else:
+                    qs[h // group, h % group, p] = load(q[b, h], p) * qk_scale
+        return qs, qk_scale if pairs else F32(1.0)
+    return tile
+
+
+@njit(cache=True)
+def _chunk_rows(cache, table, b, j0, n, rows):
+    """rows[j] = the element offset of key j0 + j of sequence b (head 0) in the cache, for j < n;
+    the rest of rows repeat the last (keys padding a 4 x 4 block). Block and slot advance by counting."""
+    bs = cache.shape[1]
+    sb, ss = cache.strides[0] // cache.itemsize, cache.strides[1] // cache.itemsize
+    i, slot = j0 // bs, j0 % bs
+    for j in range(n):
+        rows[j] = table[b, i] * sb + slot * ss
+        i, slot = (i + 1, 0) if slot == bs - 1 else (i, slot + 1)
+    rows[n:] = rows[n - 1]
+
+
+@njit(cache=True)
+def _prefetch_chunk(cache, rows, n):
+    """Start loading the keys at rows[:n] of the cache, all heads, into L2, in memory order: pages of
+    a paged cache are not consecutive, and the hardware prefetchers stop at each page's end."""
+    head, w = cache.strides[2] // cache.itemsize, cache.shape[3]
+    for j in range(n):
+        for h in range(cache.shape[2]):
+            for i in range(0, w, 64 // cache.itemsize):
+                prefetch(cache, rows[j] + h * head + i)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -500,36 +789,45 @@ def _paged_task(q, kc, vc, table, part, qk_scale, softcap, m_out, l_out, o_out):
     """One partition (sequence b, keys j0:j1) for every query head, unnormalized into m_out, l_out
     [heads_q] and o_out [heads_q, dv].
 
-    Chunk by chunk, every KV head in turn: its K rows widened to float32, the scores of its group
-    of query heads in 4 x 4 blocks (GQA: K and V are read once for all of them), the online
-    softmax, its V rows widened, then P V in the register-blocked microkernel. The tiles stay in
-    L1; over the KV heads a chunk's blocks are read whole."""
+    Chunk by chunk, every KV head in turn: the scores of its group of query heads in 4 x 4 blocks
+    straight from the cache rows (GQA: K and V are read once for all of them), the online softmax,
+    then P V in 4 heads x 64 columns, V widened in registers as well; nothing is staged in float32.
+    The next chunk's rows are prefetched while this one computes."""
     b, j0, j1 = part
     hq, d = q.shape[1], q.shape[2]
     hkv, dv = kc.shape[2], vc.shape[3]
     group = hq // hkv
-    gp, dp, dvp = _round_up(group, _DG), _round_up(d, _LANES), _round_up(dv, _NR)
+    gp, dvp = _round_up(group, _DG), _round_up(dv, _NR)
     # Padding is zeros: heads with q = 0 (results unused), dims that add nothing.
-    qs = np.zeros((hkv, gp, dp), np.float32)
-    for h in range(hq):
-        for p in range(d):
-            qs[h // group, h % group, p] = load(q[b, h], p) * qk_scale
+    qs, score_scale = _query_tile(q, b, group, gp, qk_scale, kc)
+    dp = qs.shape[2]
     o = np.zeros((hkv, gp, dvp), np.float32)
     m = np.full((hkv, gp), -np.inf, np.float32)
     l = np.zeros((hkv, gp), np.float32)
     s = np.empty((gp, _DECODE_CHUNK), np.float32)
-    kt = np.zeros((_DECODE_CHUNK, dp), np.float32)
-    vt = np.zeros((_DECODE_CHUNK, dvp), np.float32)
+    # rows of this chunk (k_rows[0], v_rows[0]) and the next ([1]), whose loads start before this
+    # chunk computes: with them in flight, the kernel streams ~20% faster.
+    k_rows, v_rows = np.empty((2, _DECODE_CHUNK), np.int64), np.empty((2, _DECODE_CHUNK), np.int64)
+    k_head, v_head = kc.strides[2] // kc.itemsize, vc.strides[2] // vc.itemsize
+    _chunk_rows(kc, table, b, j0, min(_DECODE_CHUNK, j1 - j0), k_rows[1])
+    _chunk_rows(vc, table, b, j0, min(_DECODE_CHUNK, j1 - j0), v_rows[1])
     for c0 in range(j0, j1, _DECODE_CHUNK):
         n = min(_DECODE_CHUNK, j1 - c0)
-        n4 = _round_up(n, 4)  # keys n..n4-1 pad the last 4 x 4 block: p = 0 and V = 0 (0 * inf would be NaN)
+        k_rows[0], v_rows[0] = k_rows[1], v_rows[1]
+        n_next = min(_DECODE_CHUNK, j1 - c0 - n)
+        if n_next > 0:
+            _chunk_rows(kc, table, b, c0 + n, n_next, k_rows[1])
+            _chunk_rows(vc, table, b, c0 + n, n_next, v_rows[1])
+            _prefetch_chunk(kc, k_rows[1], n_next)
+            _prefetch_chunk(vc, v_rows[1], n_next)
         for kvh in range(hkv):
-            _widen_paged(kc, table, b, kvh, c0, n, kt)
             for g0 in range(0, gp, _DG):
-                for t0 in range(0, n4, 4):
-                    _dots(qs[kvh], g0 * dp, dp, kt, t0 * dp, dp, s, g0 * _DECODE_CHUNK + t0, _DECODE_CHUNK, dp)
+                for t0 in range(0, n, 4):
+                    _qk_block(qs[kvh], g0 * dp, dp, kc, k_rows[0], t0, kvh * k_head, s, g0 * _DECODE_CHUNK + t0, _DECODE_CHUNK, d)
             for g in range(group):
                 row = s[g]
+                for t in range(n):
+                    row[t] *= score_scale
                 if softcap > 0:
                     for t in range(n):
                         row[t] = softcap * math.tanh(row[t] / softcap)
@@ -543,18 +841,15 @@ def _paged_task(q, kc, vc, table, part, qk_scale, softcap, m_out, l_out, o_out):
                 for t in range(n):
                     row[t] = exp(row[t] - shift)
                     total += row[t]
-                row[n:n4] = 0.0
                 m[kvh, g] = top
                 l[kvh, g] = l[kvh, g] * alpha + total
                 if alpha != 1:  # the running max grew
                     orow = o[kvh, g]
                     for c in range(dv):
                         orow[c] *= alpha
-            _widen_paged(vc, table, b, kvh, c0, n, vt)
-            vt[n:n4] = 0.0
             for g0 in range(0, gp, _DG):
                 for c in range(0, dvp, _NR):
-                    _pv(s, g0 * _DECODE_CHUNK, _DECODE_CHUNK, 1, vt, c, dvp, o[kvh], g0 * dvp + c, dvp, n4, True)
+                    _pv_block(s, g0 * _DECODE_CHUNK, _DECODE_CHUNK, vc, v_rows[0], kvh * v_head, n, o[kvh], g0 * dvp, dvp, c, dv)
     for h in range(hq):
         m_out[h] = m[h // group, h % group]
         l_out[h] = l[h // group, h % group]
@@ -577,15 +872,17 @@ def paged_decode_attention(outs, q, k_cache, v_cache, block_table, seq_lens, sca
         return
     hq = q.shape[1]
     scale = _default_scale(q) if scale is None else scale
-    k_scale = 1.0 if k_scale is None else k_scale
-    v_scale = 1.0 if v_scale is None else v_scale
+    kc, k_factor = _kv_operand(k_cache)
+    vc, v_factor = _kv_operand(v_cache)
+    k_scale = k_factor * (1.0 if k_scale is None else k_scale)
+    v_scale = v_factor * (1.0 if v_scale is None else v_scale)
     parts, first = _partitions(seq_lens, _DECODE_PART)
     order, bounds = _balance(parts[:, 2] - parts[:, 1])
     part_m = np.empty((len(parts), hq), np.float32)
     part_l = np.empty((len(parts), hq), np.float32)
     part_o = np.empty((len(parts), hq, v_cache.shape[-1]), np.float32)
-    _paged_kernel(raw_view(q), _raw_kv(k_cache), _raw_kv(v_cache), block_table, parts, order.astype(np.int64), bounds,
-                  F32(scale * k_scale), F32(softcap or 0.0), part_m, part_l, part_o)
+    _paged_kernel(raw_view(q), kc, vc, block_table, parts, order.astype(np.int64), bounds, F32(scale * k_scale), F32(softcap or 0.0),
+                  part_m, part_l, part_o)
     _merge_kernel(part_m, part_l, part_o, first, raw_view(out), F32(v_scale))
 
 
@@ -650,4 +947,4 @@ def mla_decode(outs, q_nope, q_pe, kv_latent, k_pe, block_table, seq_lens, scale
     _merge_kernel(part_m, part_l, part_o, first, raw_view(out), F32(1.0))
 
 
-KERNELS = (Kernel("attention", attention), Kernel("paged_decode_attention", paged_decode_attention), Kernel("mla_decode", mla_decode))
+KERNELS = (Kernel("attention", attention, options={"contiguous": False}), Kernel("paged_decode_attention", paged_decode_attention), Kernel("mla_decode", mla_decode))

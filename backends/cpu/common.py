@@ -8,8 +8,8 @@ compile time from the array's dtype, so each op has one kernel body for every mi
 
 Also here: the vectorizable float32 math (`exp`, the activations and `activate(v, code)` with the
 codes of hal.codes), the jit options every module uses (KERNEL, HELPER, FASTMATH), widening to
-float32 (`as_f32`), and `Kernel`, the entry of a module's KERNELS table that backends/cpu/__init__.py
-registers.
+float32 (`as_f32`), cache prefetch hints (`prefetch`, `prefetch_write`), and `Kernel`, the entry
+of a module's KERNELS table that backends/cpu/__init__.py registers.
 
 This module imports only numpy, numba (and its llvmlite), ml_dtypes, math and hal's tables, so it
 can be tested on its own.
@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.core import config as numba_config
 from numba.extending import intrinsic, overload
 
@@ -67,6 +68,43 @@ def bits_f32(typingctx, x):
         return builder.bitcast(v, context.get_value_type(types.float32))
 
     return types.float32(x), codegen
+
+
+def _prefetch_intrinsic(for_write):
+    """An intrinsic prefetch(a, i): an LLVM prefetch of the cache line holding a[i] (i a tuple of ints,
+    one per axis of a, or an int: on a 1-D array its index, on more axes the offset in elements from
+    a's first element), for reading or (for_write) writing. A hint: it never faults, and it only pays
+    where the hardware prefetcher idles, e.g. during a compute pass over a cached row."""
+
+    @intrinsic
+    def prefetch(typingctx, a, i):
+        index_types = i.types if isinstance(i, types.BaseTuple) else (i,)
+        if not isinstance(a, types.Array) or not all(isinstance(t, types.Integer) for t in index_types) \
+                or len(index_types) not in (1, a.ndim):
+            return None
+
+        def codegen(context, builder, sig, args):
+            array = context.make_array(sig.args[0])(context, builder, args[0])
+            index = cgutils.unpack_tuple(builder, args[1]) if isinstance(sig.args[1], types.BaseTuple) else [args[1]]
+            index = [context.cast(builder, v, t, types.intp) for v, t in zip(index, index_types)]
+            if len(index) == sig.args[0].ndim:
+                ptr = cgutils.get_item_pointer(context, builder, sig.args[0], array, index, wraparound=False)
+            else:  # a flat offset in elements
+                ptr = builder.gep(array.data, index)
+            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                                "llvm.prefetch")
+            # (address, write, locality 3 = keep in all cache levels, data cache)
+            builder.call(fn, [builder.bitcast(ptr, i8p), i32(int(for_write)), i32(3), i32(1)])
+            return context.get_dummy_value()
+
+        return types.void(a, i), codegen
+
+    return prefetch
+
+
+prefetch = _prefetch_intrinsic(False)
+prefetch_write = _prefetch_intrinsic(True)
 
 
 # Exact float16 -> float32 table, built once at import (Numba embeds it as a constant).

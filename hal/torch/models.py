@@ -9,7 +9,8 @@ What is replaced, per kind (`ops=` picks kinds), for the families in FAMILIES:
   transformers' attention registry (also `from_config(..., attn_implementation="hal")`): causal,
   sliding window, soft-capping and padding masks (packed into cu_seqlens) on hal's attention;
 - "mlp": the gated MLP's activation and product, act(gate) * up, runs hal's gated op (silu_and_mul,
-  gelu_tanh_and_mul for Gemma, ...);
+  gelu_tanh_and_mul for Gemma, ...); while applied, gate_proj's and up_proj's parameters are row views of
+  one fused [gate; up] tensor (one GEMM, no concatenation of its halves; restore separates them again);
 - "moe": the sparse MoE block runs hal's moe_route, moe_align, moe_permute, two grouped GEMMs on the
   experts' own stacked weights and moe_unpermute.
 Projections, embeddings and the LM head stay on torch. Modules are patched in place (an instance
@@ -91,6 +92,8 @@ def apply(model, *, backend=None, ops=None):
         if forward is not None and kind in kinds:
             module.forward = types.MethodType(forward, module)
             patched["forwards"].append(module)
+            if kind == "mlp":
+                _fuse_gate_up(module)
             report.replaced.setdefault(kind, []).append((name, cls))
         else:
             why = why or (f"kind {kind!r} not asked for" if kind else next((w for end, w in LEFT.items() if cls.endswith(end)), "no hal op for it"))
@@ -119,6 +122,7 @@ def restore(model):
     for module in patched["forwards"]:  # instance attributes set by apply: class behaviour comes back
         module.__dict__.pop("forward", None)
         module.__dict__.pop("hal_backend", None)
+        _unfuse_gate_up(module)
     if patched["attention"] is not None:
         model.set_attn_implementation(patched["attention"])
     if patched["rope"] is not None:
@@ -171,8 +175,52 @@ def _mlp(gated, backend):
     op = getattr(HAL, gated)
 
     def forward(self, x):  # down(act(gate(x)) * up(x)) with the gate and up halves side by side
-        return self.down_proj(op(torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1), backend=backend))
+        fused = self.__dict__.get("_hal_gate_up")
+        if fused is not None and _still_fused(self, fused):
+            halves = F.linear(x, fused[0], fused[1])
+        else:  # not fused, or a projection's parameters were replaced since
+            halves = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
+        return self.down_proj(op(halves, backend=backend))
     return forward
+
+
+def _parameters(mlp):
+    return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.gate_proj.bias, mlp.up_proj.bias
+
+
+def _still_fused(mlp, fused):
+    """Whether the projections still hold the Parameters made views of `fused` (by identity: torch.compile
+    traces that, not data pointers). Parameters replaced by new ones (load_state_dict(assign=True), a new
+    nn.Linear) are seen; model.to(dtype or device) after apply swaps their data instead, and the fused
+    GEMM then refuses the mixed dtypes or devices: apply again after such a conversion."""
+    return all(p is q for p, q in zip(_parameters(mlp), fused[2]))
+
+
+def _fuse_gate_up(mlp):
+    """Make gate_proj's and up_proj's weights (and biases) row views of one tensor each, [gate; up]: the gated
+    MLP then runs one GEMM whose output is already the [gate | up] layout its hal op takes (no torch.cat of two
+    outputs) with no extra weight memory. Only plain nn.Linear pairs of one dtype and device, with biases on both
+    or neither; `_unfuse_gate_up` gives them their own memory again."""
+    gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
+    if type(gate) is not torch.nn.Linear or type(up) is not torch.nn.Linear or (gate.bias is None) != (up.bias is None):
+        return
+    if gate.weight.dtype != up.weight.dtype or gate.weight.device != up.weight.device:
+        return
+    fused = []
+    for g, u in ((gate.weight, up.weight), (gate.bias, up.bias)):
+        both = None if g is None else torch.cat([g.detach(), u.detach()])
+        if both is not None:
+            g.data, u.data = both[:g.shape[0]], both[g.shape[0]:]
+        fused.append(both)
+    mlp._hal_gate_up = (*fused, _parameters(mlp))
+
+
+def _unfuse_gate_up(mlp):
+    fused = mlp.__dict__.pop("_hal_gate_up", None)
+    if fused is not None and _still_fused(mlp, fused):
+        for p in _parameters(mlp):
+            if p is not None:
+                p.data = p.data.clone()
 
 
 def _fused_mlp(gated, backend):
