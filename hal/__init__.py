@@ -9,6 +9,7 @@ from .dispatch import backend, fallbacks, use  # backend: deprecated alias of `w
 from .errors import (
     BackendUnavailable,
     FallbackWarning,
+    GradNotSupported,
     HalError,
     KernelCompileError,
     KernelLaunchError,
@@ -52,5 +53,5 @@ from . import backends  # noqa: E402  (the package of the built-in backends; not
 __all__ = [
     "ops", "use", "list_backends", "fallbacks", "hookimpl", "register_plugin", "unregister_plugin", "registry",
     "Backend", "Priority", "FALLBACK_BACKEND", "HalError", "BackendUnavailable", "KernelNotFound", "SchemaError",
-    "KernelCompileError", "KernelLaunchError", "OutOfMemory", "FallbackWarning", "backends",
+    "KernelCompileError", "KernelLaunchError", "OutOfMemory", "GradNotSupported", "FallbackWarning", "backends",
 ]

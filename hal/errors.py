@@ -35,6 +35,16 @@ class KernelLaunchError(HalError):
     """A compiled kernel failed at launch or while running."""
 
 
+class GradNotSupported(HalError):
+    """A hal op was called on torch tensors that require grad with grad mode on: hal kernels are forward
+    (inference) only, and detaching the inputs silently would hand back results without a graph."""
+
+    def __init__(self, op):
+        self.op = op
+        super().__init__(f"{op}: hal kernels are inference only and have no backward, but an input requires grad with "
+                         "grad mode on; call it under torch.no_grad() or torch.inference_mode(), or detach the inputs")
+
+
 class OutOfMemory(HalError, MemoryError):
     """Memory ran out while a call allocated or ran (the size check before allocating passed)."""
 

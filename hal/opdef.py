@@ -12,6 +12,7 @@ import inspect
 import math
 import numbers
 import reprlib
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import numpy as np
 from .arrays import DLPACK_CPU, device_type, is_tensor, kind_of, to_host
 from .dispatch import dispatch
 from .dtypes import FLOATS, name_of
-from .errors import SchemaError, renamed
+from .errors import GradNotSupported, SchemaError, renamed
 
 
 class InvalidArgument(Exception):
@@ -172,30 +173,36 @@ class OpDef:
     def validate(self, a):
         """Check and normalize bound arguments in place; raise SchemaError before any kernel runs."""
         first_device = None
+        tracing = _shapes_only.get()  # torch fake or meta tensors while torch traces: shapes only, no DLPack device
         for t in self.tensors:
             x = a[t.name]
             if x is None:
                 if not t.optional:
                     raise SchemaError(self.name, t.name, "a tensor", "None")
                 continue
-            if type(x) is not np.ndarray and not is_tensor(x):  # the common case first: this runs on every call
+            numpy = type(x) is np.ndarray  # the common case first: this runs on every call
+            if not numpy and not is_tensor(x):
                 raise SchemaError(self.name, t.name, "a NumPy array, torch tensor, CuPy array or DLPack producer", type(x).__name__)
-            dtype = name_of(x.dtype)
+            x_dtype, shape = x.dtype, x.shape
+            dtype = name_of(x_dtype)
             if dtype not in t.dtypes:
                 raise SchemaError(self.name, t.name, f"dtype in ({', '.join(t.dtypes)})", dtype)
-            if isinstance(x.dtype, np.dtype) and not x.dtype.isnative:  # NumPy '>f4' on a little-endian host: kernels read raw bytes
-                raise SchemaError(self.name, t.name, f"{dtype} in native byte order", f"byte-swapped dtype {x.dtype.str!r}")
-            ndim = len(x.shape)
+            if isinstance(x_dtype, np.dtype) and not x_dtype.isnative:  # NumPy '>f4' on a little-endian host: kernels read raw bytes
+                raise SchemaError(self.name, t.name, f"{dtype} in native byte order", f"byte-swapped dtype {x_dtype.str!r}")
+            ndim = len(shape)
             if t.rank is not None and ndim != t.rank:
                 raise SchemaError(self.name, t.name, f"rank {t.rank}", f"rank {ndim} with shape {_shape(x)}")
             if ndim < t.min_rank:
                 raise SchemaError(self.name, t.name, f"rank >= {t.min_rank}", f"rank {ndim}")
-            if any(d > MAX_DIM for d in x.shape):  # not max(x.shape): on torch's symbolic sizes that guards on their order
+            # not max(shape) while tracing: on torch's symbolic sizes that guards on their order
+            if (any(d > MAX_DIM for d in shape) if tracing else ndim and max(shape) > MAX_DIM):
                 raise SchemaError(self.name, t.name, "dimensions < 2**31", f"shape {_shape(x)}")
-            if _shapes_only.get():  # torch fake or meta tensors while torch traces: no DLPack device
+            if not numpy and kind_of(x) == "torch" and x.requires_grad and sys.modules["torch"].is_grad_enabled():
+                raise GradNotSupported(self.name)
+            if tracing:
                 continue
             try:
-                dev = DLPACK_CPU if type(x) is np.ndarray else device_type(x)
+                dev = DLPACK_CPU if numpy else device_type(x)
             except Exception as e:  # torch 'meta' tensors and producers DLPack cannot place
                 raise SchemaError(self.name, t.name, "an array on a device DLPack describes (CPU, CUDA, ROCm)",
                                   f"{type(x).__name__} whose device query failed: {e}") from None

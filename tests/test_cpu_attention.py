@@ -74,3 +74,17 @@ def test_prefill_non_finite_value_at_a_masked_key(rng, dtype):
     np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
     np.testing.assert_array_equal(np.isinf(out), np.isinf(want))
     assert np.isfinite(out[0, :40]).all() and np.isinf(out[0, -1, 2:]).any()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefill_last_tile_past_the_sequence(rng, dtype):
+    """A sequence's last key tile covers rows past its end (bfloat16 on AMX reads K's rows in place):
+    the next sequence's K = NaN and V = inf there stay out of this sequence's output."""
+    a = _varlen(rng, dtype, [70, 50], [70, 50], 4, 2, 64, causal=True)
+    a["k"][70:] = np.nan
+    a["v"][70:] = np.inf
+    with poisoned_outputs():
+        out = np.asarray(OP(a["q"], a["k"], a["v"], **{n: a[n] for n in ATTRS}, backend="cpu")).astype(np.float32)
+    want = OP.reference(a)[0]
+    assert np.isfinite(out[:70]).all()
+    np.testing.assert_allclose(out[:70], want[:70], atol=0.05, rtol=0.05)

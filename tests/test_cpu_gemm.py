@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from hal import ops
-from hal.backends.cpu import gemm_core
+from hal.backends.cpu import gemm_core, kernels
 from hal.conformance import judge
 from hal.opdef import random, strided
 
@@ -65,6 +65,42 @@ def test_gemm_inf_nan_propagate(rung, rng):
     out = _check(ops.gemm, {"a": a, "b": b, "bias": random(rng, (n,), "bfloat16"), "activation": "relu"})
     assert np.isnan(out[3].astype(np.float32)).all()  # a NaN reaches its whole row, and no further
     assert not np.isnan(out[[0, 1, 39]].astype(np.float32)).any()
+
+
+@pytest.fixture
+def small_m_up_to_32(monkeypatch):
+    """Every M here takes the small-M paths: row-major b vdpbf16ps on the amx / avx512bf16 rungs; transposed
+    b the float32 FMA kernel, or on amx (K and N multiples of 32, M > 1) AMX with W = b.T in place."""
+    monkeypatch.setattr(kernels, "_SMALL_M_DOT", 32)
+    monkeypatch.setitem(kernels._SMALL_M, kernels.BF16, 32)
+
+
+# K: chunks of b's rows and an odd last row; N: strips of 64 columns and a masked tail of 11.
+SMALL_K, SMALL_N = 301, 203
+
+
+# (K, N): odd; multiples of 32 (transposed b: W in place on AMX).
+@pytest.mark.parametrize("k,n", [(SMALL_K, SMALL_N), (96, 160)])
+@pytest.mark.parametrize("layout", ["row-major", "transposed"])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 32])
+def test_gemm_small_m(rung, small_m_up_to_32, layout, m, k, n, rng):
+    a = strided(random(rng, (m, k), "bfloat16"))
+    b = random(rng, (n, k), "bfloat16").T if layout == "transposed" else random(rng, (k, n), "bfloat16")
+    _check(ops.gemm, {"a": a, "b": b, "bias": random(rng, (n,), "bfloat16"), "c": random(rng, (m, n), "bfloat16"),
+                      "activation": "silu", "alpha": 0.75, "beta": -0.5})
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")
+@pytest.mark.parametrize("k,n", [(SMALL_K, SMALL_N), (96, 160)])
+@pytest.mark.parametrize("layout", ["row-major", "transposed"])
+@pytest.mark.parametrize("m", [3, 17])
+def test_gemm_small_m_inf_nan(rung, small_m_up_to_32, layout, m, k, n, rng):
+    a = random(rng, (m, k), "bfloat16")
+    b = random(rng, (n, k), "bfloat16").T if layout == "transposed" else random(rng, (k, n), "bfloat16")
+    a[1, k - 1], a[m - 1, 7] = np.nan, np.inf  # the last row of K (odd or not), and a full pair
+    out = _check(ops.gemm, {"a": a, "b": b, "activation": "relu", "out_dtype": "float32"})
+    assert np.isnan(out[1]).all()
+    assert not np.isnan(out[0]).any()
 
 
 @pytest.mark.parametrize("activation", [None, "gelu", "silu_and_mul"])

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 import hal.ops as o
-from hal import HalError
+from hal import HalError, conformance
 from hal.backends.cpu import CpuBackend
 from hal.backends.cpu import attention as cpu_attention
+from hal.backends.cpu import common
 from hal.ops.attention import _mla_args, _paged_args
 
 
@@ -222,3 +223,27 @@ def test_truncated_numba_cache_heals(tmp_path):
     again = subprocess.run([sys.executable, "-c", "import numpy as np, hal.ops as o; o.moe_align(np.zeros((5, 2), np.int32), 3, 2, backend='cpu')"],
                            capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and "hal: compiling" not in again.stderr, again.stderr
+
+
+# ---------------------------------------------------------------- serial and parallel builds of a kernel
+
+def _bytes(result):
+    return [np.ascontiguousarray(y).view(np.uint8).tobytes() for y in (result if isinstance(result, tuple) else (result,))]
+
+
+@pytest.mark.parametrize("name", sorted(o.ALL))
+def test_serial_and_parallel_builds_give_the_same_bits(name, monkeypatch):
+    """A call under common.SERIAL_BYTES runs its kernel's serial build (common.sized), so the conformance suite's
+    small samples no longer reach the parallel builds: every sample runs through both, bit for bit alike."""
+    compared = 0
+    for case in conformance.cases("cpu", ops=[name], seed=11):
+        if case.kind == "error":
+            continue
+        serial = _bytes(case.op(**case.sample.args, backend="cpu"))
+        monkeypatch.setattr(common, "SERIAL_BYTES", 0)  # every threshold that picks a serial build
+        monkeypatch.setattr(cpu_attention, "_DECODE_SERIAL_BYTES", 0)
+        parallel = _bytes(case.op(**case.sample.args, backend="cpu"))
+        monkeypatch.undo()
+        assert serial == parallel, f"{case.id}: the parallel build's results differ from the serial build's"
+        compared += 1
+    assert compared

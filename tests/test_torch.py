@@ -8,7 +8,7 @@ import hal
 import hal.torch
 from hal import conformance
 from hal.conformance.pytest_plugin import parametrize_cases
-from hal.torch.library import GradNotSupported
+from hal.torch import GradNotSupported
 
 ops = torch.ops.hal
 
@@ -111,6 +111,11 @@ def test_inference_only(rng):
     with torch.inference_mode():
         assert ops.rms_norm(x, w)[0].shape == (4, 16)
     assert ops.rms_norm(x, w.detach())[0].shape == (4, 16)
+    with pytest.raises(GradNotSupported, match="rms_norm: hal kernels are inference only"):  # hal.ops directly: the same rule
+        hal.ops.rms_norm(x, w)
+    assert hal.GradNotSupported is GradNotSupported
+    with torch.no_grad():
+        torch.testing.assert_close(hal.ops.rms_norm(x, w), ops.rms_norm(x, w)[0])
     with pytest.raises(Exception, match="rms_norm: hal kernels are inference only"):  # dynamo wraps it, message kept
         torch.compile(lambda a, b: ops.rms_norm(a, b)[0], fullgraph=True)(x, w)
 

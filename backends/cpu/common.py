@@ -7,14 +7,18 @@ element to float32 and `store` narrows a float32 into one (round to nearest even
 compile time from the array's dtype, so each op has one kernel body for every mix of dtypes.
 
 Also here: the vectorizable float32 math (`exp`, the activations and `activate(v, code)` with the
-codes of hal.codes), the jit options every module uses (KERNEL, HELPER, FASTMATH), widening to
-float32 (`as_f32`), cache prefetch hints (`prefetch`, `prefetch_write`), and `Kernel`, the entry
-of a module's KERNELS table that backends/cpu/__init__.py registers.
+codes of hal.codes), the jit options every module uses (KERNEL, HELPER, FASTMATH), `sized` (a
+kernel's serial build for calls too small to wake the worker threads), widening to float32
+(`as_f32`), cache prefetch hints (`prefetch`, `prefetch_write`), the LLVM-IR pieces of the
+hand-written 16-lane loops (`lanes_below`, `masked`, `load_lanes` / `store_lanes`, `lanes_row`,
+`exp_lanes`), and `Kernel`, the entry of a module's KERNELS table that backends/cpu/__init__.py
+registers.
 
 This module imports only numpy, numba (and its llvmlite), ml_dtypes, math and hal's tables, so it
 can be tested on its own.
 """
 import math
+from types import FunctionType
 from typing import NamedTuple
 
 import llvmlite.binding as llvm
@@ -36,6 +40,28 @@ FASTMATH = {"contract", "reassoc"}
 KERNEL = dict(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 # Scalar helpers: no reassociation (the exp and float16 rounding tricks rely on exact IEEE adds).
 HELPER = dict(cache=True, fastmath={"contract"}, error_model="numpy")
+
+# Below this many bytes a call runs a KERNEL's serial build (`sized`). Numba's TBB workers sleep after
+# a few microseconds idle, and waking them cost 25-30 us per call here (a 896-wide rms_norm row: 35 us
+# parallel, 1 us serial), more than one core takes for 256 KiB of a row kernel.
+SERIAL_BYTES = 1 << 18
+_serial_builds = {}
+
+
+def sized(kernel, nbytes, limit=None):
+    """The build of `kernel` (an njit(**KERNEL) dispatcher) for a call that touches `nbytes`: the kernel
+    itself, or below `limit` (default SERIAL_BYTES) its serial build: the same source compiled without
+    parallel=True (prange runs as range, no worker threads wake), cached on disk under its own name
+    (Numba's cache key has no flags, so the two builds must not share a name)."""
+    if nbytes >= (SERIAL_BYTES if limit is None else limit):
+        return kernel
+    serial = _serial_builds.get(kernel)
+    if serial is None:
+        fn = kernel.py_func
+        twin = FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        twin.__qualname__ = fn.__qualname__ + "_serial"
+        serial = _serial_builds[kernel] = njit(**{**KERNEL, "parallel": False})(twin)
+    return serial
 
 
 # ---------------------------------------------------------------- bit casts and dtype conversion
@@ -68,6 +94,118 @@ def bits_f32(typingctx, x):
         return builder.bitcast(v, context.get_value_type(types.float32))
 
     return types.float32(x), codegen
+
+
+def lanes_below(builder, n, lanes):
+    """LLVM IR of the <lanes x i1> mask of the lanes i < n (n an i64): the tail of a hand-written vector loop."""
+    i64 = ir.IntType(64)
+    iota = ir.Constant(ir.VectorType(i64, lanes), list(range(lanes)))
+    spread = builder.shuffle_vector(builder.insert_element(ir.Constant(iota.type, ir.Undefined), n, ir.Constant(ir.IntType(32), 0)),
+                                    ir.Constant(iota.type, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+    return builder.icmp_signed("<", iota, spread)
+
+
+# The fast-math flags of every float instruction of hand-written IR: HELPER's. Numba's fastmath pass adds a
+# KERNEL's flags (reassoc) to the flagless ones of the function an intrinsic is inlined into, and LLVM then
+# reassociates them (x / d * u became x * u / d: 1 ulp off common.silu's result).
+IR_FLAGS = ("contract",)
+# Float32 lanes of the hand-written IR loops (one AVX-512 register). They run where the target has
+# AVX-512 (and F16C for float16 arrays: vcvtph2ps / vcvtps2ph); elsewhere the Numba loops they replace.
+LANES = 16
+
+
+def lanes_fit(*dtypes):
+    """Whether the IR loops of `lanes_row` take arrays of these Numba dtypes on the target CPU."""
+    return "avx512f" in CPU_FEATURES and all(d in (types.float32, types.int16) or d == types.uint16 and HAS_F16C
+                                            for d in dtypes)
+
+
+def masked(builder, op, ptr, mask, value=None):
+    """llvm.masked.load / .store of len(mask) elements at ptr (lanes outside `mask` not touched; loaded as 0)."""
+    i32 = ir.IntType(32)
+    vec = ir.VectorType(ptr.type.pointee, mask.type.count)
+    name = f"llvm.masked.{op}.v{vec.count}{'f32' if isinstance(vec.element, ir.FloatType) else f'i{vec.element.width}'}.p0"
+    vptr = builder.bitcast(ptr, vec.as_pointer())
+    if op == "load":
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec.as_pointer(), i32, mask.type, vec]), name)
+        return builder.call(fn, [vptr, i32(1), mask, ir.Constant(vec, None)])
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [vec, vec.as_pointer(), i32, mask.type]), name)
+    return builder.call(fn, [value, vptr, i32(1), mask])
+
+
+def _splat(t, value):
+    return ir.Constant(ir.VectorType(t, LANES), [value] * LANES)
+
+
+def load_lanes(builder, dtype, ptr, mask):
+    """The LANES raw elements (Numba dtype float32, uint16 float16 or int16 bfloat16) at ptr as a
+    <LANES x float>, lanes outside `mask` 0 and not read: `load` in IR."""
+    x = masked(builder, "load", ptr, mask)
+    f32 = ir.VectorType(ir.FloatType(), LANES)
+    if dtype == types.uint16:  # vcvtph2ps
+        return builder.fpext(builder.bitcast(x, ir.VectorType(ir.HalfType(), LANES)), f32)
+    if dtype == types.int16:
+        return builder.bitcast(builder.shl(builder.zext(x, ir.VectorType(ir.IntType(32), LANES)), _splat(ir.IntType(32), 16)), f32)
+    return x
+
+
+def store_lanes(builder, dtype, ptr, mask, v):
+    """Narrow the <LANES x float> v to the raw format and store the lanes in `mask` at ptr: `store` in
+    IR, bit for bit (float16: vcvtps2ph rounds to nearest even and keeps NaN quiet, as f32_to_f16 does)."""
+    if dtype == types.uint16:
+        v = builder.bitcast(builder.fptrunc(v, ir.VectorType(ir.HalfType(), LANES)), ir.VectorType(ir.IntType(16), LANES))
+    elif dtype == types.int16:  # f32_to_bf16
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(v, ir.VectorType(i32, LANES))
+        high = builder.lshr(bits, _splat(i32, 16))
+        nan = builder.icmp_unsigned(">", builder.and_(bits, _splat(i32, 0x7FFFFFFF)), _splat(i32, 0x7F800000))
+        even = builder.lshr(builder.add(builder.add(bits, _splat(i32, 0x7FFF)), builder.and_(high, _splat(i32, 1))), _splat(i32, 16))
+        v = builder.trunc(builder.select(nan, builder.or_(high, _splat(i32, 0x40)), even), ir.VectorType(ir.IntType(16), LANES))
+    masked(builder, "store", ptr, mask, v)
+
+
+def lanes_row(context, builder, sig, args, arrays, body):
+    """A vector loop over the elements of 1-D contiguous arrays: for each LANES-wide step j (a
+    masked tail included) body(j, mask, ptrs, scalars) with ptrs the data pointers of the array
+    arguments at positions `arrays` advanced to element j, scalars the other arguments; the
+    trip count is the length of the first array."""
+    if any(sig.args[i].layout != "C" for i in arrays):
+        raise TypeError(f"lanes_row takes contiguous 1-D arrays, not {sig.args}")
+    structs = {i: context.make_array(sig.args[i])(context, builder, args[i]) for i in arrays}
+    n = cgutils.unpack_tuple(builder, structs[arrays[0]].shape)[0]
+    scalars = [args[i] for i in range(len(args)) if i not in structs]
+    i64 = ir.IntType(64)
+    with cgutils.for_range_slice(builder, i64(0), n, i64(LANES)) as (j, _):
+        body(j, lanes_below(builder, builder.sub(n, j), LANES), [builder.gep(structs[i].data, [j]) for i in arrays], scalars)
+
+
+def exp_lanes(builder, x, plus=None):
+    """common.exp (same clamps, Cody-Waite reduction, polynomial and two-factor scaling) on a
+    <16 x float> in IR: Numba vectorizes common.exp in 8 lanes here (LLVM prefers 256-bit vectors
+    on this CPU). With `plus` (a float) it is plus + exp(x), the last scaling fused with the add as
+    Numba's contract fuses it in plus + exp(x) (silu's 1 + exp(-x))."""
+    vec = x.type
+    ivec = ir.VectorType(ir.IntType(32), vec.count)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vec.count}f32")
+
+    def c(value, t=vec):
+        return ir.Constant(t, [value] * vec.count)
+
+    x = builder.select(builder.fcmp_ordered("<", x, c(-104.0), flags=IR_FLAGS), c(-104.0), x)  # NaN passes both
+    x = builder.select(builder.fcmp_ordered(">", x, c(89.0), flags=IR_FLAGS), c(89.0), x)
+    t = builder.call(fma, [x, c(float(LOG2E)), c(float(ROUND))])
+    n = builder.fsub(t, c(float(ROUND)), flags=IR_FLAGS)
+    r = builder.call(fma, [n, c(-float(LN2_LO)), builder.call(fma, [n, c(-float(LN2_HI)), x])])  # fused as Numba's contract does
+    p = c(EXP_POLY[0])
+    for coef in EXP_POLY[1:]:
+        p = builder.call(fma, [p, r, c(coef)])
+    p = builder.fadd(builder.call(fma, [builder.fmul(p, r, flags=IR_FLAGS), r, r]), c(1.0), flags=IR_FLAGS)
+    ni = builder.sub(builder.bitcast(t, ivec), c(ROUND_BITS, ivec))
+    h = builder.ashr(ni, c(1, ivec))
+    scale = [builder.bitcast(builder.shl(builder.add(e, c(127, ivec)), c(23, ivec)), vec) for e in (h, builder.sub(ni, h))]
+    if plus is None:
+        return builder.fmul(builder.fmul(p, scale[0], flags=IR_FLAGS), scale[1], flags=IR_FLAGS)
+    return builder.call(fma, [builder.fmul(p, scale[0], flags=IR_FLAGS), scale[1], c(plus)])
 
 
 def _prefetch_intrinsic(for_write):
@@ -237,11 +375,13 @@ def outside_segments(rows, starts, ends):
 
 # ---------------------------------------------------------------- vectorizable float32 math
 
-_LOG2E = F32(1.4426950408889634)
-_LN2_HI = F32(0.693359375)  # Cody-Waite split of ln 2: n * _LN2_HI is exact for |n| <= 2**9
-_LN2_LO = F32(-2.12194440e-4)
-_ROUND = F32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer held in the low bits
-_ROUND_BITS = 0x4B400000
+LOG2E = F32(1.4426950408889634)
+LN2_HI = F32(0.693359375)  # Cody-Waite split of ln 2: n * LN2_HI is exact for |n| <= 2**9
+LN2_LO = F32(-2.12194440e-4)
+ROUND = F32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer held in the low bits
+ROUND_BITS = 0x4B400000
+# exp's polynomial on the reduced argument r, highest power first (Cephes expf); 1 + r + r^2 * p(r)
+EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
 
 
 @njit(**HELPER)
@@ -252,18 +392,18 @@ def exp(x):
     """
     x = F32(-104.0) if x < F32(-104.0) else x  # exp(-104) rounds to 0; comparisons pass NaN
     x = F32(89.0) if x > F32(89.0) else x  # exp(89) overflows
-    t = x * _LOG2E + _ROUND
-    n = t - _ROUND
-    r = x - n * _LN2_HI - n * _LN2_LO
-    p = F32(1.9875691500e-4)
-    p = p * r + F32(1.3981999507e-3)
-    p = p * r + F32(8.3334519073e-3)
-    p = p * r + F32(4.1665795894e-2)
-    p = p * r + F32(1.6666665459e-1)
-    p = p * r + F32(5.0000001201e-1)
+    t = x * LOG2E + ROUND
+    n = t - ROUND
+    r = x - n * LN2_HI - n * LN2_LO
+    p = F32(EXP_POLY[0])
+    p = p * r + F32(EXP_POLY[1])
+    p = p * r + F32(EXP_POLY[2])
+    p = p * r + F32(EXP_POLY[3])
+    p = p * r + F32(EXP_POLY[4])
+    p = p * r + F32(EXP_POLY[5])
     p = p * r * r + r + F32(1.0)
     # Scale by 2**n as 2**h * 2**(n-h): both factors stay normal for n in [-151, 128].
-    ni = np.int32(f32_bits(t)) - np.int32(_ROUND_BITS)
+    ni = np.int32(f32_bits(t)) - np.int32(ROUND_BITS)
     h = ni >> 1
     return p * bits_f32((h + 127) << 23) * bits_f32((ni - h + 127) << 23)
 

@@ -8,15 +8,18 @@ import math
 
 import numpy as np
 import numba
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from hal.codes import activation_code
 from hal.ops.activations import GATED_OPS
 
 from . import gemm_core
-from .common import (BF16, F32, FASTMATH, HELPER, KERNEL, Kernel, activate, as_f32, as_rows, bits_f32, dot4, exp, f32_bits,
-                     load, prefetch, prefetch_write, raw_view, store)
+from .common import (BF16, F32, FASTMATH, GELU_TANH, HELPER, IR_FLAGS, KERNEL, LANES, SILU, Kernel, activate, as_f32, as_rows,
+                     bits_f32, dot4, exp, exp_lanes, f32_bits, lanes_fit, lanes_row, load, load_lanes, prefetch, prefetch_write,
+                     raw_view, sized, store, store_lanes)
 
 # ---------------------------------------------------------------- kernels
 
@@ -113,35 +116,138 @@ def _layer_norm_kernel(x, w, b, res, y, s_out, eps, runs):
             _normalize_row(x, row, r, mean, inv, w, b, y)
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+
+
+# The softmax passes and the gated row as vector loops in IR over contiguous 1-D rows, 16 float32 lanes
+# (common.lanes_row), where Numba vectorizes the same loops in 8 (LLVM prefers 256-bit vectors on this CPU).
+# Each computes what the Numba loop in its stub's overload does, bit for bit (common.exp's fused steps
+# included), except the order of the softmax sum's adds; the stubs pick one per dtype at compile time
+# (common.lanes_fit). Per core on a row in cache (32 x 4096, ns per element, Numba loop / IR, float32 and
+# bfloat16, shared host): max 0.14 / 0.09-0.11, exp + sum 0.40-0.43 / 0.33-0.36, silu_and_mul 0.63-0.77 /
+# 0.58-0.74: 10-25% less, not half (the exp's ~25 vector ops per 16 lanes stay the bound).
+def _spread(builder, v):
+    """The scalar v in every lane of a <LANES x v.type>."""
+    vec = ir.VectorType(v.type, LANES)
+    return builder.shuffle_vector(builder.insert_element(ir.Constant(vec, ir.Undefined), v, ir.IntType(32)(0)),
+                                  ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
+
+
+@intrinsic
+def _exp_sum_lanes(typingctx, x, m, buf):
+    def codegen(context, builder, sig, args):
+        vec = ir.VectorType(ir.FloatType(), LANES)
+        zero = ir.Constant(vec, [0.0] * LANES)
+        total = cgutils.alloca_once_value(builder, zero)
+        shift = _spread(builder, args[1])
+
+        def body(j, mask, ptrs, scalars):
+            e = exp_lanes(builder, builder.fsub(load_lanes(builder, x.dtype, ptrs[0], mask), shift, flags=IR_FLAGS))
+            store_lanes(builder, types.float32, ptrs[1], mask, e)
+            builder.store(builder.fadd(builder.load(total), builder.select(mask, e, zero), flags=IR_FLAGS), total)
+
+        lanes_row(context, builder, sig, args, (0, 2), body)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType(), vec]),
+                                            "llvm.vector.reduce.fadd.v16f32")
+        return builder.call(fn, [ir.FloatType()(-0.0), builder.load(total)])
+
+    return types.float32(x, m, buf), codegen
+
+
+@intrinsic
+def _scale_lanes(typingctx, buf, inv, y):
+    def codegen(context, builder, sig, args):
+        scale = _spread(builder, args[1])
+
+        def body(j, mask, ptrs, scalars):
+            v = builder.fmul(load_lanes(builder, types.float32, ptrs[0], mask), scale, flags=IR_FLAGS)
+            store_lanes(builder, y.dtype, ptrs[1], mask, v)
+
+        lanes_row(context, builder, sig, args, (0, 2), body)
+        return context.get_dummy_value()
+
+    return types.void(buf, inv, y), codegen
+
+
+@intrinsic
+def _row_max_lanes(typingctx, x):
+    def codegen(context, builder, sig, args):
+        ivec = ir.VectorType(ir.IntType(32), LANES)
+        low = ir.Constant(ivec, [-2**31] * LANES)
+        key = cgutils.alloca_once_value(builder, low)
+
+        def flip(bits):  # negative floats: reverse their order (an involution)
+            sign = builder.ashr(bits, ir.Constant(ivec, [31] * LANES))
+            return builder.xor(bits, builder.and_(sign, ir.Constant(ivec, [0x7FFFFFFF] * LANES)))
+
+        def body(j, mask, ptrs, scalars):
+            k = builder.select(mask, flip(builder.bitcast(load_lanes(builder, x.dtype, ptrs[0], mask), ivec)), low)
+            old = builder.load(key)
+            builder.store(builder.select(builder.icmp_signed(">", k, old), k, old), key)
+
+        lanes_row(context, builder, sig, args, (0,), body)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), [ivec]), "llvm.vector.reduce.smax.v16i32")
+        top = builder.insert_element(ir.Constant(ivec, ir.Undefined), builder.call(fn, [builder.load(key)]), ir.IntType(32)(0))
+        return builder.extract_element(builder.bitcast(flip(top), ir.VectorType(ir.FloatType(), LANES)), ir.IntType(32)(0))
+
+    return types.float32(x), codegen
+
+
 def _row_max(x):
     """The max of the 1-D x as float32, taken on integer keys that order like the floats (LLVM
     vectorizes an integer max, not a float one without nnan). A NaN with the sign bit clear is the
     largest key: the row is then NaN, as it is anyway through exp(NaN - m)."""
-    key = np.int32(-2**31)
-    for j in range(x.shape[0]):
-        bits = np.int32(f32_bits(load(x, j)))
-        k = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))  # negative floats: reverse their order
-        key = k if k > key else key
-    return bits_f32(key ^ ((key >> 31) & np.int32(0x7FFFFFFF)))
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@overload(_row_max, jit_options=dict(cache=True, fastmath=FASTMATH, error_model="numpy"))
+def _row_max_impl(x):
+    if lanes_fit(x.dtype):
+        return lambda x: _row_max_lanes(x)
+
+    def loop(x):
+        key = np.int32(-2**31)
+        for j in range(x.shape[0]):
+            bits = np.int32(f32_bits(load(x, j)))
+            k = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))  # negative floats: reverse their order
+            key = k if k > key else key
+        return bits_f32(key ^ ((key >> 31) & np.int32(0x7FFFFFFF)))
+
+    return loop
+
+
 def _exp_sum(x, m, buf):
     """buf = exp(x - m) in float32 (1-D); returns its sum."""
-    s = F32(0.0)
-    for j in range(buf.shape[0]):
-        e = exp(load(x, j) - m)
-        buf[j] = e
-        s += e
-    return s
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+@overload(_exp_sum, jit_options=dict(cache=True, fastmath=FASTMATH, error_model="numpy"))
+def _exp_sum_impl(x, m, buf):
+    if lanes_fit(x.dtype):
+        return lambda x, m, buf: _exp_sum_lanes(x, m, buf)
+
+    def loop(x, m, buf):
+        s = F32(0.0)
+        for j in range(buf.shape[0]):
+            e = exp(load(x, j) - m)
+            buf[j] = e
+            s += e
+        return s
+
+    return loop
+
+
 def _scale_into(buf, inv, y):
     """y = buf * inv, narrowed to y's format (1-D)."""
-    for j in range(buf.shape[0]):
-        store(y, j, buf[j] * inv)
+
+
+@overload(_scale_into, jit_options=dict(cache=True, fastmath=FASTMATH, error_model="numpy"))
+def _scale_into_impl(buf, inv, y):
+    if lanes_fit(y.dtype):
+        return lambda buf, inv, y: _scale_lanes(buf, inv, y)
+
+    def loop(buf, inv, y):
+        for j in range(buf.shape[0]):
+            store(y, j, buf[j] * inv)
+
+    return loop
 
 
 @njit(**KERNEL)
@@ -209,6 +315,53 @@ def _softmax_strided_kernel(x, y, block):
             _write_exp(x[o, j, i0:i0 + w], m, s, y[o, j, i0:i0 + w])
 
 
+@intrinsic(prefer_literal=True)
+def _gated_lanes(typingctx, g, u, y, act):
+    """y = act(g) * u for act SILU or GELU_TANH (a literal), common.silu / gelu_tanh in IR."""
+    if not isinstance(act, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vec = ir.VectorType(ir.FloatType(), LANES)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
+
+        def c(value):
+            return ir.Constant(vec, [value] * LANES)
+
+        def body(j, mask, ptrs, scalars):
+            x = load_lanes(builder, g.dtype, ptrs[0], mask)
+            if act.literal_value == SILU:
+                z = builder.fneg(x)
+            else:  # -2 * 0.7978845608028654 * (x + 0.044715 * x * x * x), the cube's add fused as Numba's contract does
+                cube = builder.fmul(builder.fmul(c(0.044715), x, flags=IR_FLAGS), x, flags=IR_FLAGS)
+                w = builder.fmul(c(0.7978845608028654), builder.call(fma, [cube, x, x]), flags=IR_FLAGS)
+                z = builder.fmul(c(-2.0), w, flags=IR_FLAGS)
+            v = builder.fdiv(x, exp_lanes(builder, z, plus=1.0), flags=IR_FLAGS)
+            store_lanes(builder, y.dtype, ptrs[2], mask, builder.fmul(v, load_lanes(builder, u.dtype, ptrs[1], mask), flags=IR_FLAGS))
+
+        lanes_row(context, builder, sig, args, (0, 1, 2), body)
+        return context.get_dummy_value()
+
+    return types.void(g, u, y, act), codegen
+
+
+def _gated_row(g, u, y, act):
+    """y = act(g) * u on 1-D rows (act a constant activation code)."""
+
+
+@overload(_gated_row, jit_options=dict(cache=True, fastmath=FASTMATH, error_model="numpy"), prefer_literal=True)
+def _gated_row_impl(g, u, y, act):
+    code = act.literal_value
+    if code in (SILU, GELU_TANH) and lanes_fit(g.dtype, y.dtype):
+        return lambda g, u, y, act: _gated_lanes(g, u, y, code)
+
+    def loop(g, u, y, act):
+        for j in range(y.shape[0]):
+            store(y, j, activate(load(g, j), code) * load(u, j))
+
+    return loop
+
+
 def _gated_kernel(act):
     """The kernel y[r, j] = act(x[r, j]) * x[r, d + j] of the gated elementwise ops (silu_and_mul, ...),
     compiled per activation: the code is a constant of the loop, so it vectorizes (a code passed as
@@ -216,10 +369,9 @@ def _gated_kernel(act):
 
     @njit(**KERNEL)
     def gated_kernel(x, y):
-        rows, d = y.shape
-        for r in prange(rows):
-            for j in range(d):
-                store(y, (r, j), activate(load(x, (r, j)), act) * load(x, (r, j + d)))
+        d = y.shape[1]
+        for r in prange(y.shape[0]):
+            _gated_row(x[r, :d], x[r, d:], y[r], act)
 
     return gated_kernel
 
@@ -378,6 +530,21 @@ def _flat(b):
 # took 3.9 ms here against 4.4 ms there, M = 32 4.15 against 4.26 ms (torch: 1.7-2.0 ms; M = 1: 1.2 ms
 # here, 1.9 ms for torch).
 _SMALL_M = {np.dtype(np.float32): 0, np.dtype(np.float16): 16, BF16: 16}
+# bfloat16 a with row-major b takes gemm_core.small_m_gemm (vdpbf16ps) instead, up to _SMALL_M_DOT rows on
+# the amx rung (past it AMX, now that it packs B by vectors) and up to _SMALL_M[BF16] on avx512bf16. Per
+# core (CPU ms, one thread each, shared host; vdpbf16ps / AMX / torch): 4096 x 4096, M = 1: 1.9 / 3.6-5.3 /
+# 4.1-4.6, M = 8: 3.9-4.0 / 3.6-4.0 / 3.4-3.6, M = 12: 5.1-5.4 / 3.4-3.8 / 3.1-3.3, M = 32: 14-15 / 3.8-5.8 /
+# 3.3-4.0; 4096 x 14336, M = 8: 18-20 / 23-36 / 17-18, M = 16: 33-34 / 18-39 / 16-17; 14336 x 4096, M = 8:
+# 16-20 / 20-22 / 16-19. vdpbf16ps runs at ~0.6 ns a core here (32 products), so past M ~ 8 it is
+# compute-bound where a 16-row AMX tile is not.
+_SMALL_M_DOT = 8
+# bfloat16 a with b = W.T (W [N, K] contiguous, K and N multiples of 32) from 2 to _SMALL_M_W rows takes
+# gemm_core.amx_grouped on the amx rung, W's rows in place as AMX's A operand (no packing of W), then the
+# epilogue pass. Per core (CPU ms, shared host; 4096 x 4096, M = 1 / 2 / 8 / 16 / 32): 3.3-4.4 / 2.9 / 4.1 /
+# 4.2 / 4.4, against 2.6-3.5 / 3.9 / 9.0 / 14.9 / 24.7 on the float32 FMA kernel, 16-21 on amx_gemm (B^T
+# packed by scalar loops) and 2.3-3.1 / 2.5 / 3.7 / 3.5 / 4.6 for torch; 8 x 4096 x 14336: 19 against 31 /
+# 67, torch 12. M = 1 keeps the FMA kernel (4096 x 14336: 12 ms against 18).
+_SMALL_M_W = 32
 # Columns of N per task (measured): row-major b reads 2-4 KB runs of each row (shorter ones ran
 # slower), the [M, block] accumulator stays in L2; transposed b needs only a few columns per task.
 _SMALL_M_BLOCK = 1024
@@ -386,13 +553,26 @@ _SMALL_M_BLOCK_T = 64
 
 def gemm(outs, a, b, bias, c, *, activation, alpha, beta, out_dtype=None):
     """out = act(alpha * (a @ b) + bias) + beta * c (out_dtype is outs[0].dtype): for a few rows of a a Numba
-    kernel that reads b once in its own format; bfloat16 on AMX hal's own driver (gemm_core.py); else
-    float32 BLAS and one vectorized epilogue pass."""
+    kernel that reads b once in its own format (bfloat16 a and row-major b: vdpbf16ps; b = W.T on AMX: W's
+    rows in place); bfloat16 on AMX hal's own driver (gemm_core.py); else float32 BLAS and one vectorized
+    epilogue pass."""
     (out,) = outs
     act, _ = activation_code(activation)
-    m = a.shape[0]
+    m, (k, n) = a.shape[0], b.shape
     flat = _flat(b) if 0 < m <= _SMALL_M.get(b.dtype, 0) else None
-    if flat is not None:
+    amx = b.dtype == BF16 and gemm_core.RUNG == "amx"
+    # bfloat16 a and row-major b: vdpbf16ps on b in place, up to _SMALL_M_DOT rows where AMX takes the rest
+    dot = flat is not None and not flat[2] and a.dtype == BF16 and gemm_core.RUNG != "fma" and "avx512bf16" in gemm_core.RUNGS
+    if dot and (m <= _SMALL_M_DOT or not amx):
+        gemm_core.small_m_gemm(raw_view(a), flat[0], flat[1], raw_view(out), raw_view(bias), raw_view(c), alpha, beta, act)
+        return
+    w = raw_view(b).T  # b = W.T, W [N, K] (nn.Linear weights): AMX reads W's rows in place
+    if amx and a.dtype == BF16 and 1 < m <= _SMALL_M_W and w.strides[1] == 2 and k % 32 == 0 and n % 32 == 0:
+        acc = np.empty((m, n), np.float32)
+        gemm_core.amx_grouped(raw_view(a), w[None], np.zeros(1, np.int64), np.full(1, m, np.int64), 0, False, acc)
+        _gemm_epilogue_kernel(acc, raw_view(out), raw_view(bias), raw_view(c), F32(alpha), F32(beta), act)
+        return
+    if flat is not None and not dot:
         a32 = np.ascontiguousarray(as_f32(a))
         block = _SMALL_M_BLOCK_T if flat[2] else _SMALL_M_BLOCK
         _gemm_small_m_kernel(a32, flat[0], flat[1], flat[2], raw_view(out), raw_view(bias), raw_view(c), F32(alpha), F32(beta),
@@ -428,28 +608,28 @@ def softmax(outs, x, *, dim):
     """Softmax of x along dim (a non-negative int)."""
     (y,) = outs
     outer, n, inner = math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1:])
+    nbytes = x.nbytes + y.nbytes
     if inner == 1:
-        _softmax_rows_kernel(raw_view(x).reshape(outer, n), raw_view(y).reshape(outer, n), _runs(outer))
+        sized(_softmax_rows_kernel, nbytes)(raw_view(x).reshape(outer, n), raw_view(y).reshape(outer, n), _runs(outer))
     else:
         block = min(inner, max(16, _SOFTMAX_L2_BYTES // (4 * max(n, 1)) // 16 * 16))
-        _softmax_strided_kernel(raw_view(x).reshape(outer, n, inner), raw_view(y).reshape(outer, n, inner), block)
+        sized(_softmax_strided_kernel, nbytes)(raw_view(x).reshape(outer, n, inner), raw_view(y).reshape(outer, n, inner), block)
 
 
 def rms_norm(outs, x, weight, residual, *, eps):
     """y = s / sqrt(mean(s^2) + eps) * weight with s = x (+ residual); outs = (y,) or (y, s)."""
     n = x.shape[-1]
     s_out = outs[1] if residual is not None else None
-    _rms_norm_kernel(as_rows(x, n), raw_view(weight), as_rows(residual, n), as_rows(outs[0], n),
-                     as_rows(s_out, n), F32(eps), _runs(math.prod(x.shape[:-1])))
+    sized(_rms_norm_kernel, 2 * x.nbytes)(as_rows(x, n), raw_view(weight), as_rows(residual, n), as_rows(outs[0], n),
+                                          as_rows(s_out, n), F32(eps), _runs(math.prod(x.shape[:-1])))
 
 
 def layer_norm(outs, x, weight, bias, residual, *, eps):
     """y = (s - mean) / sqrt(var + eps) * weight + bias with s = x (+ residual); outs = (y,) or (y, s)."""
     n = x.shape[-1]
     s_out = outs[1] if residual is not None else None
-    _layer_norm_kernel(as_rows(x, n), raw_view(weight), raw_view(bias), as_rows(residual, n),
-                       as_rows(outs[0], n), as_rows(s_out, n), F32(eps),
-                       _runs(math.prod(x.shape[:-1])))
+    sized(_layer_norm_kernel, 2 * x.nbytes)(as_rows(x, n), raw_view(weight), raw_view(bias), as_rows(residual, n),
+                                            as_rows(outs[0], n), as_rows(s_out, n), F32(eps), _runs(math.prod(x.shape[:-1])))
 
 
 def gated(name):
@@ -459,7 +639,7 @@ def gated(name):
     def kernel(outs, x):
         (y,) = outs
         d = y.shape[-1]
-        compiled(as_rows(x, 2 * d), as_rows(y, d))
+        sized(compiled, x.nbytes + y.nbytes)(as_rows(x, 2 * d), as_rows(y, d))
 
     kernel.__name__ = kernel.__qualname__ = name
     return kernel
@@ -473,8 +653,10 @@ _ROPE_PREFETCH_BYTES = 1 << 22
 def rope(outs, q, k, cos, sin, positions, *, interleaved, rotary_dim):
     """Rotary embedding of q [T, Hq, D] and k [T, Hk, D] at the given positions."""
     q_out, k_out = outs
-    _rope_kernel(raw_view(q), raw_view(k), raw_view(cos), raw_view(sin), positions, raw_view(q_out), raw_view(k_out),
-                 bool(interleaved), int(rotary_dim), _runs(q.shape[0]), q.nbytes + k.nbytes > _ROPE_PREFETCH_BYTES)
+    nbytes = q.nbytes + k.nbytes
+    sized(_rope_kernel, 2 * nbytes)(raw_view(q), raw_view(k), raw_view(cos), raw_view(sin), positions, raw_view(q_out),
+                                    raw_view(k_out), bool(interleaved), int(rotary_dim), _runs(q.shape[0]),
+                                    nbytes > _ROPE_PREFETCH_BYTES)
 
 
 KERNELS = (

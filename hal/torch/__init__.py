@@ -7,7 +7,8 @@ transformers model's norms, rotary embedding, attention, gated MLP and MoE block
 `hal.torch.restore(model)` undoes it (see `models`).
 """
 from .. import ops
-from .library import GradNotSupported, register, schema
+from ..errors import GradNotSupported
+from .library import register, schema
 from .models import Report, apply, register_attention, restore
 
 for _op in ops.ALL.values():

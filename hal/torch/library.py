@@ -13,16 +13,11 @@ torch's dynamic-size mechanism.
 import torch
 
 from ..dispatch import dispatch
-from ..errors import HalError
 from ..opdef import Tensor, shapes_only
 
 LIBRARY = torch.library.Library("hal", "FRAGMENT")
 OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 REGISTERED = {}  # name -> OpDef registered as torch.ops.hal.<name>
-
-
-class GradNotSupported(HalError):
-    """A hal op was called on tensors that require grad with grad mode on: hal kernels are forward only."""
 
 
 def _arg(p):
@@ -99,13 +94,9 @@ def register(op):
     packet = getattr(torch.ops.hal, op.name)
 
     def below_autograd(*args, **kwargs):
-        """The Autograd key's kernel, as torch advises for an op without a derivative: refuse grad, else run
-        the op again below autograd (a third of register_autograd's cost per call, which builds an
-        autograd.Function every time)."""
-        if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*args, *kwargs.values())):
-            raise GradNotSupported(f"{op.name}: hal kernels are inference only and have no backward, but an input "
-                                   "requires grad with grad mode on; call it under torch.no_grad() or "
-                                   "torch.inference_mode(), or detach the inputs")
+        """The Autograd key's kernel, as torch advises for an op without a derivative: run the op again below
+        autograd (a third of register_autograd's cost per call, which builds an autograd.Function every time),
+        where validation refuses tensors that require grad in grad mode (GradNotSupported), fake ones too."""
         with torch._C._AutoDispatchBelowAutograd():
             return packet(*args, **kwargs)
 

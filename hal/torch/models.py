@@ -24,10 +24,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from ..errors import SchemaError
 from ..ops.activations import GATED_OP_NAMES
 
-HAL = torch.ops.hal
+
+def _hal(name):
+    """hal's op `name` as the patched forwards call it: torch.ops.hal.<name> while torch.compile traces (a node of
+    its graph), else hal.ops.<name>: the same dispatch, without the hop through torch's dispatcher into Python
+    (15-20 us a call, a third of a small op's cost at decode). Only the norms return differently: a list there."""
+    return getattr(torch.ops.hal if torch.compiler.is_compiling() else ops, name)
+
+
 KINDS = ("norm", "rope", "attention", "mlp", "moe")
 
 # config.model_type -> the family's RMSNorm offset: y = x / rms(x) * (weight + offset)
@@ -161,26 +169,26 @@ def _rms_norm(offset, backend):
     def forward(self, x):
         eps = getattr(self, "variance_epsilon", None) or self.eps
         weight = self.weight.to(x.dtype) if not offset else (self.weight.float() + offset).to(x.dtype)
-        return HAL.rms_norm(x, weight, eps=eps, backend=backend)[0]
+        y = _hal("rms_norm")(x, weight, eps=eps, backend=backend)
+        return y[0] if isinstance(y, list) else y
     return forward
 
 
 def _layer_norm(backend):
     def forward(self, x):
-        return HAL.layer_norm(x, self.weight, self.bias, eps=self.eps, backend=backend)[0]
+        y = _hal("layer_norm")(x, self.weight, self.bias, eps=self.eps, backend=backend)
+        return y[0] if isinstance(y, list) else y
     return forward
 
 
 def _mlp(gated, backend):
-    op = getattr(HAL, gated)
-
     def forward(self, x):  # down(act(gate(x)) * up(x)) with the gate and up halves side by side
         fused = self.__dict__.get("_hal_gate_up")
         if fused is not None and _still_fused(self, fused):
             halves = F.linear(x, fused[0], fused[1])
         else:  # not fused, or a projection's parameters were replaced since
             halves = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
-        return self.down_proj(op(halves, backend=backend))
+        return self.down_proj(_hal(gated)(halves, backend=backend))
     return forward
 
 
@@ -224,10 +232,8 @@ def _unfuse_gate_up(mlp):
 
 
 def _fused_mlp(gated, backend):
-    op = getattr(HAL, gated)
-
     def forward(self, x):  # Phi-3: one gate_up projection
-        return self.down_proj(op(self.gate_up_proj(x), backend=backend))
+        return self.down_proj(_hal(gated)(self.gate_up_proj(x), backend=backend))
     return forward
 
 
@@ -236,13 +242,13 @@ def _moe(activation, backend):
         shape = hidden.shape
         x = hidden.reshape(-1, shape[-1])
         gate, experts = self.gate, self.experts
-        weights, ids = HAL.moe_route(F.linear(x, gate.weight), gate.top_k, renormalize=getattr(gate, "norm_topk_prob", True),
+        weights, ids = _hal("moe_route")(F.linear(x, gate.weight), gate.top_k, renormalize=getattr(gate, "norm_topk_prob", True),
                                      backend=backend)
-        sorted_ids, _, offsets, _ = HAL.moe_align(ids, gate.num_experts, 1, backend=backend)
-        y = HAL.grouped_gemm(HAL.moe_permute(x, ids, sorted_ids, backend=backend), experts.gate_up_proj, offsets,
+        sorted_ids, _, offsets, _ = _hal("moe_align")(ids, gate.num_experts, 1, backend=backend)
+        y = _hal("grouped_gemm")(_hal("moe_permute")(x, ids, sorted_ids, backend=backend), experts.gate_up_proj, offsets,
                              activation=activation, backend=backend)
-        y = HAL.grouped_gemm(y, experts.down_proj, offsets, backend=backend)
-        return HAL.moe_unpermute(y, sorted_ids, weights, backend=backend).reshape(shape)
+        y = _hal("grouped_gemm")(y, experts.down_proj, offsets, backend=backend)
+        return _hal("moe_unpermute")(y, sorted_ids, weights, backend=backend).reshape(shape)
     return forward
 
 
@@ -254,12 +260,12 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     options = {"causal": bool(getattr(module, "is_causal", True)), "scale": scaling, "window": sliding_window,
                "softcap": softcap or None, "backend": getattr(module, "hal_backend", None)}
     if attention_mask is None:
-        return HAL.attention(q, k, v, **options), None
+        return _hal("attention")(q, k, v, **options), None
     keys = attention_mask.bool()
     queries = keys[:, -q.shape[1]:]
     cu_q = F.pad(queries.sum(1).cumsum(0), (1, 0)).to(torch.int32)
     cu_k = F.pad(keys.sum(1).cumsum(0), (1, 0)).to(torch.int32)
-    packed = HAL.attention(q[queries], k[keys], v[keys], cu_q, cu_k, **options)
+    packed = _hal("attention")(q[queries], k[keys], v[keys], cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **options)
     out = q.new_zeros(*q.shape[:3], v.shape[-1])
     out[queries] = packed
     return out, None
@@ -285,7 +291,7 @@ def _patch_rope(model, family, backend):
         qt, kt = q.transpose(1, 2).reshape(b * s, hq, d), k.transpose(1, 2).reshape(b * s, k.shape[1], d)
         cos, sin = cos.reshape(b * s, rot)[:, :rot // 2], sin.reshape(b * s, rot)[:, :rot // 2]
         positions = torch.arange(b * s, dtype=torch.int32, device=q.device)
-        qo, ko = HAL.rope(qt, kt, cos, sin, positions, rotary_dim=rot, backend=backend)
+        qo, ko = _hal("rope")(qt, kt, cos, sin, positions, rotary_dim=rot, backend=backend)
         return qo.view(b, s, hq, d).transpose(1, 2), ko.view(b, s, -1, d).transpose(1, 2)
 
     module.apply_rotary_pos_emb = apply_rotary_pos_emb
