@@ -984,10 +984,12 @@ def _paged_kernel(q, kc, vc, table, parts, first, order, bounds, qk_scale, softc
 
 
 # A decode call reading under this many bytes of K and V runs on one thread (common.sized's serial
-# build). Two threads halve the kernel's time but waking them costs 25-30 us, so they pay from ~55 us
-# of serial time: 512 KiB here (serial: 29 us for 256 KiB, 54 us for 512 KiB, bfloat16, d 64, 7 query
-# heads per KV head, on a busy machine). A small model's decode (512 keys, 2 KV heads: 256 KiB) stays on one thread.
-_DECODE_SERIAL_BYTES = 2 * SERIAL_BYTES
+# build). Alone, two threads pay from ~55 us of serial time (waking them costs 25-30 us; serial: 29 us
+# for 256 KiB, 54 us for 512 KiB, bfloat16, d 64, 7 query heads per KV head). Inside a torch model they
+# pay far later: torch's OpenMP threads spin after each matmul on the core the second thread needs. A
+# 4-layer Llama (16/4 heads, d 64, 512-544 keys: 1.1 MiB of float32 K and V) decoded 32 tokens at 0.87x
+# stock with this at 512 KiB and 0.95x at 1 GiB (quiet machine); 2 MiB keeps such models on one thread.
+_DECODE_SERIAL_BYTES = 8 * SERIAL_BYTES
 
 
 def paged_decode_attention(outs, q, k_cache, v_cache, block_table, seq_lens, scale, softcap, k_scale, v_scale):
