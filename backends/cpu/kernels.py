@@ -125,6 +125,9 @@ def _layer_norm_kernel(x, w, b, res, y, s_out, eps, runs):
 # (common.lanes_fit). Per core on a row in cache (32 x 4096, ns per element, Numba loop / IR, float32 and
 # bfloat16, shared host): max 0.14 / 0.09-0.11, exp + sum 0.40-0.43 / 0.33-0.36, silu_and_mul 0.63-0.77 /
 # 0.58-0.74: 10-25% less, not half (the exp's ~25 vector ops per 16 lanes stay the bound).
+_ROW_JIT = dict(cache=True, fastmath=FASTMATH, error_model="numpy")  # the stubs' overloads below: a row loop's options
+
+
 def _spread(builder, v):
     """The scalar v in every lane of a <LANES x v.type>."""
     vec = ir.VectorType(v.type, LANES)
@@ -198,7 +201,7 @@ def _row_max(x):
     largest key: the row is then NaN, as it is anyway through exp(NaN - m)."""
 
 
-@overload(_row_max, jit_options=dict(cache=True, fastmath=FASTMATH, error_model="numpy"))
+@overload(_row_max, jit_options=_ROW_JIT)
 def _row_max_impl(x):
     if lanes_fit(x.dtype):
         return lambda x: _row_max_lanes(x)
@@ -218,7 +221,7 @@ def _exp_sum(x, m, buf):
     """buf = exp(x - m) in float32 (1-D); returns its sum."""
 
 
-@overload(_exp_sum, jit_options=dict(cache=True, fastmath=FASTMATH, error_model="numpy"))
+@overload(_exp_sum, jit_options=_ROW_JIT)
 def _exp_sum_impl(x, m, buf):
     if lanes_fit(x.dtype):
         return lambda x, m, buf: _exp_sum_lanes(x, m, buf)
@@ -238,7 +241,7 @@ def _scale_into(buf, inv, y):
     """y = buf * inv, narrowed to y's format (1-D)."""
 
 
-@overload(_scale_into, jit_options=dict(cache=True, fastmath=FASTMATH, error_model="numpy"))
+@overload(_scale_into, jit_options=_ROW_JIT)
 def _scale_into_impl(buf, inv, y):
     if lanes_fit(y.dtype):
         return lambda buf, inv, y: _scale_lanes(buf, inv, y)
@@ -349,7 +352,7 @@ def _gated_row(g, u, y, act):
     """y = act(g) * u on 1-D rows (act a constant activation code)."""
 
 
-@overload(_gated_row, jit_options=dict(cache=True, fastmath=FASTMATH, error_model="numpy"), prefer_literal=True)
+@overload(_gated_row, jit_options=_ROW_JIT, prefer_literal=True)
 def _gated_row_impl(g, u, y, act):
     code = act.literal_value
     if code in (SILU, GELU_TANH) and lanes_fit(g.dtype, y.dtype):
