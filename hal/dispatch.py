@@ -247,6 +247,7 @@ def dispatch(op, a, requested=None, out=None):
     `check_out`) the kernel writes into the caller's tensors where the backend's kernels can reach
     their memory (host memory for cpu, the device's for cuda and rocm), else into buffers of its own
     that are then copied into them; the out tensors themselves are returned."""
+    like = a[op.primary]  # results come back as its kind: validation views torch CPU tensors as NumPy
     op.validate(a)
     shapes = op.outputs(a)
     sizes = [math.prod(shape) for shape, _ in shapes]
@@ -258,7 +259,6 @@ def dispatch(op, a, requested=None, out=None):
     else:
         out = check_out(op, a, shapes, out)
     kernel, be = select(op, a, requested)
-    like = a[op.primary]
     make = be.poisoned if _poison[0] else be.empty
     with be.call_context(like):
         try:

@@ -181,8 +181,15 @@ class OpDef:
                     raise SchemaError(self.name, t.name, "a tensor", "None")
                 continue
             numpy = type(x) is np.ndarray  # the common case first: this runs on every call
-            if not numpy and not is_tensor(x):
-                raise SchemaError(self.name, t.name, "a NumPy array, torch tensor, CuPy array or DLPack producer", type(x).__name__)
+            if not numpy:
+                if not is_tensor(x):
+                    raise SchemaError(self.name, t.name, "a NumPy array, torch tensor, CuPy array or DLPack producer", type(x).__name__)
+                if kind_of(x) == "torch":
+                    if x.requires_grad and sys.modules["torch"].is_grad_enabled():
+                        raise GradNotSupported(self.name)
+                    if not tracing and x.is_cpu:  # viewed as NumPy once, here: the checks, the kernel and its
+                        a[t.name] = x = _host_view(self.name, t.name, x)  # backend then read the view (5-13 us a call)
+                        numpy = True
             x_dtype, shape = x.dtype, x.shape
             dtype = name_of(x_dtype)
             if dtype not in t.dtypes:
@@ -197,8 +204,6 @@ class OpDef:
             # not max(shape) while tracing: on torch's symbolic sizes that guards on their order
             if (any(d > MAX_DIM for d in shape) if tracing else ndim and max(shape) > MAX_DIM):
                 raise SchemaError(self.name, t.name, "dimensions < 2**31", f"shape {_shape(x)}")
-            if not numpy and kind_of(x) == "torch" and x.requires_grad and sys.modules["torch"].is_grad_enabled():
-                raise GradNotSupported(self.name)
             if tracing:
                 continue
             try:
@@ -225,6 +230,14 @@ class OpDef:
         except InvalidArgument as bad:
             raise SchemaError(self.name, bad.arg, bad.expected, bad.got) from None
         return a
+
+
+def _host_view(op, name, x):
+    """A torch CPU tensor as a NumPy view of its memory, or SchemaError (sparse, quantized, conjugated tensors)."""
+    try:
+        return to_host(x)
+    except Exception as e:
+        raise SchemaError(op, name, "a dense torch tensor NumPy can view", f"{x.layout} {x.dtype} tensor ({e})") from None
 
 
 def _expected(p):

@@ -192,6 +192,18 @@ def test_fork_child_on_gnu_openmp_gets_hal_error():
     assert layer.startswith("omp (GNU OpenMP") and result.startswith("0 ") and "'spawn'" in result
 
 
+def test_an_avx2_target_compiles_and_passes_conformance(tmp_path):
+    """Compiled for an AVX2 CPU (Numba's target forced to haswell, in a fresh cache), the kernels whose IR
+    runs on every target (attention's 16-lane softmax and exp, two AVX2 vectors there) compile, without the
+    AVX-512 instructions LLVM cannot lower (it aborts the process on one), and pass the conformance suite."""
+    env = os.environ | {"XDG_CACHE_HOME": str(tmp_path), "NUMBA_CPU_NAME": "haswell",
+                        "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+f16c,+sse4.2,+popcnt,+bmi,+bmi2"}
+    env.pop("NUMBA_CACHE_DIR", None)
+    done = subprocess.run([sys.executable, "-m", "hal.cli", "check", "cpu", "--op", "attention", "--op", "paged_decode_attention"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0 and " 0 failed" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
+
+
 # ---------------------------------------------------------------- a damaged Numba cache heals (item 11)
 
 def test_truncated_numba_cache_heals(tmp_path):
@@ -223,6 +235,26 @@ def test_truncated_numba_cache_heals(tmp_path):
     again = subprocess.run([sys.executable, "-c", "import numpy as np, hal.ops as o; o.moe_align(np.zeros((5, 2), np.int32), 3, 2, backend='cpu')"],
                            capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and "hal: compiling" not in again.stderr, again.stderr
+
+
+def test_a_change_to_any_cpu_source_recompiles_every_kernel(tmp_path):
+    """Cached kernels carry a digest of all of the cpu backend's sources (common.py's IR helpers are compiled
+    into other modules' kernels): the same sources load from the cache, other ones compile again."""
+    code = textwrap.dedent("""
+        import sys, numpy as np, hal.ops as o
+        import hal.backends.cpu as cpu
+        if sys.argv[1] == "edited":
+            cpu._sources_digest = lambda: "another digest"
+        print(o.softmax(np.ones((3, 5), np.float32), dim=1, backend="cpu")[0, 0])
+    """)
+    env = os.environ | {"XDG_CACHE_HOME": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    compiles = []
+    for sources in ("as shipped", "as shipped", "edited"):
+        done = subprocess.run([sys.executable, "-c", code, sources], capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0 and done.stdout.split() == ["0.2"], done.stderr
+        compiles.append("hal: compiling cpu kernel _softmax_rows_kernel" in done.stderr)
+    assert compiles == [True, False, True]
 
 
 # ---------------------------------------------------------------- serial and parallel builds of a kernel

@@ -2,6 +2,7 @@
 out tensors are a SchemaError naming 'out' before any kernel runs, a backend that cannot reach the
 caller's memory copies into it, and the cpu backend's pooled outputs are never handed out twice.
 (The conformance suite runs every ordinary sample with poisoned out= arrays: docs/conformance.md.)"""
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -96,3 +97,16 @@ def test_pooled_outputs_are_reused_only_once_released():
     del b, c
     assert pool.idle_bytes <= 16 << 20
     assert pool.empty((3, 5), np.dtype(np.float32)).base is None  # small outputs: plain NumPy
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("rows", [8, 13, 512])
+def test_outputs_from_16_kib_start_on_a_cache_line(rows, dtype):
+    """What torch's bfloat16 Linear reads at full speed (docs/hardware.md): every fresh cpu output of
+    16 KiB or more, pooled or not, starts on 64 bytes, whatever NumPy's allocator gives."""
+    rng = np.random.default_rng()
+    x, w = rng.standard_normal((rows, 1024)).astype(dtype), rng.standard_normal(1024).astype(dtype)
+    keep = [hal.ops.rms_norm(x, w, backend="cpu") for _ in range(5)]  # live at once: five fresh buffers
+    assert all(y.__array_interface__["data"][0] % 64 == 0 and y.flags.c_contiguous and y.flags.writeable for y in keep)
+    expected = hal.ops.rms_norm(x.astype(np.float32), w.astype(np.float32), backend="cpu")
+    np.testing.assert_allclose(keep[0].astype(np.float32), expected, rtol=1e-2, atol=1e-2)

@@ -143,6 +143,18 @@ def test_gated_mlp_fuses_gate_and_up_and_restore_separates_them(apply):
     torch.testing.assert_close(patched, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["norm", "rope", "attention", "mlp"])
+def test_patched_model_refuses_grad(kind, apply):
+    """Every patched kind, its glue included (rope reshapes q and k in NumPy without grad), raises
+    GradNotSupported when the forward records grad, and runs under no_grad."""
+    model, ids = build("llama"), prompt()
+    apply(model, backend="cpu", ops=[kind])
+    with pytest.raises(hal.GradNotSupported):
+        model(ids)
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
 def test_unknown_families_are_left_alone(apply):
     config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50)
     model = transformers.GPT2LMHeadModel(config).eval()

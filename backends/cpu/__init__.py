@@ -4,8 +4,9 @@ KERNELS table of common.Kernel entries; hal_register adds them all. Shared helpe
 
 Numba compiles each kernel on first use per dtype signature and caches the machine code in the
 user cache directory (`$XDG_CACHE_HOME/hal/numba`, else `~/.cache/hal/numba`), so it works after
-a plain `pip install` with no system compiler; a one-line notice says when a compile happens, and a
-cache file that no longer loads (truncated, corrupt) is deleted and rebuilt with one warning.
+a plain `pip install` with no system compiler; a one-line notice says when a compile happens, a
+cache file that no longer loads (truncated, corrupt) is deleted and rebuilt with one warning, and an
+edit to any of the backend's source files compiles every kernel again (`_install_cache_stamp`).
 
 Parallel kernels run on Numba's TBB threading layer (the `tbb` wheel is a dependency where it
 exists; Numba prefers TBB when it loads): it survives fork and concurrent calls from many threads.
@@ -13,6 +14,7 @@ Without TBB, Numba on Linux falls back to GNU OpenMP, which kills a fork child t
 region once the parent has; there a forked child gets a HalError saying to use spawn instead.
 """
 import functools
+import hashlib
 import math
 import os
 import platform
@@ -59,6 +61,18 @@ class CpuBackend(Backend):
         return _POOL.empty(shape, to_numpy(dtype))
 
 
+def aligned(shape, dtype, zeroed=False):
+    """An array (uninitialized, or zeroed) whose data starts on a 64-byte cache line. NumPy's buffers start
+    16 bytes into one when mmap'd and anywhere when recycled from the heap, and what reads them with 64-byte
+    vectors or tiles pays for a row that spans two lines: the AMX gemm's packed operands took 1.8x as long
+    (per core, 1024 x 4096 x 4096: 64 against 35 ms; the same MLP-up call measured 67-123 ms depending on
+    what the process had allocated before), and torch's bfloat16 Linear reading a hal output 1.2-1.8x."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = (np.zeros if zeroed else np.empty)(nbytes + 64, np.uint8)
+    start = -raw.__array_interface__["data"][0] % 64
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
 class _Lease:
     """The base of the arrays over one pooled buffer (NumPy keeps it alive through __array_interface__):
     when the last of them dies, the buffer goes back to the pool."""
@@ -83,6 +97,8 @@ class OutputPool:
 
     MIN_BYTES = 4 << 20
     CLASS = 2 << 20
+    ALIGN_BYTES = 16 << 10  # from here on a fresh output starts on a cache line too (`aligned`): torch's bfloat16
+    # Linear reads an input that does not 1.2x (16 rows) to 1.8x (512 rows) slower (docs/hardware.md)
 
     def __init__(self, limit):
         self.limit = limit
@@ -92,8 +108,10 @@ class OutputPool:
 
     def empty(self, shape, dtype):
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes < self.MIN_BYTES:
+        if nbytes < self.ALIGN_BYTES:
             return np.empty(shape, dtype)
+        if nbytes < self.MIN_BYTES:
+            return aligned(shape, dtype)
         size = -(-nbytes // self.CLASS) * self.CLASS
         with self.lock:
             free = self.idle.get(size)
@@ -243,10 +261,39 @@ def _install_cache_healing():
         cls._load_data = healing(cls._load_data, cls._data_path, no_data)
 
 
+def _sources_digest():
+    return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(Path(__file__).parent.glob("*.py")))).hexdigest()
+
+
+def _install_cache_stamp():
+    """Numba takes a cached kernel as fresh while its own source file keeps its timestamp and size, but the
+    IR helpers of common.py (and the other modules' helpers a kernel calls) are compiled into it: after an
+    edit there (a `git pull` into an editable install) kernels of unchanged files kept the old code. Under
+    hal's cache directory every index is stamped with a digest of all of this backend's sources too, so
+    any change compiles every kernel again (in place: the files are overwritten, nothing piles up)."""
+    from numba.core import caching
+
+    cls = caching.IndexDataCacheFile
+    if hasattr(cls.__init__, "__wrapped__"):  # once per process
+        return
+    root = Path(os.environ["NUMBA_CACHE_DIR"]).resolve()
+    digest = _sources_digest()
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def stamped(self, cache_path, filename_base, source_stamp):
+        if Path(cache_path).resolve().is_relative_to(root):
+            source_stamp = (source_stamp, digest)
+        init(self, cache_path, filename_base, source_stamp)
+
+    cls.__init__ = stamped
+
+
 @hookimpl
 def hal_register(registry):
     _install_compile_notice()
     _install_cache_healing()
+    _install_cache_stamp()
     from . import attention, kernels, moe, qgemm, quant, sparse
 
     registry.add_backend(CpuBackend())

@@ -21,22 +21,26 @@ and the OS's permission for the tile state, asked for with arch_prctl), else "av
 grouped GEMMs then take moe.py's register-tiled dot-product kernel (vdpbf16ps, or FMAs on operands
 widened in registers) and gemm widens to float32 for BLAS. A bfloat16 gemm of a few rows with
 row-major b takes the small-M kernel here (vdpbf16ps on b in place) on amx (up to kernels._SMALL_M_DOT
-rows) and avx512bf16. HAL_CPU_GEMM=amx|avx512bf16|fma, read at import, forces a lower rung (for
+rows) and avx512bf16, one row with b = W.T the dot kernel (vdpbf16ps on W's rows in place) on both.
+HAL_CPU_GEMM=amx|avx512bf16|fma, read at import, forces a lower rung (for
 tests); float16 never takes AMX or vdpbf16ps, since rounding it to bfloat16 would lose three bits.
 """
 import ctypes
 import os
 import sys
+import threading
 import warnings
 
 import llvmlite.binding as llvm
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .common import CPU_FEATURES, FASTMATH, U32, activate_row, lanes_below, load, store
+from . import aligned
+from .common import CPU_FEATURES, FASTMATH, KERNEL, U32, Chunks, activate_row, lane_sums, lanes_below, load, store
 
 # ---------------------------------------------------------------- which microkernel
 
@@ -273,8 +277,15 @@ def _pack_rows(typingctx, b, k0, n0, cols, dst, tile_stride):
 @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
 def _pack_q(src, trans, firsts, ends, dst):
     """dst[t, s] = the VNNI tile of Q's rows firsts[t] .. ends[t] - 1 (at most 16) and K chunk s; dst is
-    zeroed (columns past ends[t] stay 0). Consecutive tasks follow src's rows."""
+    zeroed (columns past ends[t] stay 0). Consecutive tasks follow src's rows; row-major B (src's rows
+    contiguous) goes by pairs of tiles in vectors (_pack_rows; 2048 x 4000 per core: 2.3 ms, by scalar loops 3.3)."""
     n_t, n_s = dst.shape[0], dst.shape[1]
+    if trans and src.strides[1] == src.itemsize:
+        pairs = n_t // 2  # segments start at even tiles
+        for task in prange(pairs * n_s):
+            t, s = task % pairs * 2, task // pairs
+            _pack_rows(src, 32 * s, firsts[t], min(32, ends[t] - firsts[t]), dst[t, s].ctypes.data, n_s * 1024)
+        return
     for task in prange(n_t * n_s):
         t, s = (task % n_t, task // n_t) if trans else (task // n_s, task % n_s)
         _pack_tile(src, trans, firsts[t], min(16, ends[t] - firsts[t]), s, dst[t, s])
@@ -288,7 +299,7 @@ def packed_q(src, trans, starts, ends):
     first_tile = np.concatenate(([0], np.cumsum(counts)))
     segment = np.repeat(np.arange(len(starts)), counts)
     firsts = starts[segment] + 16 * (np.arange(first_tile[-1]) - first_tile[segment])
-    dst = np.zeros((first_tile[-1], -(-src.shape[0 if trans else 1] // 32), 16, 16), np.uint32)
+    dst = aligned((first_tile[-1], -(-src.shape[0 if trans else 1] // 32), 16, 16), np.uint32, zeroed=True)
     _pack_q(src, trans, firsts, ends[segment], dst)
     return dst, first_tile
 
@@ -298,10 +309,17 @@ def packed_q(src, trans, starts, ends):
 # Blocking (2 cores, 48 KB L1d and 2 MB L2 each): a task owns an _MC (packing B per task: up to
 # _FUSED_MC) x _NC block of the output; per
 # _KC chunk of K its A panel (_MC x _KC bf16) and B panel (_KC x _NC) stay in L2, and a 32-row strip of
-# the A panel (16 KB) stays in L1 while the B tiles stream by. Tile loads from L2 run ~4x slower than
-# from L1 here, which is what bounds the kernel (measured: _KC = 512, 32 KB strips, ~15% slower).
+# the A panel (16 KB) stays in L1 while the B tiles stream by. A microkernel step (four tdpbf16ps, 4 KB of
+# 64-byte aligned tiles) took 21.5 ns from L1 and 26-28.5 ns from L2, the tdpbf16ps alone 17.4-18.4 ns
+# (measured earlier: _KC = 512, 32 KB strips, ~15% slower).
 _MC, _NC, _KC = 128, 256, 256
-_LDC = _NC + 16  # floats per row of a task's block: the 16 rows of a C tile fall in different L1 sets
+_PAD = 16  # floats past nc per row of a task's block: the 16 rows of a C tile fall in different L1 sets
+# Fused tasks of at most _MC rows (decode, small batches) wait on B's rows coming from memory as they are
+# packed: _FEW_ROWS_NC columns read 2 KB runs of each row instead of 512 B. Per core, interleaved (CPU ms,
+# shared host), nc = 256 / 512 / 1024 / 2048: 16 x 4096 x 4096 4.8 / 3.3-3.6 / 3.2-3.5 / 3.4, 32 x 4096 x 14336
+# 20.5 / 17.9-18.2 / 16.7 / 16.3, 128 x 4096 x 4096 6.8 / 6.5-7.8 / 5.8-7.3 / 7.2, 64 x 14336 x 4096 - / 22.1 /
+# 20.5 / 19.5; past 1024 too few tasks are left for two cores (N = 4096: 2).
+_FEW_ROWS_NC = 1024
 # B packed up front costs a write and a read of all of B besides the product; packed by each task
 # (of up to _FUSED_MC rows) it crosses memory once but is packed once per task row. Measured: packing
 # per task wins from 32 MB of B (4096^3: 1.00x vs 0.84x torch; 1024 x 14336 x 4096: 1.21x vs 0.76x),
@@ -332,23 +350,44 @@ def epilogue_rows(acc, a0, rows, cols, out, r0, c0, bias, c, alpha, beta, act):
             store(o, j, v[j])
 
 
+_scratch = threading.local()
+
+
+def _workspace(name, shape, dtype):
+    """An uninitialized buffer of `shape`, kept between calls (one per name and Python thread, grown on
+    demand): the driver's per-task float32 block and B panel, allocated per task (1.1 MB and a zeroed
+    128 KB at 1024 rows), took per core 182 against 143 ms at 1024 x 4096 x 14336 + silu (56 tasks), 38
+    against 36 at 1024 x 4096 x 4096 (interleaved, operands aligned in both)."""
+    size = int(np.prod(shape))
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.size < size or buf.dtype != dtype:
+        buf = aligned((size,), dtype)
+        setattr(_scratch, name, buf)
+    return buf[:size].reshape(shape)
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
-def _amx_gemm_kernel(ap, bp, b, trans, out, bias, c, alpha, beta, act, mc):
+def _amx_gemm_kernel(ap, bp, b, trans, out, bias, c, alpha, beta, act, mc, blocks, panels):
     """out = act(alpha * A B + bias) + beta * c from A's packed tiles ap and B's VNNI tiles bp, parallel
-    over mc x _NC output blocks. bp None: every task packs its own B panel from b (src of _pack_tile)
-    per K chunk into L2, so B crosses memory once."""
+    over mc x nc output blocks. bp None: every task packs its own B panel from b (src of _pack_tile)
+    per K chunk into L2, so B crosses memory once. blocks[thread] holds a task's float32 sums (nc + _PAD
+    per row: nc is read from it), panels[thread] its B panel (columns past N may hold stale values: they only
+    reach sums that are never stored)."""
     m, n = out.shape
     steps = ap.shape[1]
     kc = _KC // 32
-    mb, nb = -(-m // mc), -(-n // _NC)
+    ldc = blocks.shape[2]
+    nc = ldc - _PAD
+    mb, nb = -(-m // mc), -(-n // nc)
     a_base = ap.ctypes.data
     rows = trans and b.strides[1] == b.itemsize  # B's rows contiguous: packed by vectors
     for task in prange(mb * nb):
-        m0, n0 = task % mb * mc, task // mb * _NC
-        mw, nw = min(mc, m - m0), min(_NC, n - n0)
-        block = np.empty((-(-mw // 32) * 32, _LDC), np.float32)  # the task's float32 sums
+        m0, n0 = task % mb * mc, task // mb * nc
+        mw, nw = min(mc, m - m0), min(nc, n - n0)
+        thread = numba.get_thread_id()
+        block = blocks[thread]
         address = block.ctypes.data
-        panel = np.zeros((-(-nw // 32) * 2, kc, 16, 16), np.uint32) if bp is None else bp
+        panel = panels[thread] if bp is None else bp
         b_base, b_tiles = (panel.ctypes.data, kc) if bp is None else (bp.ctypes.data + n0 // 16 * steps * 1024, steps)
         _amx_begin()
         for s0 in range(0, max(steps, 1), kc):
@@ -365,7 +404,7 @@ def _amx_gemm_kernel(ap, bp, b, trans, out, bias, c, alpha, beta, act, mc):
                 for j in range(0, nw, 32):
                     b0 = b_base + (j // 16 * b_tiles + (0 if bp is None else s0)) * 1024
                     _amx_tiles(a0, a0 + steps * 1024, 64, 1024, b0, b0 + b_tiles * 1024, chunk,
-                               address + (i * _LDC + j) * 4, _LDC * 4, s0 > 0)
+                               address + (i * ldc + j) * 4, ldc * 4, s0 > 0)
                 if s0 + kc >= steps:
                     epilogue_rows(block, i, 32, nw, out, m0 + i, n0, bias, c, alpha, beta, act)
         _amx_end()
@@ -374,14 +413,18 @@ def _amx_gemm_kernel(ap, bp, b, trans, out, bias, c, alpha, beta, act, mc):
 def amx_gemm(a, b, out, bias, c, alpha, beta, act):
     """out = act(alpha * (a @ b) + bias) + beta * c for bfloat16 a [M, K], b [K, N] (raw int16 views, any strides)."""
     m, k = a.shape
-    ap = np.zeros((-(-m // 32) * 2, -(-k // 32), 16, 32), np.int16)
+    ap = aligned((-(-m // 32) * 2, -(-k // 32), 16, 32), np.int16, zeroed=True)
     _pack_p(a, ap)
     trans = b.strides[1] <= b.strides[0]  # B's rows contiguous: interleave them, else pack the rows of B^T
     src = b if trans else b.T
     fused = m <= _MC or b.nbytes >= _FUSED_B_BYTES
     mc = min(-(-m // 32) * 32, _FUSED_MC) if fused else _MC
     bp = None if fused else packed_q(src, trans, np.zeros(1, np.int64), np.full(1, b.shape[1], np.int64))[0]
-    _amx_gemm_kernel(ap, bp, src, trans, out, bias, c, np.float32(alpha), np.float32(beta), act, mc)
+    threads = numba.config.NUMBA_NUM_THREADS
+    nc = _FEW_ROWS_NC if mc <= _MC else _NC
+    blocks = _workspace("blocks", (threads, mc, nc + _PAD), np.float32)
+    panels = _workspace("panels", (threads, nc // 16, _KC // 32, 16, 16) if fused else (threads, 0, 0, 16, 16), np.uint32)
+    _amx_gemm_kernel(ap, bp, src, trans, out, bias, c, np.float32(alpha), np.float32(beta), act, mc, blocks, panels)
 
 
 # ---------------------------------------------------------------- small-M gemm: vdpbf16ps on b read in place
@@ -543,6 +586,77 @@ def small_m_gemm(a, b, ld, out, bias, c, alpha, beta, act):
     _small_m_kernel(ap, b, ld, k, out, bias, c, np.float32(alpha), np.float32(beta), act)
 
 
+# ---------------------------------------------------------------- one row times W^T: vdpbf16ps dot products
+
+# M = 1 with b = W.T (W [N, K], K contiguous) is a dot product of x with each row of W, read once in
+# place: a register tile of x against _DOT_ROWS rows of W (one 16-lane accumulator each, then moe.py's
+# shuffle tree packs their sums into one vector); a task owns _DOT_TASK rows of W.
+_DOT_ROWS, _DOT_TASK = 16, 256
+
+
+@intrinsic
+def _dot_rows(typingctx, x, w, n0, n_valid, acc, col):
+    """acc[0, col + j] = x . w[n0 + j] in float32 for j < _DOT_ROWS, x [K] and w [N, K] bfloat16 (int16 views, K
+    contiguous); rows from n_valid on repeat the last valid one (their sums land past the caller's columns)."""
+    sig = types.void(x, w, types.intp, types.intp, acc, types.intp)
+
+    def codegen(context, builder, sig, args):
+        xa, wa, acca = (context.make_array(sig.args[i])(context, builder, args[i]) for i in (0, 1, 4))
+        n0, n_valid, col = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (2, 3, 5))
+        k = cgutils.unpack_tuple(builder, xa.shape)[0]
+        row_stride = cgutils.unpack_tuple(builder, wa.strides)[0]
+        chunks = Chunks(builder, "bf16dot")
+        last = builder.sub(n_valid, ir.Constant(_I64, 1))
+        w_base = builder.ptrtoint(wa.data, _I64)
+
+        def row(j):
+            """The address of row n0 + j of W, or of its last valid row."""
+            index = builder.select(builder.icmp_signed("<", ir.Constant(_I64, j), n_valid), ir.Constant(_I64, j), last)
+            return builder.add(w_base, builder.mul(builder.add(n0, index), row_stride))
+
+        rows = [row(j) for j in range(_DOT_ROWS)]
+        x_base = builder.ptrtoint(xa.data, _I64)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(_V16F, None)) for _ in range(_DOT_ROWS)]
+
+        def step(offset, mask=None):
+            xv = chunks.load(builder.add(x_base, offset), mask)
+            for j, row in enumerate(rows):
+                builder.store(chunks.accumulate(builder.load(accs[j]), xv, chunks.load(builder.add(row, offset), mask)), accs[j])
+
+        lanes = ir.Constant(_I64, 32)
+        full = builder.udiv(k, lanes)
+        with cgutils.for_range(builder, full) as loop:
+            step(builder.mul(loop.index, ir.Constant(_I64, 64)))
+        rest = builder.sub(k, builder.mul(full, lanes))
+        with builder.if_then(builder.icmp_signed(">", rest, ir.Constant(_I64, 0))):  # K's tail: one masked chunk
+            step(builder.mul(full, ir.Constant(_I64, 64)), lanes_below(builder, rest, 32))
+        (sums,) = lane_sums(builder, [builder.load(a) for a in accs])
+        target = builder.gep(acca.data, [col])
+        builder.store(sums, builder.bitcast(target, _V16F.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(**KERNEL)
+def _dot_kernel(x, w, out, bias, c, alpha, beta, act):
+    """out[0] = act(alpha * w x + bias) + beta * c[0], parallel over blocks of _DOT_TASK rows of w."""
+    n = w.shape[0]
+    for t in prange(-(-n // _DOT_TASK)):
+        c0 = t * _DOT_TASK
+        cols = min(_DOT_TASK, n - c0)
+        acc = np.empty((1, _DOT_TASK), np.float32)
+        for j in range(0, cols, _DOT_ROWS):
+            _dot_rows(x, w, c0 + j, min(_DOT_ROWS, cols - j), acc, j)
+        epilogue_rows(acc, 0, 1, cols, out, 0, c0, bias, c, alpha, beta, act)
+
+
+def dot_gemm(x, w, out, bias, c, alpha, beta, act):
+    """out = act(alpha * (x @ w.T) + bias) + beta * c for one bfloat16 row x [1, K] and w [N, K] with K
+    contiguous (raw int16 views)."""
+    _dot_kernel(np.ascontiguousarray(x[0]), w, out, bias, c, np.float32(alpha), np.float32(beta), act)
+
+
 # ---------------------------------------------------------------- grouped_gemm: T = W X^T per expert
 
 # A task: _GROUP_ROWS weight rows (the output columns, or half of them gated) x _GROUP_X rows of one
@@ -614,7 +728,7 @@ def amx_grouped(x, w, starts, ends, act, gated, out):
     halves = 2 if gated else 1
     half = nw // halves
     if k % 32 or half % (16 if gated else 32) or w.strides[2] != 2:  # pad W (odd shapes only): the
-        padded = np.zeros((e_count, halves, -(-half // 32) * 32, -(-k // 32) * 32), np.int16)  # K tail must be 0
+        padded = aligned((e_count, halves, -(-half // 32) * 32, -(-k // 32) * 32), np.int16, zeroed=True)  # K tail must be 0
         padded[:, :, :half, :k] = w.reshape(e_count, halves, half, k)
         w = padded.reshape(e_count, halves * padded.shape[2], padded.shape[3])
         half = padded.shape[2]

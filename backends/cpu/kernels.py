@@ -4,6 +4,7 @@ layer_norm, the gated elementwise ops (silu_and_mul), rope and gemm with its fus
 The memory-bound row kernels give each thread one contiguous run of rows and prefetch the next row
 while computing on the current one (see _PREFETCH_BLOCK).
 """
+import itertools
 import math
 
 import numpy as np
@@ -17,9 +18,9 @@ from hal.codes import activation_code
 from hal.ops.activations import GATED_OPS
 
 from . import gemm_core
-from .common import (BF16, F32, FASTMATH, GELU_TANH, HELPER, IR_FLAGS, KERNEL, LANES, SILU, Kernel, activate, as_f32, as_rows,
-                     bits_f32, dot4, exp, exp_lanes, f32_bits, lanes_fit, lanes_row, load, load_lanes, prefetch, prefetch_write,
-                     raw_view, sized, store, store_lanes)
+from .common import (BF16, EXP_POLY, EXP_POLY_16, F32, FASTMATH, GELU_TANH, HELPER, IR_FLAGS, KERNEL, LANES, SILU, Kernel, activate,
+                     as_f32, as_rows, bits_f32, dot4, exp, exp_lanes, f32_bits, lanes_fit, lanes_row, load, load_lanes, masked,
+                     prefetch, prefetch_write, raw_view, sized, store, store_lanes)
 
 # ---------------------------------------------------------------- kernels
 
@@ -61,16 +62,6 @@ _PREFETCH_BLOCK = 256
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _normalize_into(row, mean, inv, w, b, y):
-    """y = (row - mean) * inv * w (+ b) on 1-D slices."""
-    for j in range(y.shape[0]):
-        v = (load(row, j) - mean) * inv * load(w, j)
-        if b is not None:
-            v += load(b, j)
-        store(y, j, v)
-
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _normalize_row(x, row, r, mean, inv, w, b, y):
     """y[r] = (row - mean) * inv * w (+ b), prefetching x[r + 1] and y[r + 1] as it goes."""
     n = y.shape[1]
@@ -90,11 +81,7 @@ def _rms_norm_kernel(x, w, res, y, s_out, eps, runs):
     for run in prange(runs):
         for r in range(run * rows // runs, (run + 1) * rows // runs):
             row = _summed_row(x, res, s_out, r)
-            ss = F32(0.0)
-            for j in range(n):
-                v = load(row, j)
-                ss += v * v
-            inv = F32(1.0) / np.sqrt(ss / F32(n) + eps)
+            inv = F32(1.0) / np.sqrt(_power_sum(row, F32(0.0), 2) / F32(n) + eps)
             _normalize_row(x, row, r, F32(0.0), inv, w, None, y)
 
 
@@ -104,27 +91,25 @@ def _layer_norm_kernel(x, w, b, res, y, s_out, eps, runs):
     for run in prange(runs):
         for r in range(run * rows // runs, (run + 1) * rows // runs):
             row = _summed_row(x, res, s_out, r)
-            total = F32(0.0)
-            for j in range(n):
-                total += load(row, j)
-            mean = total / F32(n)
-            var = F32(0.0)  # two-pass (centered) variance over the cached row: no cancellation
-            for j in range(n):
-                d = load(row, j) - mean
-                var += d * d
+            mean = _power_sum(row, F32(0.0), 1) / F32(n)
+            var = _power_sum(row, mean, 2)  # two-pass (centered) variance over the cached row: no cancellation
             inv = F32(1.0) / np.sqrt(var / F32(n) + eps)
             _normalize_row(x, row, r, mean, inv, w, b, y)
 
 
 
 
-# The softmax passes and the gated row as vector loops in IR over contiguous 1-D rows, 16 float32 lanes
-# (common.lanes_row), where Numba vectorizes the same loops in 8 (LLVM prefers 256-bit vectors on this CPU).
-# Each computes what the Numba loop in its stub's overload does, bit for bit (common.exp's fused steps
-# included), except the order of the softmax sum's adds; the stubs pick one per dtype at compile time
-# (common.lanes_fit). Per core on a row in cache (32 x 4096, ns per element, Numba loop / IR, float32 and
-# bfloat16, shared host): max 0.14 / 0.09-0.11, exp + sum 0.40-0.43 / 0.33-0.36, silu_and_mul 0.63-0.77 /
-# 0.58-0.74: 10-25% less, not half (the exp's ~25 vector ops per 16 lanes stay the bound).
+# The softmax passes, the norms' passes and the gated row as vector loops in IR over contiguous 1-D rows, 16
+# float32 lanes (common.lanes_row), where Numba vectorizes the same loops in 8 (LLVM prefers 256-bit vectors on
+# this CPU); the stubs pick one per dtype at compile time (common.lanes_fit). For float32 rows each computes
+# what the Numba loop in its stub's overload does, bit for bit (common.exp's fused steps included), except the
+# order of the sums' adds; rows stored in 16 bits take exp_lanes' shorter EXP_POLY_16 (within one 16-bit ulp
+# of the loop). Per core, thread CPU time, 16 x 4096 (in L2), ns per element, float32 / bfloat16, before ->
+# after the unmasked full steps, vscalefps, vcvtneps2bf16, EXP_POLY_16, 16-bit max keys and 4 accumulators:
+# softmax 0.53 -> 0.35 / 0.65 -> 0.31, silu_and_mul 0.36 -> 0.28 / 0.56 -> 0.36, layer_norm 0.40 -> 0.29 /
+# 0.34 -> 0.27, rms_norm 0.22 -> 0.21 / 0.28 -> 0.21. bfloat16 softmax is then compute-bound at ~28 vector
+# ops per 16 lanes (max 5, exp + sum 16, scale 7; two vector ports): 4 bytes an element at 0.15 ns on two
+# cores is ~27 GB/s, about 60% of this machine's ~45 GB/s copy.
 _ROW_JIT = dict(cache=True, fastmath=FASTMATH, error_model="numpy")  # the stubs' overloads below: a row loop's options
 
 
@@ -135,6 +120,102 @@ def _spread(builder, v):
                                   ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
 
 
+# Accumulators of the norms' sums (common.lanes_row's unroll): one chain of dependent 16-lane adds bounds a
+# pass over a row in cache at 4 cycles a step.
+_SUMS = 4
+
+
+@intrinsic(prefer_literal=True)
+def _power_sum_lanes(typingctx, x, shift, power):
+    if not isinstance(power, types.IntegerLiteral):
+        return None
+
+    def codegen(context, builder, sig, args):
+        vec = ir.VectorType(ir.FloatType(), LANES)
+        zero = ir.Constant(vec, [0.0] * LANES)
+        sums = [cgutils.alloca_once_value(builder, zero) for _ in range(_SUMS)]
+        turn = itertools.count()  # the accumulator of each step, in turn
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
+        offset = _spread(builder, args[1])
+
+        def body(j, mask, ptrs, scalars):
+            d = builder.select(mask, builder.fsub(load_lanes(builder, x.dtype, ptrs[0], mask), offset, flags=IR_FLAGS), zero)
+            acc = sums[next(turn) % _SUMS]
+            old = builder.load(acc)
+            builder.store(builder.fadd(old, d, flags=IR_FLAGS) if power.literal_value == 1 else builder.call(fma, [d, d, old]), acc)
+
+        lanes_row(context, builder, sig, args, (0,), body, unroll=_SUMS)
+        total = [builder.load(acc) for acc in sums]
+        while len(total) > 1:
+            total = [builder.fadd(a, b, flags=IR_FLAGS) for a, b in zip(total[::2], total[1::2])]
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType(), vec]),
+                                            "llvm.vector.reduce.fadd.v16f32")
+        return builder.call(fn, [ir.FloatType()(-0.0), total[0]])
+
+    return types.float32(x, shift, power), codegen
+
+
+@intrinsic
+def _normalize_lanes(typingctx, row, mean, inv, w, b, y):
+    def codegen(context, builder, sig, args):
+        vec = ir.VectorType(ir.FloatType(), LANES)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
+        shift, scale = _spread(builder, args[1]), _spread(builder, args[2])
+        bias = not isinstance(b, types.NoneType)
+
+        def body(j, mask, ptrs, scalars):
+            v = builder.fmul(builder.fsub(load_lanes(builder, row.dtype, ptrs[0], mask), shift, flags=IR_FLAGS), scale, flags=IR_FLAGS)
+            if bias:  # the bias add fused as Numba's contract does
+                v = builder.call(fma, [v, load_lanes(builder, w.dtype, ptrs[1], mask), load_lanes(builder, b.dtype, ptrs[2], mask)])
+            else:
+                v = builder.fmul(v, load_lanes(builder, w.dtype, ptrs[1], mask), flags=IR_FLAGS)
+            store_lanes(builder, y.dtype, ptrs[-1], mask, v)
+
+        lanes_row(context, builder, sig, args, (0, 3, 4, 5) if bias else (0, 3, 5), body)
+        return context.get_dummy_value()
+
+    return types.void(row, mean, inv, w, b, y), codegen
+
+
+def _power_sum(x, shift, power):
+    """The float32 sum of (x - shift)**power over the 1-D x, power 1 or 2 (a literal)."""
+
+
+@overload(_power_sum, jit_options=_ROW_JIT, prefer_literal=True)
+def _power_sum_impl(x, shift, power):
+    p = power.literal_value
+    if lanes_fit(x.dtype):
+        return lambda x, shift, power: _power_sum_lanes(x, shift, p)
+
+    def loop(x, shift, power):
+        s = F32(0.0)
+        for j in range(x.shape[0]):
+            d = load(x, j) - shift
+            s += d if p == 1 else d * d
+        return s
+
+    return loop
+
+
+def _normalize_into(row, mean, inv, w, b, y):
+    """y = (row - mean) * inv * w (+ b) on 1-D slices."""
+
+
+@overload(_normalize_into, jit_options=_ROW_JIT)
+def _normalize_into_impl(row, mean, inv, w, b, y):
+    if lanes_fit(row.dtype, w.dtype, y.dtype, *(() if isinstance(b, types.NoneType) else (b.dtype,))):
+        return lambda row, mean, inv, w, b, y: _normalize_lanes(row, mean, inv, w, b, y)
+
+    def loop(row, mean, inv, w, b, y):
+        for j in range(y.shape[0]):
+            v = (load(row, j) - mean) * inv * load(w, j)
+            if b is not None:
+                v += load(b, j)
+            store(y, j, v)
+
+    return loop
+
+
 @intrinsic
 def _exp_sum_lanes(typingctx, x, m, buf):
     def codegen(context, builder, sig, args):
@@ -142,9 +223,11 @@ def _exp_sum_lanes(typingctx, x, m, buf):
         zero = ir.Constant(vec, [0.0] * LANES)
         total = cgutils.alloca_once_value(builder, zero)
         shift = _spread(builder, args[1])
+        poly = EXP_POLY if x.dtype == types.float32 else EXP_POLY_16  # softmax's y has x's dtype
 
         def body(j, mask, ptrs, scalars):
-            e = exp_lanes(builder, builder.fsub(load_lanes(builder, x.dtype, ptrs[0], mask), shift, flags=IR_FLAGS))
+            d = builder.fsub(load_lanes(builder, x.dtype, ptrs[0], mask), shift, flags=IR_FLAGS)
+            e = exp_lanes(builder, d, positive=False, poly=poly)
             store_lanes(builder, types.float32, ptrs[1], mask, e)
             builder.store(builder.fadd(builder.load(total), builder.select(mask, e, zero), flags=IR_FLAGS), total)
 
@@ -174,23 +257,30 @@ def _scale_lanes(typingctx, buf, inv, y):
 @intrinsic
 def _row_max_lanes(typingctx, x):
     def codegen(context, builder, sig, args):
-        ivec = ir.VectorType(ir.IntType(32), LANES)
-        low = ir.Constant(ivec, [-2**31] * LANES)
+        # bfloat16 keys are the top halves of float32 keys: 16-bit lanes, no widening (6 -> 4 ops a step)
+        bits = 16 if x.dtype == types.int16 else 32
+        ivec = ir.VectorType(ir.IntType(bits), LANES)
+        low = ir.Constant(ivec, [-2**(bits - 1)] * LANES)
         key = cgutils.alloca_once_value(builder, low)
 
-        def flip(bits):  # negative floats: reverse their order (an involution)
-            sign = builder.ashr(bits, ir.Constant(ivec, [31] * LANES))
-            return builder.xor(bits, builder.and_(sign, ir.Constant(ivec, [0x7FFFFFFF] * LANES)))
+        def flip(k):  # negative floats: reverse their order (an involution)
+            sign = builder.ashr(k, ir.Constant(ivec, [bits - 1] * LANES))
+            return builder.xor(k, builder.and_(sign, ir.Constant(ivec, [2**(bits - 1) - 1] * LANES)))
 
         def body(j, mask, ptrs, scalars):
-            k = builder.select(mask, flip(builder.bitcast(load_lanes(builder, x.dtype, ptrs[0], mask), ivec)), low)
+            raw = masked(builder, "load", ptrs[0], mask) if bits == 16 else load_lanes(builder, x.dtype, ptrs[0], mask)
+            k = builder.select(mask, flip(builder.bitcast(raw, ivec)), low)
             old = builder.load(key)
             builder.store(builder.select(builder.icmp_signed(">", k, old), k, old), key)
 
         lanes_row(context, builder, sig, args, (0,), body)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), [ivec]), "llvm.vector.reduce.smax.v16i32")
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ivec.element, [ivec]),
+                                            f"llvm.vector.reduce.smax.v16i{bits}")
         top = builder.insert_element(ir.Constant(ivec, ir.Undefined), builder.call(fn, [builder.load(key)]), ir.IntType(32)(0))
-        return builder.extract_element(builder.bitcast(flip(top), ir.VectorType(ir.FloatType(), LANES)), ir.IntType(32)(0))
+        top = builder.extract_element(flip(top), ir.IntType(32)(0))
+        if bits == 16:
+            top = builder.shl(builder.zext(top, ir.IntType(32)), ir.IntType(32)(16))
+        return builder.bitcast(top, ir.FloatType())
 
     return types.float32(x), codegen
 
@@ -327,6 +417,7 @@ def _gated_lanes(typingctx, g, u, y, act):
     def codegen(context, builder, sig, args):
         vec = ir.VectorType(ir.FloatType(), LANES)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
+        poly = EXP_POLY if y.dtype == types.float32 else EXP_POLY_16
 
         def c(value):
             return ir.Constant(vec, [value] * LANES)
@@ -339,7 +430,7 @@ def _gated_lanes(typingctx, g, u, y, act):
                 cube = builder.fmul(builder.fmul(c(0.044715), x, flags=IR_FLAGS), x, flags=IR_FLAGS)
                 w = builder.fmul(c(0.7978845608028654), builder.call(fma, [cube, x, x]), flags=IR_FLAGS)
                 z = builder.fmul(c(-2.0), w, flags=IR_FLAGS)
-            v = builder.fdiv(x, exp_lanes(builder, z, plus=1.0), flags=IR_FLAGS)
+            v = builder.fdiv(x, exp_lanes(builder, z, plus=1.0, poly=poly), flags=IR_FLAGS)
             store_lanes(builder, y.dtype, ptrs[2], mask, builder.fmul(v, load_lanes(builder, u.dtype, ptrs[1], mask), flags=IR_FLAGS))
 
         lanes_row(context, builder, sig, args, (0, 1, 2), body)
@@ -546,7 +637,8 @@ _SMALL_M_DOT = 8
 # epilogue pass. Per core (CPU ms, shared host; 4096 x 4096, M = 1 / 2 / 8 / 16 / 32): 3.3-4.4 / 2.9 / 4.1 /
 # 4.2 / 4.4, against 2.6-3.5 / 3.9 / 9.0 / 14.9 / 24.7 on the float32 FMA kernel, 16-21 on amx_gemm (B^T
 # packed by scalar loops) and 2.3-3.1 / 2.5 / 3.7 / 3.5 / 4.6 for torch; 8 x 4096 x 14336: 19 against 31 /
-# 67, torch 12. M = 1 keeps the FMA kernel (4096 x 14336: 12 ms against 18).
+# 67, torch 12. M = 1 (any K and N, on amx and avx512bf16) takes gemm_core.dot_gemm, x against W's rows on
+# vdpbf16ps: per core 1.2 / 6.3 ms at 4096 x 4096 / 4096 x 14336 against 2.1 / 9.6 on the FMA kernel, torch 2.0 / 8.2.
 _SMALL_M_W = 32
 # Columns of N per task (measured): row-major b reads 2-4 KB runs of each row (shorter ones ran
 # slower), the [M, block] accumulator stays in L2; transposed b needs only a few columns per task.
@@ -556,8 +648,8 @@ _SMALL_M_BLOCK_T = 64
 
 def gemm(outs, a, b, bias, c, *, activation, alpha, beta, out_dtype=None):
     """out = act(alpha * (a @ b) + bias) + beta * c (out_dtype is outs[0].dtype): for a few rows of a a Numba
-    kernel that reads b once in its own format (bfloat16 a and row-major b: vdpbf16ps; b = W.T on AMX: W's
-    rows in place); bfloat16 on AMX hal's own driver (gemm_core.py); else float32 BLAS and one vectorized
+    kernel that reads b once in its own format (bfloat16 a and row-major b: vdpbf16ps; b = W.T: one row on
+    vdpbf16ps, more on AMX, W's rows in place); bfloat16 on AMX hal's own driver (gemm_core.py); else float32 BLAS and one vectorized
     epilogue pass."""
     (out,) = outs
     act, _ = activation_code(activation)
@@ -570,6 +662,9 @@ def gemm(outs, a, b, bias, c, *, activation, alpha, beta, out_dtype=None):
         gemm_core.small_m_gemm(raw_view(a), flat[0], flat[1], raw_view(out), raw_view(bias), raw_view(c), alpha, beta, act)
         return
     w = raw_view(b).T  # b = W.T, W [N, K] (nn.Linear weights): AMX reads W's rows in place
+    if m == 1 and a.dtype == BF16 and w.strides[1] == 2 and gemm_core.RUNG != "fma" and "avx512bf16" in gemm_core.RUNGS:
+        gemm_core.dot_gemm(raw_view(a), w, raw_view(out), raw_view(bias), raw_view(c), alpha, beta, act)
+        return
     if amx and a.dtype == BF16 and 1 < m <= _SMALL_M_W and w.strides[1] == 2 and k % 32 == 0 and n % 32 == 0:
         acc = np.empty((m, n), np.float32)
         gemm_core.amx_grouped(raw_view(a), w[None], np.zeros(1, np.int64), np.full(1, m, np.int64), 0, False, acc)

@@ -1,15 +1,15 @@
 """CPU kernels: MoE routing, the expert-sorted token layout, and grouped GEMM (see ops/moe.py).
 
 Routing, the align pass and the permutes are Numba loops. grouped_gemm and grouped_gemm_masked (the
-same kernel over their experts' row segments) are one parallel Numba kernel over (expert, block of
-output columns) tasks whose inner tile is LLVM IR built here: it reads
-float16 / bfloat16 in their own format (AVX512-BF16 dot products where the host has them), so no
-operand is widened or packed in memory first, and the activation (plain or gated, hal.codes) is fused
-into the epilogue.
+same kernels over their experts' row segments) are parallel Numba kernels over (expert, block of
+output columns) tasks whose inner tile is LLVM IR built here: for float16 / bfloat16 a dot-product tile
+that reads them in their own format (AVX512-BF16 dot products where the host has them; AMX tiles in
+gemm_core), for float32 on AVX-512 a broadcast tile over x packed into panels. The activation (plain
+or gated, hal.codes) is fused into the epilogue.
 """
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, parallel_chunksize, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -18,7 +18,8 @@ from hal.dtypes import INTS
 from hal.ops.moe import masked_counts
 
 from . import gemm_core
-from .common import CPU_FEATURES, F32, FASTMATH, HELPER, KERNEL, Kernel, activate_row, as_rows, exp, f32_bits, load, outside_segments, raw_view, store
+from .common import (CPU_FEATURES, F32, FASTMATH, HELPER, KERNEL, Chunks, Kernel, activate_row, as_rows, exp, f32_bits, lane_sums, load,
+                     outside_segments, raw_view, store)
 
 # ---------------------------------------------------------------- moe_route
 
@@ -204,7 +205,8 @@ def moe_unpermute(outs, y, sorted_ids, topk_weights):
 
 # ---------------------------------------------------------------- grouped_gemm
 #
-# bfloat16 on AMX takes gemm_core.amx_grouped (AMX tiles, W read in place); the rest is this kernel.
+# bfloat16 on AMX takes gemm_core.amx_grouped (AMX tiles, W read in place), float32 on AVX-512 the
+# panel kernel further down; the rest is this kernel.
 # Each expert's product is a block of dot products out[r, n] = x[r, :] . w[e, n, :]: both operands
 # keep K contiguous (nn.Linear layout), so a tile of _MR rows x _NR weight rows is computed straight
 # from them, with no packing or widening pass over the weights (which are most of the bytes). The
@@ -212,7 +214,7 @@ def moe_unpermute(outs, y, sorted_ids, topk_weights):
 # float32 lanes stay in registers across K, one 64-byte chunk of each row at a time, then a
 # shuffle tree sums the lanes. bfloat16 uses AVX512-BF16's vdpbf16ps (32 products per instruction)
 # where the host has it (unless HAL_CPU_GEMM=fma); otherwise a chunk is widened in registers (bfloat16
-# by a shift, float16 by vcvtph2ps) and fed to FMAs, which is also the float32 path.
+# by a shift, float16 by vcvtph2ps) and fed to FMAs, which is also the float32 path without AVX-512.
 
 _HAS_BF16_DOT = "avx512bf16" in CPU_FEATURES
 # Tile: with AVX-512, 6 x 4 accumulators + 6 row chunks of x + 1 of w = 31 of the 32 zmm registers
@@ -223,84 +225,16 @@ _TASK_ROWS = 128  # weight rows per task: 128 x 4 KB K block = 512 KB of the 1 M
 _KC_BYTES = 4096  # bytes of a row per K block: 6 rows of x = 24 KB of the 48 KB L1 (measured: 2 KB 5% slower)
 
 
-class _BFloat(ir.Type):
-    """LLVM's bfloat type, which llvmlite does not provide (vdpbf16ps takes <32 x bfloat>)."""
-
-    def _to_string(self):
-        return "bfloat"
-
-    def __eq__(self, other):
-        return isinstance(other, _BFloat)
-
-    def __hash__(self):
-        return hash("bfloat")
-
-
-_I1, _I32, _I64, _FLT = ir.IntType(1), ir.IntType(32), ir.IntType(64), ir.FloatType()
+_I32, _I64, _FLT = ir.IntType(32), ir.IntType(64), ir.FloatType()
 _V16F = ir.VectorType(_FLT, 16)
 
 
-class _Chunks:
-    """How one kind of row is read 64 bytes (or 32 for widened 16-bit) at a time and accumulated."""
-
-    def __init__(self, builder, kind):
-        self.builder, self.kind = builder, kind
-        module = builder.module
-        bits = 32 if kind == "f32" else 16
-        self.lanes = 32 if kind == "bf16dot" else 16  # elements per chunk
-        self.raw = ir.VectorType(ir.IntType(bits), self.lanes)
-        self.bytes = self.lanes * bits // 8
-        self.masked_load = module.declare_intrinsic(
-            f"llvm.masked.load.v{self.lanes}i{bits}.p0",
-            fnty=ir.FunctionType(self.raw, [ir.PointerType(), _I32, ir.VectorType(_I1, self.lanes), self.raw]))
-        if kind == "bf16dot":
-            self.dot = module.declare_intrinsic(
-                "llvm.x86.avx512bf16.dpbf16ps.512",
-                fnty=ir.FunctionType(_V16F, [_V16F, ir.VectorType(_BFloat(), 32), ir.VectorType(_BFloat(), 32)]))
-        else:
-            self.fma = module.declare_intrinsic("llvm.fma.v16f32", fnty=ir.FunctionType(_V16F, [_V16F, _V16F, _V16F]))
-
-    def load(self, address, mask=None):
-        """The chunk at an integer address, as the operand accumulate() takes (masked lanes read 0)."""
-        b = self.builder
-        if mask is None:
-            v = b.load(b.inttoptr(address, self.raw.as_pointer()), align=2)
-        else:
-            v = b.call(self.masked_load, [b.inttoptr(address, ir.PointerType()), ir.Constant(_I32, 2), mask,
-                                          ir.Constant(self.raw, None)])
-        if self.kind == "bf16dot":
-            return b.bitcast(v, ir.VectorType(_BFloat(), 32))
-        if self.kind == "bf16":  # bfloat16 is the top half of a float32
-            return b.bitcast(b.shl(b.zext(v, ir.VectorType(_I32, 16)), ir.Constant(ir.VectorType(_I32, 16), [16] * 16)), _V16F)
-        if self.kind == "f16":
-            return b.fpext(b.bitcast(v, ir.VectorType(ir.HalfType(), 16)), _V16F)
-        return b.bitcast(v, _V16F)
-
-    def accumulate(self, acc, x, w):
-        if self.kind == "bf16dot":
-            return self.builder.call(self.dot, [acc, x, w])
-        return self.builder.call(self.fma, [x, w, acc])
-
-
-def _lane_sums(builder, vectors):
-    """The horizontal sums of 16-lane vectors, packed 16 to a vector: lane i of result v holds the
-    sum of vectors[16 * v + i].
-
-    A shuffle tree: each round pairs two vectors whose lanes hold runs of partial sums, and one add
-    of two two-source shuffles halves every run; 24 sums take ~70 instructions instead of ~200 for
-    one reduction each."""
-    items = list(vectors)
-    run = 16  # lanes per partial sum
-    while run > 1:
-        if len(items) % 2:
-            items.append(ir.Constant(_V16F, None))
-        half, groups = run // 2, 16 // run
-        lo = [base + g * run + t for base in (0, 16) for g in range(groups) for t in range(half)]
-        hi = [i + half for i in lo]
-        pick = lambda a, b, lanes: builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, 16), lanes))
-        items = [builder.fadd(pick(a, b, lo), pick(a, b, hi)) for a, b in zip(items[0::2], items[1::2])]
-        run = half
-    return items
+def _row_addresses(builder, base, first, valid, count, stride):
+    """IR of the addresses base + (first + i) * stride of `count` rows, rows i >= valid repeating the last valid one."""
+    last = builder.sub(valid, ir.Constant(_I64, 1))
+    rows = [builder.select(builder.icmp_signed("<", ir.Constant(_I64, i), valid), ir.Constant(_I64, i), last)
+            for i in range(count)]
+    return [builder.add(base, builder.mul(builder.add(first, r), stride)) for r in rows]
 
 
 @intrinsic(prefer_literal=True)
@@ -329,18 +263,11 @@ def _dot_tile(typingctx, x, m0, m_valid, w, expert, n0, n_valid, k0, k1, out, co
         k = builder.sub(k1, k0)
         item = ir.Constant(_I64, sig.args[0].dtype.bitwidth // 8)
         one = ir.Constant(_I64, 1)
-
-        def row_addresses(base, first, valid, count, stride):
-            last = builder.sub(valid, one)
-            rows = [builder.select(builder.icmp_signed("<", ir.Constant(_I64, i), valid), ir.Constant(_I64, i), last)
-                    for i in range(count)]
-            return [builder.add(base, builder.mul(builder.add(first, r), stride)) for r in rows]
-
         start = builder.mul(k0, item)
-        xrows = row_addresses(builder.add(builder.ptrtoint(xarr.data, _I64), start), m0, m_valid, _MR, x_stride)
+        xrows = _row_addresses(builder, builder.add(builder.ptrtoint(xarr.data, _I64), start), m0, m_valid, _MR, x_stride)
         wbase = builder.add(builder.ptrtoint(warr.data, _I64), builder.add(builder.mul(expert, w_strides[0]), start))
-        wrows = row_addresses(wbase, n0, n_valid, _NR, w_strides[1])
-        chunks = _Chunks(builder, kind)
+        wrows = _row_addresses(builder, wbase, n0, n_valid, _NR, w_strides[1])
+        chunks = Chunks(builder, kind)
 
         def step(accs, offset, mask=None):
             """One chunk of every row at byte offset: _MR x _NR accumulations."""
@@ -393,7 +320,7 @@ def _dot_tile(typingctx, x, m0, m_valid, w, expert, n0, n_valid, k0, k1, out, co
 
         builder.position_at_end(done)
         final = merge(done, [(accs, after), (tailed, tail)])
-        sums = _lane_sums(builder, [final[i][j] for i in range(_MR) for j in range(_NR)])
+        sums = lane_sums(builder, [final[i][j] for i in range(_MR) for j in range(_NR)])
         out_row = cgutils.unpack_tuple(builder, oarr.strides)[0]
         out_base = builder.add(builder.ptrtoint(oarr.data, _I64), builder.mul(col, ir.Constant(_I64, 4)))
         quad = ir.VectorType(_FLT, _NR)
@@ -470,6 +397,178 @@ def _grouped_kernel(x, w, starts, ends, tasks, n, act, gated, out, dot):
                 _store_row(gate[r - lo], out[r, j0:j0 + width], act)
 
 
+# float32 on AVX-512 takes a broadcast kernel, the shape of an sgemm microkernel: the dot-product tile
+# above loads 10 vectors per 24 FMAs and ends each K block with a shuffle tree, and ran at 0.55-0.8x of
+# torch's per-expert sgemm per core (87-108 against 125-160 GFLOP/s, K = N = 2048 gated). Here each
+# expert's rows are first packed transposed into panels of _PANEL rows (panel[k, i] = x[row i, k],
+# zeros past the expert's end: 1/N of the product's work), and a tile is _WROWS weight rows x up to
+# _PANEL x rows: per k, _WROWS broadcasts of w[n, k] read in place times 3 vectors of the panel into 18
+# accumulators, no horizontal sums (8 rows: 24 accumulators + 8 broadcasts + 3 vectors spilled).
+_PANEL, _WROWS = 48, 6
+_PANEL_KC = 512  # k per tile call: the 6 weight rows' 12 KB stay in L1 across the block's panels
+_PANEL_MC = 3  # panels per row block: 3 x 48 rows x _PANEL_KC floats (288 KB) stay in L2 while w streams by
+_PANEL_TASK = 512  # weight rows per task: each task reads its expert's x once (128 rows: 0.9x the speed)
+
+
+@intrinsic(prefer_literal=True)
+def _fma_tile(typingctx, w, expert, n0, n_valid, k0, k1, ahead, xp, panel, vecs, out, col):
+    """out[i, col + c] (+)= sum over k0 <= k < k1 of w[expert, n0 + i, k] * xp[panel + _PANEL k + c] in float32,
+    for i < _WROWS and c < 16 vecs, adding to out when k0 > 0.
+
+    w [E, N, K] float32 with K contiguous, xp the packed panels (1-D), out a float32 [_WROWS, >= col + 16 vecs]
+    buffer; weight rows past n_valid repeat the last valid one. One prefetch per k fetches the lines of the
+    next tile's weights: _WROWS rows from byte `ahead` of w[expert], k1 - k0 wide."""
+    if not isinstance(vecs, types.IntegerLiteral) or w.dtype != types.float32:
+        return None
+    nv = vecs.literal_value
+    sig = types.void(w, types.intp, types.intp, types.intp, types.intp, types.intp, types.intp, xp, types.intp, vecs, out, types.intp)
+
+    def codegen(context, builder, sig, args):
+        wa, expert, n0, n_valid, k0, k1, ahead, xpa, panel, _, outa, col = args
+        warr = context.make_array(sig.args[0])(context, builder, wa)
+        xarr = context.make_array(sig.args[7])(context, builder, xpa)
+        oarr = context.make_array(sig.args[10])(context, builder, outa)
+        w_strides = cgutils.unpack_tuple(builder, warr.strides)
+        const = lambda v: ir.Constant(_I64, v)
+        wbase = builder.add(builder.ptrtoint(warr.data, _I64), builder.add(builder.mul(expert, w_strides[0]), builder.mul(k0, const(4))))
+        wrows = _row_addresses(builder, wbase, n0, n_valid, _WROWS, w_strides[1])
+        xbase = builder.add(builder.ptrtoint(xarr.data, _I64), builder.mul(builder.add(panel, builder.mul(k0, const(_PANEL))), const(4)))
+        fma = builder.module.declare_intrinsic("llvm.fma.v16f32", fnty=ir.FunctionType(_V16F, [_V16F, _V16F, _V16F]))
+        prefetch = builder.module.declare_intrinsic("llvm.prefetch.p0", fnty=ir.FunctionType(ir.VoidType(), [ir.PointerType(), _I32, _I32, _I32]))
+        ahead = builder.add(builder.ptrtoint(warr.data, _I64), builder.add(builder.mul(expert, w_strides[0]), ahead))
+        zero, splat = ir.Constant(_V16F, None), ir.Constant(ir.VectorType(_I32, 16), [0] * 16)
+        count = builder.sub(k1, k0)
+        entry = builder.block
+        loop, done = builder.append_basic_block("fma.loop"), builder.append_basic_block("fma.done")
+        builder.cbranch(builder.icmp_signed(">", count, const(0)), loop, done)
+
+        builder.position_at_end(loop)  # one k: _WROWS broadcasts x nv vectors of the panel's row k
+        index = builder.phi(_I64)
+        accs = [[builder.phi(_V16F) for _ in range(nv)] for _ in range(_WROWS)]
+        row = builder.add(xbase, builder.mul(index, const(_PANEL * 4)))
+        xs = [builder.load(builder.inttoptr(builder.add(row, const(64 * j)), _V16F.as_pointer()), align=4) for j in range(nv)]
+        new = []
+        for i, a in enumerate(wrows):
+            scalar = builder.load(builder.inttoptr(builder.add(a, builder.mul(index, const(4))), _FLT.as_pointer()), align=4)
+            b = builder.shuffle_vector(builder.insert_element(zero, scalar, ir.Constant(_I32, 0)), zero, splat)
+            new.append([builder.call(fma, [b, xs[j], accs[i][j]]) for j in range(nv)])
+        last = builder.udiv(builder.sub(count, const(1)), const(16))  # the block's last line (past it: repeat it)
+        line = builder.select(builder.icmp_unsigned("<", builder.udiv(index, const(_WROWS)), last), builder.udiv(index, const(_WROWS)), last)
+        line = builder.add(builder.mul(builder.urem(index, const(_WROWS)), w_strides[1]), builder.mul(line, const(64)))
+        builder.call(prefetch, [builder.inttoptr(builder.add(ahead, line), ir.PointerType()), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        following = builder.add(index, const(1))
+        index.add_incoming(const(0), entry)
+        index.add_incoming(following, loop)
+        builder.cbranch(builder.icmp_signed("<", following, count), loop, done)
+
+        builder.position_at_end(done)
+        final = [[builder.phi(_V16F) for _ in range(nv)] for _ in range(_WROWS)]
+        for i in range(_WROWS):
+            for j in range(nv):
+                for phi in (accs[i][j], final[i][j]):
+                    phi.add_incoming(zero, entry)
+                    phi.add_incoming(new[i][j], loop)
+        out_row = cgutils.unpack_tuple(builder, oarr.strides)[0]
+        out_base = builder.add(builder.ptrtoint(oarr.data, _I64), builder.mul(col, const(4)))
+        pointers = [[builder.inttoptr(builder.add(out_base, builder.add(builder.mul(const(i), out_row), const(64 * j))), _V16F.as_pointer())
+                     for j in range(nv)] for i in range(_WROWS)]
+        with builder.if_else(builder.icmp_signed(">", k0, const(0))) as (adding, first):
+            with adding:  # a later K block: add to the earlier blocks' sums
+                for i in range(_WROWS):
+                    for j in range(nv):
+                        builder.store(builder.fadd(final[i][j], builder.load(pointers[i][j], align=4)), pointers[i][j], align=4)
+            with first:
+                for i in range(_WROWS):
+                    for j in range(nv):
+                        builder.store(final[i][j], pointers[i][j], align=4)
+
+    return sig, codegen
+
+
+@njit(**HELPER)
+def _fma_tiles(w, expert, n0, n_valid, k0, k1, ahead, xp, panel, rows, out, col):
+    """_fma_tile over the vectors a panel's `rows` valid rows fill (a tail panel skips its zero vectors)."""
+    if rows > 32:
+        _fma_tile(w, expert, n0, n_valid, k0, k1, ahead, xp, panel, 3, out, col)
+    elif rows > 16:
+        _fma_tile(w, expert, n0, n_valid, k0, k1, ahead, xp, panel, 2, out, col)
+    else:
+        _fma_tile(w, expert, n0, n_valid, k0, k1, ahead, xp, panel, 1, out, col)
+
+
+@njit(**KERNEL)
+def _pack_panels(x, first_row, valid, xp):
+    """Panel t of xp = x[first_row[t] + i, k] at [k, i] for i < valid[t], zeros for the rest of its _PANEL rows."""
+    k = x.shape[1]
+    for t in prange(first_row.shape[0]):
+        panel = xp[t * k * _PANEL:(t + 1) * k * _PANEL].reshape(k, _PANEL)
+        rows = x[first_row[t]:first_row[t] + valid[t]]
+        for kk in range(k):
+            for i in range(valid[t]):
+                panel[kk, i] = rows[i, kk]
+            panel[kk, valid[t]:] = 0
+
+
+@njit(**KERNEL)
+def _panel_kernel(w, xp, starts, ends, first, tasks, n, act, gated, out):
+    """tasks[t] = (expert, first column) of _PANEL_TASK weight rows, over the expert's packed panels (its first
+    is panel first[e] of xp): per block of _PANEL_MC panels (in L2), K in blocks of _PANEL_KC, each _WROWS
+    weight rows (in L1, the next ones prefetched) against the block's panels; then the block's epilogue. The
+    float32 sums are kept transposed (weight row, x row), so the epilogue gathers an output row from a column."""
+    k = w.shape[2]
+    nb = _PANEL_TASK // 2 if gated else _PANEL_TASK
+    rows = _PANEL_MC * _PANEL
+    for t in prange(tasks.shape[0]):
+        e, j0 = tasks[t, 0], tasks[t, 1]
+        lo, hi = starts[e], ends[e]
+        width = min(nb, n - j0)
+        gate = np.empty((nb + _WROWS, rows), np.float32)  # + _WROWS: the last tile may reach past width
+        up = np.empty((nb + _WROWS, rows), np.float32) if gated else gate
+        g = np.empty(width, np.float32)
+        u = np.empty(width, np.float32)
+        for m0 in range(lo, hi, rows):
+            p0 = (m0 - lo) // _PANEL
+            for k0 in range(0, max(k, 1), _PANEL_KC):  # K = 0 still runs once: the tile writes zeros
+                k1 = min(k0 + _PANEL_KC, k)
+                for half in range(2 if gated else 1):  # the up half's weight rows sit n below the gate's
+                    sums = up if half else gate
+                    for i in range(0, width, _WROWS):
+                        row = half * n + j0 + i
+                        for p in range(p0, min(p0 + _PANEL_MC, (hi - lo + _PANEL - 1) // _PANEL)):
+                            _fma_tiles(w, e, row, min(_WROWS, width - i), k0, k1, (row + _WROWS) * w.strides[1] + k0 * 4, xp,
+                                       (first[e] + p) * k * _PANEL, hi - lo - p * _PANEL, sums[i:], (p - p0) * _PANEL)
+            for r in range(m0, min(m0 + rows, hi)):
+                g[:] = gate[:width, r - m0]
+                if gated:
+                    u[:] = up[:width, r - m0]
+                    _store_gated_row(g, u, out[r, j0:j0 + width], act)
+                else:
+                    _store_row(g, out[r, j0:j0 + width], act)
+
+
+def _tasks(starts, ends, n, nb):
+    """(expert, first column) of every block of nb output columns of every expert with rows. Their costs
+    follow the experts' rows (1 to 562 in the bench), so the kernels take them with parallel_chunksize(1):
+    Numba's default hands each thread an equal count of consecutive tasks (on 2 threads: one busy, one idle
+    most of a call)."""
+    experts = np.flatnonzero(ends > starts)
+    blocks = -(-n // nb)
+    return np.stack([np.repeat(experts, blocks), np.tile(np.arange(blocks) * nb, experts.size)], axis=1)
+
+
+def _panels(x, w, starts, ends, act, gated, out):
+    """The float32 product: pack each expert's rows into panels, then _panel_kernel."""
+    counts = -(-(ends - starts) // _PANEL)
+    first = np.cumsum(counts) - counts
+    owner = np.repeat(np.arange(counts.size), counts)
+    first_row = starts[owner] + (np.arange(owner.size) - first[owner]) * _PANEL
+    xp = np.empty(owner.size * x.shape[1] * _PANEL, np.float32)
+    _pack_panels(x, first_row, np.minimum(_PANEL, ends[owner] - first_row), xp)
+    n = out.shape[1]
+    with parallel_chunksize(1):  # one task at a time (_tasks)
+        _panel_kernel(w, xp, starts, ends, first, _tasks(starts, ends, n, _PANEL_TASK // 2 if gated else _PANEL_TASK), n, act, gated, out)
+
+
 def _unaliased(x):
     """x itself, or a copy whose rows start 64 bytes apart from a multiple of 4 KB when x's rows are
     4 KB multiples long (K = 2048 in bfloat16): the 6 x rows and 4 weight rows of a tile then fall in
@@ -493,11 +592,12 @@ def _grouped_rows(x, w, starts, ends, activation, out):
     if x.dtype == np.int16 and gemm_core.RUNG == "amx":  # bfloat16
         gemm_core.amx_grouped(x, w, starts, ends, act, gated, out)
         return
-    nb = _TASK_ROWS // 2 if gated else _TASK_ROWS
-    experts = np.flatnonzero(ends > starts)
-    blocks = -(-n // nb)
-    tasks = np.stack([np.repeat(experts, blocks), np.tile(np.arange(blocks) * nb, experts.size)], axis=1)
-    _grouped_kernel(_unaliased(x), w, starts, ends, tasks, n, act, gated, out, gemm_core.RUNG != "fma")
+    if x.dtype == np.float32 and "avx512f" in CPU_FEATURES:
+        _panels(x, w, starts, ends, act, gated, out)
+        return
+    tasks = _tasks(starts, ends, n, _TASK_ROWS // 2 if gated else _TASK_ROWS)
+    with parallel_chunksize(1):
+        _grouped_kernel(_unaliased(x), w, starts, ends, tasks, n, act, gated, out, gemm_core.RUNG != "fma")
 
 
 def grouped_gemm(outs, x_sorted, w, expert_offsets, *, activation):
