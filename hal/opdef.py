@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .arrays import DLPACK_CPU, device_type, is_tensor, kind_of, to_host
-from .dispatch import dispatch
+from .dispatch import VALUE_READS, Prepared, dispatch
 from .dtypes import FLOATS, name_of
 from .errors import GradNotSupported, SchemaError, renamed
 
@@ -157,6 +157,11 @@ class OpDef:
         """Run the op; `out=` takes the result tensor(s) to write into (torch's convention, see
         hal.dispatch.check_out) and returns them."""
         return dispatch(self, self.bind(args, kwargs), backend, out)
+
+    def prepare(self, *args, backend=None, **kwargs):
+        """This call validated and its kernel chosen once, to run again on new tensors like these:
+        `norm = hal.ops.rms_norm.prepare(x, w, eps=1e-6)`, then `norm(x2, w)` (see hal.dispatch.Prepared)."""
+        return Prepared(self, self.bind(args, kwargs), backend)
 
     def bind(self, args, kwargs):
         """Arguments by name, with defaults filled in."""
@@ -304,6 +309,7 @@ def host_values(name, x):
     index tensors such as block tables); None inside `shapes_only()`."""
     if _shapes_only.get():
         return None
+    _record_read(name)
     try:
         return to_host(x)
     except Exception as e:
@@ -315,8 +321,16 @@ def index_values(name, x):
     (no copy), `x` itself when it is a torch or CuPy device array (its library reduces it on the
     device; converting a reduction to a Python int synchronizes once)."""
     if device_type(x) != DLPACK_CPU and kind_of(x) in ("torch", "cupy"):
+        _record_read(name)
         return x
     return host_values(name, x)
+
+
+def _record_read(name):
+    """Tell a Prepared call being made that a check read the values of tensor `name` (it then refuses)."""
+    reads = VALUE_READS.get()
+    if reads is not None:
+        reads.append(name)
 
 
 def check_range(name, x, lo, hi, what="values"):

@@ -296,3 +296,30 @@ def test_priority_bands_and_the_fallback_target_are_declared():
         if name in reg.backends:
             assert reg.backends[name].backend.priority == P.EMULATOR
 
+
+
+def test_a_prepared_call_matches_the_op_and_refuses_what_it_was_not_prepared_for(rng):
+    """hal.ops.X.prepare: the op's results on new tensors like the example (NumPy and torch, optional tensors
+    left out or given), outputs written in full (poisoned), SchemaError for other shapes or dtypes, GradNotSupported
+    for tensors that require grad, and no prepared call for ops whose checks read values (rope's positions)."""
+    x, w, r = (rng.standard_normal(s).astype(np.float32) for s in ((3, 7, 33), (33,), (3, 7, 33)))
+    norm = hal.ops.rms_norm.prepare(x, w, eps=1e-5)
+    x2 = rng.standard_normal(x.shape).astype(np.float32)
+    with hal.dispatch.poisoned_outputs():
+        np.testing.assert_array_equal(norm(x2, w), hal.ops.rms_norm(x2, w, eps=1e-5))
+    fused = hal.ops.rms_norm.prepare(torch.from_numpy(x), torch.from_numpy(w), residual=torch.from_numpy(r), eps=1e-5)
+    y, s = fused(torch.from_numpy(x2), torch.from_numpy(w), torch.from_numpy(r))
+    expected = hal.ops.rms_norm(x2, w, residual=r, eps=1e-5)
+    assert isinstance(y, torch.Tensor) and np.array_equal(y.numpy(), expected[0]) and np.array_equal(s.numpy(), expected[1])
+    for other in (x2[:2], x2.astype(np.float16)):
+        with pytest.raises(hal.SchemaError, match="rms_norm: argument 'tensors'"):
+            norm(other, w)
+    with pytest.raises(hal.SchemaError, match="rms_norm: argument 'tensors'"):
+        norm(torch.from_numpy(x2), torch.from_numpy(w))  # another kind of array than prepared
+    with pytest.raises(hal.GradNotSupported):
+        fused(torch.from_numpy(x2).requires_grad_(), torch.from_numpy(w), torch.from_numpy(r))
+    q, cos = rng.standard_normal((4, 2, 8)).astype(np.float32), rng.standard_normal((9, 4)).astype(np.float32)
+    with pytest.raises(hal.SchemaError, match="positions"):
+        hal.ops.rope.prepare(q, q, cos, cos, np.arange(4, dtype=np.int32))
+    with pytest.raises(hal.SchemaError, match="eps"):
+        hal.ops.rms_norm.prepare(x, w, eps=float("inf"))  # preparing validates like a call

@@ -2,6 +2,7 @@
 built locally, against stock transformers in the same process."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hal
 import hal.torch
@@ -116,26 +117,35 @@ def test_apply_twice_restore_and_report(apply):
         hal.torch.apply(model, ops=["flash"])
 
 
-def test_gated_mlp_fuses_gate_and_up_and_restore_separates_them(apply):
-    """While applied, gate_proj's and up_proj's weights are row views of one [gate; up] tensor (one GEMM);
-    restore gives each weight its own memory with its values; a projection given a new Parameter while
-    applied is seen (the unfused path)."""
+@pytest.mark.parametrize("kind", ["mlp", "attention"])
+def test_projections_fuse_and_restore_separates_them(kind, apply):
+    """While applied, the gated MLP's gate_proj and up_proj weights (attention: q_proj, k_proj, v_proj) are row
+    views of one tensor (one GEMM); restore gives each weight its own memory with its values; a projection given
+    a new Parameter while applied is seen (the unfused path); k_proj called on another input than q_proj's
+    computes its own."""
     model, ids = build("llama"), prompt()
-    mlp = model.model.layers[0].mlp
-    gate, up = mlp.gate_proj.weight.detach().clone(), mlp.up_proj.weight.detach().clone()
+    module = model.model.layers[0].mlp if kind == "mlp" else model.model.layers[0].self_attn
+    names = hal.torch.models.FUSED[kind]
+    weights = [getattr(module, n).weight.detach().clone() for n in names]
     with torch.no_grad():
         stock = model(ids).logits
-        apply(model, backend="cpu")
-        fused = mlp._hal_gate_up[0]
-        assert mlp.gate_proj.weight.data_ptr() == fused.data_ptr() and torch.equal(fused, torch.cat([gate, up]))
+        apply(model, backend="cpu", ops=[kind])
+        fused = module._hal_fused.weight
+        assert getattr(module, names[0]).weight.data_ptr() == fused.data_ptr() and torch.equal(fused, torch.cat(weights))
         torch.testing.assert_close(model(ids).logits, stock, rtol=1e-4, atol=1e-5)
+        if kind == "attention":
+            x = torch.randn(1, 3, model.config.hidden_size)
+            module.q_proj(x)
+            other = torch.randn_like(x)
+            assert torch.equal(module.k_proj(other), F.linear(other, module.k_proj.weight))
+            torch.testing.assert_close(module.v_proj(x), F.linear(x, module.v_proj.weight))
         hal.torch.restore(model)
-        assert "_hal_gate_up" not in mlp.__dict__
-        assert torch.equal(mlp.gate_proj.weight, gate) and torch.equal(mlp.up_proj.weight, up)
-        assert fused.untyped_storage().data_ptr() not in {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+        assert "_hal_fused" not in module.__dict__
+        assert all(torch.equal(getattr(module, n).weight, w) for n, w in zip(names, weights))
+        assert fused.untyped_storage().data_ptr() not in {p.untyped_storage().data_ptr() for p in module.parameters()}
         assert torch.equal(model(ids).logits, stock)
-        apply(model, backend="cpu")
-        mlp.up_proj.weight = torch.nn.Parameter(up * 2)
+        apply(model, backend="cpu", ops=[kind])
+        getattr(module, names[-1]).weight = torch.nn.Parameter(weights[-1] * 2)
         patched = model(ids).logits
         hal.torch.restore(model)
         expected = model(ids).logits

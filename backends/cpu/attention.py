@@ -17,10 +17,10 @@ query row is a column of S^T: its max, exp and sum vectorize across the rows.
 
 Decode has one query row per head, too few for that layout: a paged_decode_attention task owns a
 partition of one sequence (split-K over long contexts, merged afterwards) for all heads, and per
-KV head multiplies its group of query heads (padded to 4) with 4 keys at a time (`_qk_block`), then
+KV head multiplies its group of query heads (padded to 4) with 4 keys at a time (`_qk_chunk`), then
 P V in 4 heads x 64 columns (`_pv_block`), both reading the cache rows in place and widening them in
-registers (bfloat16 scores take vdpbf16ps without widening, fp8 K with bfloat16 queries after
-widening to bfloat16), the online softmax between them in 16 lanes (`_softmax_row`). `attention` with one query per
+registers (bfloat16 scores take vdpbf16ps without widening, fp8 K with bfloat16 queries after a
+vpermi2b table lookup to bfloat16), the online softmax between them in 16 lanes (`_softmax_row`). `attention` with one query per
 sequence is decode and takes that path too, its K and V read in place as a paged cache
 (`_decode_as_paged`).
 
@@ -38,7 +38,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .common import (BFloat, BF16, CPU_FEATURES, F32, FASTMATH, HAS_F16C, HELPER, IR_FLAGS, KERNEL, SERIAL_BYTES, Kernel, exp, exp_lanes,
-                     lanes_below, load, masked, prefetch, raw_view, sized, store, store_lanes)
+                     lanes_below, load, masked, prefetch, prefetch_line, raw_view, sized, store, store_lanes)
 from .gemm_core import RUNG, _amx_begin, _amx_end, _amx_tiles
 
 # ---------------------------------------------------------------- register-blocked microkernel
@@ -682,7 +682,10 @@ def _decode_as_paged(out, q, k, v, scale, window, softcap, cu_seqlens_q, cu_seql
         k, v = np.ascontiguousarray(k), np.ascontiguousarray(v)
         bs = int(np.gcd.reduce(np.append(starts, k.shape[0])))
     blocks = k.shape[0] // bs
-    table = _block_table(starts, int(seq_lens.max()), bs, blocks)
+    if cu_seqlens_q is None and first == 0:  # one block per sequence: no compiled call for the table (decode's per-call cost)
+        table = np.arange(b, dtype=np.int32).reshape(b, 1)
+    else:
+        table = _block_table(starts, int(seq_lens.max()), bs, blocks)
     k_cache, v_cache = (x.reshape(blocks, bs, *x.shape[1:]) for x in (k, v))
     paged_decode_attention((out,), q, k_cache, v_cache, table, seq_lens, scale, softcap, None, None)
     return True
@@ -788,78 +791,145 @@ def _fold(builder, x, op):
     return builder.extract_element(x, ir.Constant(ir.IntType(32), 0))
 
 
-@intrinsic
-def _qk_block(typingctx, q, q_off, ldq, cache, rows, r0, h_off, s, s_off, lds, d):
-    """S[i, j] = Q[i, :d] . K_j[:d] for 4 query heads i and 4 keys j, K_j read from the cache at
-    element rows[r0 + j] + h_off and widened on the fly (Q: float32 rows at q[q_off + i * ldq],
-    zero-padded to a multiple of 16; S[i, j] to s[s_off + i * lds + j]). With Q in bfloat16 (int16,
-    padded to 32) and a bfloat16 cache, vdpbf16ps takes 32 of each per instruction: products of two
-    bfloat16 are exact in float32, and the cache needs no widening.
+def _fp8_table(dtype):
+    """The bfloat16 bits of the 128 fp8 magnitudes as _kv_vector scales them (the float16 with the
+    magnitude's 7 bits at bits 7..13), split into low and high bytes; e4m3fn's 0x7F is NaN."""
+    bits = (np.arange(128, dtype=np.uint16) << 7).view(np.float16).astype(np.float32).view(np.uint32) >> 16
+    if dtype == types.uint8:
+        bits[127] = 0x7FC0
+    return [[int(x) for x in bits & 0xFF], [int(x) for x in bits >> 8]]
 
-    Sixteen 16-lane accumulators, each loaded vector feeding four FMAs; the sixteen horizontal sums
-    are one transposing tree: each stage adds the two halves of every pair of vectors' partial sums,
-    so 15 adds and 30 shuffles leave the 16 dot products in the lanes of one vector."""
-    sig = types.void(q, q_off, ldq, cache, rows, r0, h_off, s, s_off, lds, d)
+
+def _fp8_words(builder, dtype, base, off, mask):
+    """The 64 fp8 cache elements at base[off:] (lanes outside `mask`, <64 x i1>, 0) as bfloat16, two
+    vectors of 16 words of pairs: elements 0-7, 16-23, 32-39, 48-55, then the other eight of each 16.
+    Two vpermi2b look up the low and high bytes of each magnitude's bfloat16 (128 entries: the 7 index
+    bits of vpermi2b), the sign goes into the high byte, and a byte interleave within 128-bit lanes
+    (vpunpcklbw, vpunpckhbw) makes the words: 5 steps for 64 elements, where widening through float16
+    (_kv_vector) and packing took ~14 for 32."""
+    i8, i32 = ir.IntType(8), ir.IntType(32)
+    v64 = ir.VectorType(i8, 64)
+    x = masked(builder, "load", builder.gep(base, [off]), mask)
+    if dtype == types.int8:
+        x = builder.bitcast(x, v64)
+    perm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v64, [v64, v64, v64]), "llvm.x86.avx512.vpermi2var.qi.512")
+    lo, hi = (builder.call(perm, [ir.Constant(v64, t[:64]), x, ir.Constant(v64, t[64:])]) for t in _fp8_table(dtype))
+    hi = builder.or_(hi, builder.and_(x, ir.Constant(v64, [0x80] * 64)))
+    if dtype == types.int8:  # e4m3fnuz's NaN is 0x80 (would be -0.0)
+        nan = builder.icmp_unsigned("==", x, ir.Constant(v64, [0x80] * 64))
+        lo, hi = builder.select(nan, ir.Constant(v64, [0xC0] * 64), lo), builder.select(nan, ir.Constant(v64, [0x7F] * 64), hi)
+    words = ir.VectorType(i32, _LANES)
+    return [builder.bitcast(builder.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(i32, 64), [k for lane in range(4) for r in rs
+                                                                                               for k in (16 * lane + r, 64 + 16 * lane + r)])), words)
+            for rs in (range(8), range(8, 16))]
+
+
+def _prefetch_row(builder, ptr, nbytes):
+    """IR: start loading the nbytes (an i64) at ptr (an i8*), one prefetch a cache line."""
+    i64 = ir.IntType(64)
+    with cgutils.for_range_slice(builder, i64(0), nbytes, i64(64)) as (off, _):
+        prefetch_line(builder, builder.gep(ptr, [off]), False)
+
+
+@intrinsic
+def _qk_chunk(typingctx, q, q_off, ldq, cache, rows, h_off, n, s, s_off, lds, d, ahead, n_ahead):
+    """S[i, j] = Q[i, :d] . K_j[:d] for 4 query heads i and the keys j < n (rounded up to 4; S and
+    rows padded), K_j read from the cache at element rows[j] + h_off and widened on the fly (Q:
+    float32 rows at q[q_off + i * ldq], zero-padded to a multiple of 16; S[i, j] to s[s_off + i * lds
+    + j]); the rows ahead[j] + h_off of the next chunk's keys j < n_ahead are prefetched on the way,
+    4 after each block (issued all at once they filled the line fill buffers and stalled the compute).
+    With Q in bfloat16 (int16, padded to 32) and a bfloat16 cache, vdpbf16ps takes 32 of each per
+    instruction: products of two bfloat16 are exact in float32, and the cache needs no widening.
+
+    4 keys at a time: sixteen 16-lane accumulators, each loaded vector feeding four FMAs; the sixteen
+    horizontal sums are one transposing tree: each stage adds the two halves of every pair of vectors'
+    partial sums, so 15 adds and 30 shuffles leave the 16 dot products in the lanes of one vector.
+    One call per chunk, unmasked but for d's tail: a call per 4 keys (with the mask of every step and
+    the prefetches as a Numba call) took ~18 of ~42 ns per key and KV head (bf16, d 128, one core)."""
+    sig = types.void(q, q_off, ldq, cache, rows, h_off, n, s, s_off, lds, d, ahead, n_ahead)
 
     def codegen(context, builder, sig, args):
-        pq, q_off, ldq, pk, prow, r0, h_off, ps, s_off, lds, d = _args(context, builder, sig, args, (0, 3, 4, 7))
+        pq, q_off, ldq, pk, prow, h_off, n, ps, s_off, lds, d, pahead, n_ahead = _args(context, builder, sig, args, (0, 3, 4, 7, 11))
         f32, i64 = ir.FloatType(), ir.IntType(64)
         vec = ir.VectorType(f32, _LANES)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
         pq, ps = builder.gep(pq, [q_off]), builder.gep(ps, [s_off])
-        krow = [builder.add(builder.load(builder.gep(prow, [builder.add(r0, ir.Constant(i64, j))])), h_off) for j in range(4)]
         pairs = sig.args[0].dtype == types.int16
-        step = 2 * _LANES if pairs else _LANES
+        fp8 = pairs and sig.args[3].dtype != types.int16 and _FP8_LOOKUP
+        step = 4 * _LANES if fp8 else 2 * _LANES if pairs else _LANES
+        words = ir.VectorType(ir.IntType(32), _LANES)
         if pairs:
-            words = ir.VectorType(ir.IntType(32), _LANES)
             fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, words, words]), "llvm.x86.avx512bf16.dpbf16ps.512")
-        acc = [cgutils.alloca_once_value(builder, ir.Constant(vec, [0.0] * _LANES)) for _ in range(16)]
-        with cgutils.for_range_slice(builder, ir.Constant(i64, 0), d, ir.Constant(i64, step)) as (p, _):
-            mask = lanes_below(builder, builder.sub(d, p), step)
-            qv = [builder.load(builder.bitcast(builder.gep(pq, [builder.add(builder.mul(ir.Constant(i64, i), ldq), p)]),
-                                               (words if pairs else vec).as_pointer()), align=4) for i in range(4)]
-            if pairs and sig.args[3].dtype == types.int16:
-                kv = [builder.bitcast(masked(builder, "load", builder.gep(pk, [builder.add(krow[j], p)]), mask), words) for j in range(4)]
-            elif pairs:  # fp8 widened, then as bfloat16 (a float32's top half: exact, an fp8 value has 4 significant bits)
-                kv = []
-                for j in range(4):
-                    lo, hi = (builder.bitcast(x, words) for x in _halves(builder, _kv_vector(builder, sig.args[3].dtype, pk, builder.add(krow[j], p), mask)))
-                    kv.append(builder.or_(builder.lshr(lo, ir.Constant(words, [16] * _LANES)), builder.and_(hi, ir.Constant(words, [-65536] * _LANES))))
-            else:
-                kv = [_kv_vector(builder, sig.args[3].dtype, pk, builder.add(krow[j], p), mask) for j in range(4)]
+        acc = [cgutils.alloca_once(builder, vec) for _ in range(16)]
+        full = builder.mul(builder.sdiv(d, i64(step)), i64(step))
+        with cgutils.for_range_slice(builder, i64(0), n, i64(4)) as (t0, _):
+            krow = [builder.add(builder.load(builder.gep(prow, [builder.add(t0, i64(j))])), h_off) for j in range(4)]
+            for x in acc:
+                builder.store(ir.Constant(vec, [0.0] * _LANES), x)
+
+            def dot(p, mask):  # one step of `step` dims at p, the lanes outside mask (None: all in) as 0
+                lanes = mask if mask is not None else ir.Constant(ir.VectorType(ir.IntType(1), step), [1] * step)
+                if fp8:  # 64 dims: two halves of 32 (_fp8_words), Q packed to match
+                    kv = list(zip(*[_fp8_words(builder, sig.args[3].dtype, pk, builder.add(krow[j], p), lanes) for j in range(4)]))
+                elif pairs and sig.args[3].dtype == types.int16:
+                    kv = [[builder.bitcast(masked(builder, "load", builder.gep(pk, [builder.add(krow[j], p)]), lanes), words) for j in range(4)]]
+                elif pairs:  # fp8 widened, then as bfloat16 (a float32's top half: exact), word i holding dims i and 16 + i
+                    kv = [[]]
+                    for j in range(4):
+                        lo, hi = (builder.bitcast(x, words) for x in _halves(builder, _kv_vector(builder, sig.args[3].dtype, pk, builder.add(krow[j], p), lanes)))
+                        kv[0].append(builder.or_(builder.lshr(lo, ir.Constant(words, [16] * _LANES)), builder.and_(hi, ir.Constant(words, [-65536] * _LANES))))
+                else:
+                    kv = [[_kv_vector(builder, sig.args[3].dtype, pk, builder.add(krow[j], p), lanes) for j in range(4)]]
+                for half, kh in enumerate(kv):
+                    qv = [builder.load(builder.bitcast(builder.gep(pq, [builder.add(builder.mul(i64(i), ldq), builder.add(p, i64(32 * half)))]),
+                                                       (words if pairs else vec).as_pointer()), align=4) for i in range(4)]
+                    for i in range(4):
+                        for j in range(4):
+                            old = builder.load(acc[4 * i + j])
+                            builder.store(builder.call(fma, [old, qv[i], kh[j]] if pairs else [qv[i], kh[j], old]), acc[4 * i + j])
+
+            with cgutils.for_range_slice(builder, i64(0), full, i64(step)) as (p, _):
+                dot(p, None)
+            with builder.if_then(builder.icmp_signed("<", full, d)):
+                dot(full, lanes_below(builder, builder.sub(d, full), step))
+            for j in range(4):
+                with builder.if_then(builder.icmp_signed("<", builder.add(t0, i64(j)), n_ahead)):
+                    at = builder.add(builder.load(builder.gep(pahead, [builder.add(t0, i64(j))])), h_off)
+                    _prefetch_row(builder, builder.bitcast(builder.gep(pk, [at]), ir.IntType(8).as_pointer()),
+                                  builder.mul(d, i64(sig.args[3].dtype.bitwidth // 8)))
+            sums = [builder.load(x) for x in acc]
+            width = _LANES  # lanes of each accumulator's partial sums in the vectors of this stage
+            while len(sums) > 1:
+                half = width // 2
+                chunks = range(0, _LANES, width)
+                lo = [c + x for c in chunks for x in range(half)]
+                hi = [c + half + x for c in chunks for x in range(half)]
+                lo, hi = (ir.Constant(ir.VectorType(ir.IntType(32), _LANES), m + [_LANES + i for i in m]) for m in (lo, hi))
+                sums = [builder.fadd(builder.shuffle_vector(x, y, lo), builder.shuffle_vector(x, y, hi)) for x, y in zip(sums[0::2], sums[1::2])]
+                width = half
+            quad = ir.VectorType(f32, 4)
             for i in range(4):
-                for j in range(4):
-                    old = builder.load(acc[4 * i + j])
-                    builder.store(builder.call(fma, [old, qv[i], kv[j]] if pairs else [qv[i], kv[j], old]), acc[4 * i + j])
-        sums = [builder.load(x) for x in acc]
-        width = _LANES  # lanes of each accumulator's partial sums in the vectors of this stage
-        while len(sums) > 1:
-            half = width // 2
-            chunks = range(0, _LANES, width)
-            lo = [c + x for c in chunks for x in range(half)]
-            hi = [c + half + x for c in chunks for x in range(half)]
-            lo, hi = (ir.Constant(ir.VectorType(ir.IntType(32), _LANES), m + [_LANES + i for i in m]) for m in (lo, hi))
-            sums = [builder.fadd(builder.shuffle_vector(x, y, lo), builder.shuffle_vector(x, y, hi)) for x, y in zip(sums[0::2], sums[1::2])]
-            width = half
-        quad = ir.VectorType(f32, 4)
-        for i in range(4):
-            row = builder.shuffle_vector(sums[0], sums[0], ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(4 * i, 4 * i + 4))))
-            builder.store(row, builder.bitcast(builder.gep(ps, [builder.mul(ir.Constant(i64, i), lds)]), quad.as_pointer()), align=4)
+                row = builder.shuffle_vector(sums[0], sums[0], ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(4 * i, 4 * i + 4))))
+                builder.store(row, builder.bitcast(builder.gep(ps, [builder.add(builder.mul(i64(i), lds), t0)]), quad.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @intrinsic
-def _pv_block(typingctx, p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0, dv):
+def _pv_block(typingctx, p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0, dv, ahead, n_ahead):
     """O[i, c0:c0 + 64] += sum over t < n of P[i, t] V_t[c0:c0 + 64] for 4 query heads i, V_t read
     from the cache at element rows[t] + h_off and widened on the fly, columns >= dv as 0 (P: float32
-    at p[p_off + i * ldp + t]; O: float32 rows at o[o_off + i * ldo], 64 columns writable).
-    4 x 4 accumulators; each V vector feeds four FMAs, each broadcast of P four."""
-    sig = types.void(p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0, dv)
+    at p[p_off + i * ldp + t]; O: float32 rows at o[o_off + i * ldo], 64 columns writable, bfloat16
+    V's in the order _v_column gives); the rows ahead[t] + h_off of the next chunk's keys t < n_ahead
+    are prefetched on the way. 4 x 4 accumulators; each V vector feeds four FMAs, each broadcast of P
+    four. bfloat16 V widens in one step per 16 columns: a word of two holds an even column in its
+    low half (shifted up) and an odd one in its high half (masked), so the columns of each 32 come out
+    even ones first (two steps through vpmovzxwd)."""
+    sig = types.void(p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0, dv, ahead, n_ahead)
 
     def codegen(context, builder, sig, args):
-        pp, p_off, ldp, pv, prow, h_off, n, po, o_off, ldo, c0, dv = _args(context, builder, sig, args, (0, 3, 4, 7))
+        pp, p_off, ldp, pv, prow, h_off, n, po, o_off, ldo, c0, dv, pahead, n_ahead = _args(context, builder, sig, args, (0, 3, 4, 7, 12))
         f32, i64 = ir.FloatType(), ir.IntType(64)
         vec = ir.VectorType(f32, _LANES)
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
@@ -873,8 +943,23 @@ def _pv_block(typingctx, p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0
         with cgutils.for_range(builder, n) as loop:
             t = loop.index
             base = builder.add(builder.add(builder.load(builder.gep(prow, [t])), h_off), c0)
-            vv = [half for v in (0, 2) for half in _halves(builder, _kv_vector(builder, sig.args[3].dtype, pv, builder.add(base, ir.Constant(i64, v * _LANES)),
-                                                                               _concat(builder, masks[v], masks[v + 1])))]
+            if sig.args[3].dtype == types.int16:
+                words = ir.VectorType(ir.IntType(32), _LANES)
+                vv = []
+                for v in (0, 2):
+                    w = builder.bitcast(masked(builder, "load", builder.gep(pv, [builder.add(base, i64(v * _LANES))]), _concat(builder, masks[v], masks[v + 1])), words)
+                    vv += [builder.bitcast(x, vec) for x in (builder.shl(w, ir.Constant(words, [16] * _LANES)), builder.and_(w, ir.Constant(words, [-65536] * _LANES)))]
+            elif _FP8_LOOKUP and sig.args[3].dtype in (types.uint8, types.int8):
+                words = ir.VectorType(ir.IntType(32), _LANES)
+                vv = [builder.bitcast(x, vec) for w in _fp8_words(builder, sig.args[3].dtype, pv, base, _concat(builder, *(_concat(builder, masks[v], masks[v + 1]) for v in (0, 2))))
+                      for x in (builder.shl(w, ir.Constant(words, [16] * _LANES)), builder.and_(w, ir.Constant(words, [-65536] * _LANES)))]
+            else:
+                vv = [half for v in (0, 2) for half in _halves(builder, _kv_vector(builder, sig.args[3].dtype, pv, builder.add(base, i64(v * _LANES)),
+                                                                                   _concat(builder, masks[v], masks[v + 1])))]
+            with builder.if_then(builder.icmp_signed("<", t, n_ahead)):
+                ahead = builder.add(builder.load(builder.gep(pahead, [t])), h_off)
+                _prefetch_row(builder, builder.bitcast(builder.gep(pv, [ahead]), ir.IntType(8).as_pointer()),
+                              builder.mul(dv, i64(sig.args[3].dtype.bitwidth // 8)))
             for i in range(4):
                 pi = builder.load(builder.gep(pp, [builder.add(builder.mul(ir.Constant(i64, i), ldp), t)]))
                 splat = builder.shuffle_vector(builder.insert_element(undef, pi, ir.Constant(ir.IntType(32), 0)), undef, splat_mask)
@@ -1010,10 +1095,11 @@ _DG = 4  # query heads per register block of both products (a KV head's group is
 
 
 _BF16_DOT = "avx512bf16" in CPU_FEATURES
+_FP8_LOOKUP = "avx512vbmi" in CPU_FEATURES  # fp8 to bfloat16 by vpermi2b (_fp8_words), else through float16
 
 
 def _query_tile(q, b, group, gp, qk_scale, kc):
-    """(Q of sequence b as _qk_block takes it: [heads_kv, gp, padded d], zero-padded; the factor
+    """(Q of sequence b as _qk_chunk takes it: [heads_kv, gp, padded d], zero-padded; the factor
     left to apply to the scores)."""
 
 
@@ -1021,14 +1107,18 @@ def _query_tile(q, b, group, gp, qk_scale, kc):
 def _query_tile_impl(q, b, group, gp, qk_scale, kc):
     pairs = _BF16_DOT and q.dtype == types.int16 and kc.dtype in (types.int16, types.uint8, types.int8)
     fp8 = pairs and kc.dtype != types.int16
-    dtype, lanes = (np.int16, 2 * _LANES) if pairs else (np.float32, _LANES)
+    lookup = fp8 and _FP8_LOOKUP
+    dtype, lanes = (np.int16, 4 * _LANES if lookup else 2 * _LANES) if pairs else (np.float32, _LANES)
 
     def tile(q, b, group, gp, qk_scale, kc):
         hq, d = q.shape[1], q.shape[2]
         qs = np.zeros((hq // group, gp, _round_up(d, lanes)), dtype)
         for h in range(hq):
             for p in range(d):
-                if fp8:  # word i of 32 dims holds dims i and 16 + i, as _qk_block packs fp8 K
+                if lookup:  # each 64 dims as _fp8_words orders them: the first 8 of each 16, then the others
+                    e = p % 64
+                    qs[h // group, h % group, p - e + e % 16 // 8 * 32 + e // 16 * 8 + e % 8] = q[b, h, p]
+                elif fp8:  # word i of 32 dims holds dims i and 16 + i, as _qk_chunk packs fp8 K without _fp8_words
                     qs[h // group, h % group, p - p % 32 + 2 * (p % 16) + p % 32 // 16] = q[b, h, p]
                 elif pairs:  # bfloat16 bits as they are, the scale applied to the scores
                     qs[h // group, h % group, p] = q[b, h, p]
@@ -1051,13 +1141,21 @@ def _chunk_rows(cache, table, b, j0, n, rows):
     rows[n:] = rows[n - 1]
 
 
-@njit(cache=True)
-def _prefetch_keys(cache, rows, j0, j1, off):
-    """Start loading the cache rows of keys j0:j1 at rows[j] + off (one head): pages of a paged cache
-    are not consecutive, and the hardware prefetchers stop at each page's end."""
-    for j in range(j0, j1):
-        for i in range(0, cache.shape[3], 64 // cache.itemsize):
-            prefetch(cache, rows[j] + off + i)
+def _v_column(vc, c):
+    """Where _pv_block keeps output column c: for bfloat16 V, each 32 columns' even ones first."""
+
+
+@overload(_v_column, jit_options=HELPER)
+def _v_column_impl(vc, c):
+    if vc.dtype == types.int16:
+        return lambda vc, c: c - c % 32 + c % 2 * 16 + c % 32 // 2
+    if _FP8_LOOKUP and vc.dtype in (types.uint8, types.int8):  # word w of _fp8_words' halves, then even / odd as bfloat16
+        def fp8(vc, c):
+            e = c % 64
+            w = e // 16 * 8 + e % 8
+            return c - e + e % 16 // 8 * 32 + w % 2 * 16 + w // 2
+        return fp8
+    return lambda vc, c: c
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -1083,9 +1181,9 @@ def _paged_task(q, kc, vc, table, part, qk_scale, softcap, m_out, l_out, o_out):
     s = np.empty((gp, _DECODE_CHUNK), np.float32)
     # rows of this chunk (k_rows[0], v_rows[0]) and the next ([1]), whose loads start while this chunk
     # computes: with them in flight, the kernel streams ~20% faster. They are spread over the work
-    # (a KV head's next K rows 4 at a time between its score blocks, its V rows between its heads'
-    # softmax steps): issued all at once at the chunk's start, 2048 prefetches (bf16, 8 KV heads,
-    # d 128) filled the line fill buffers and stalled the compute behind them, 10-20% slower.
+    # (a KV head's next K rows 4 at a time between its score blocks, its V rows one per key of its first
+    # P V block): issued all at once at the chunk's start, 2048 prefetches (bf16, 8 KV heads, d 128)
+    # filled the line fill buffers and stalled the compute behind them, 10-20% slower.
     k_rows, v_rows = np.empty((2, _DECODE_CHUNK), np.int64), np.empty((2, _DECODE_CHUNK), np.int64)
     k_head, v_head = kc.strides[2] // kc.itemsize, vc.strides[2] // vc.itemsize
     _chunk_rows(kc, table, b, j0, min(_DECODE_CHUNK, j1 - j0), k_rows[1])
@@ -1099,25 +1197,23 @@ def _paged_task(q, kc, vc, table, part, qk_scale, softcap, m_out, l_out, o_out):
             _chunk_rows(vc, table, b, c0 + n, n_next, v_rows[1])
         for kvh in range(hkv):
             for g0 in range(0, gp, _DG):
-                for t0 in range(0, n, 4):
-                    _qk_block(qs[kvh], g0 * dp, dp, kc, k_rows[0], t0, kvh * k_head, s, g0 * _DECODE_CHUNK + t0, _DECODE_CHUNK, d)
-                    if g0 == 0:
-                        _prefetch_keys(kc, k_rows[1], t0, min(t0 + 4, n_next), kvh * k_head)
+                _qk_chunk(qs[kvh], g0 * dp, dp, kc, k_rows[0], kvh * k_head, n, s, g0 * _DECODE_CHUNK, _DECODE_CHUNK, d, k_rows[1], n_next if g0 == 0 else 0)
             scaled = _softcap(s[:group, :n].T, n, group, score_scale, softcap)
             for g in range(group):
-                _prefetch_keys(vc, v_rows[1], g * n_next // group, (g + 1) * n_next // group, kvh * v_head)
                 alpha = _softmax_row(s, g * _DECODE_CHUNK, n, scaled, m[kvh], l[kvh], g)
                 if alpha != 1:  # the running max grew
                     orow = o[kvh, g]
-                    for c in range(dv):
+                    for c in range(dvp):
                         orow[c] *= alpha
             for g0 in range(0, gp, _DG):
                 for c in range(0, dvp, _NR):
-                    _pv_block(s, g0 * _DECODE_CHUNK, _DECODE_CHUNK, vc, v_rows[0], kvh * v_head, n, o[kvh], g0 * dvp, dvp, c, dv)
+                    _pv_block(s, g0 * _DECODE_CHUNK, _DECODE_CHUNK, vc, v_rows[0], kvh * v_head, n, o[kvh], g0 * dvp, dvp, c, dv,
+                              v_rows[1], n_next if g0 == 0 and c == 0 else 0)
     for h in range(hq):
         m_out[h] = m[h // group, h % group]
         l_out[h] = l[h // group, h % group]
-        o_out[h] = o[h // group, h % group, :dv]
+        for c in range(dv):
+            o_out[h, c] = o[h // group, h % group, _v_column(vc, c)]
 
 
 @njit(**KERNEL)
@@ -1154,7 +1250,7 @@ def paged_decode_attention(outs, q, k_cache, v_cache, block_table, seq_lens, sca
     vc, v_factor = _kv_operand(v_cache)
     k_scale = k_factor * (1.0 if k_scale is None else k_scale)
     v_scale = v_factor * (1.0 if v_scale is None else v_scale)
-    parts, first, order, bounds, keys = _partitions(seq_lens, _DECODE_PART, numba.get_num_threads())
+    parts, first, order, bounds, keys = _partitions(seq_lens, _DECODE_PART, numba.config.NUMBA_NUM_THREADS)  # not get_num_threads(): 2-30 us a call
     part_m = np.empty((len(parts), hq), np.float32)
     part_l = np.empty((len(parts), hq), np.float32)
     part_o = np.empty((len(parts), hq, v_cache.shape[-1]), np.float32)

@@ -9,10 +9,11 @@ compile time from the array's dtype, so each op has one kernel body for every mi
 Also here: the vectorizable float32 math (`exp`, the activations and `activate(v, code)` with the
 codes of hal.codes), the jit options every module uses (KERNEL, HELPER, FASTMATH), `sized` (a
 kernel's serial build for calls too small to wake the worker threads), widening to float32
-(`as_f32`), cache prefetch hints (`prefetch`, `prefetch_write`), the LLVM-IR pieces of the
-hand-written 16-lane loops (`lanes_below`, `masked`, `load_lanes` / `store_lanes`, `lanes_row`,
-`exp_lanes`), and `Kernel`, the entry of a module's KERNELS table that backends/cpu/__init__.py
-registers.
+(`as_f32`), cache prefetch hints (`prefetch`, `prefetch_write`, their `_l2` forms, `prefetch_line`),
+the LLVM-IR pieces of the hand-written 16-lane loops (`lanes_below`, `masked`, `load_lanes` /
+`store_lanes`, `lanes_row` / `lanes_loop`, `exp_lanes`), non-temporal stores of large outputs
+(`streams`, `store_fence`), and `Kernel`, the entry of a module's KERNELS table that
+backends/cpu/__init__.py registers.
 
 This module imports only numpy, numba (and its llvmlite), ml_dtypes, math and hal's tables, so it
 can be tested on its own.
@@ -181,10 +182,11 @@ def _bf16_cvt(builder, v):
     module = builder.module
     cvt = cgutils.get_or_insert_function(module, ir.FunctionType(ir.VectorType(BFloat(), LANES), [v.type]),
                                          "llvm.x86.avx512bf16.cvtneps2bf16.512")
-    is_class = cgutils.get_or_insert_function(module, ir.FunctionType(mask_t, [v.type, i32]), f"llvm.is.fpclass.v{LANES}f32")
+    # vfpclassps, one instruction; LLVM lowers llvm.is.fpclass to three integer ones (and, add, compare)
+    is_class = cgutils.get_or_insert_function(module, ir.FunctionType(mask_t, [v.type, i32]), "llvm.x86.avx512.fpclass.ps.512")
     any_of = cgutils.get_or_insert_function(module, ir.FunctionType(ir.IntType(1), [mask_t]), f"llvm.vector.reduce.or.v{LANES}i1")
     fast = builder.bitcast(builder.call(cvt, [v]), ir.VectorType(ir.IntType(16), LANES))
-    tiny = builder.call(is_class, [v, i32(0x90)])  # negative and positive subnormals
+    tiny = builder.call(is_class, [v, i32(0x20)])  # subnormals of either sign
     entry = builder.block
     with builder.if_then(builder.call(any_of, [tiny]), likely=False):
         fixed = builder.select(tiny, _bf16_bits(builder, v), fast)
@@ -195,14 +197,50 @@ def _bf16_cvt(builder, v):
     return bits
 
 
-def store_lanes(builder, dtype, ptr, mask, v):
+def store_lanes(builder, dtype, ptr, mask, v, stream=None):
     """Narrow the <LANES x float> v to the raw format and store the lanes in `mask` at ptr: `store` in
-    IR, bit for bit (float16: vcvtps2ph rounds to nearest even and keeps NaN quiet, as f32_to_f16 does)."""
+    IR, bit for bit (float16: vcvtps2ph rounds to nearest even and keeps NaN quiet, as f32_to_f16 does).
+    stream (an i1, for a full step: `mask` a constant) where true stores non-temporally (`streams`)."""
     if dtype == types.uint16:
         v = builder.bitcast(builder.fptrunc(v, ir.VectorType(ir.HalfType(), LANES)), ir.VectorType(ir.IntType(16), LANES))
     elif dtype == types.int16:
         v = (_bf16_cvt if "avx512bf16" in CPU_FEATURES else _bf16_bits)(builder, v)
-    masked(builder, "store", ptr, mask, v)
+    if stream is None or not isinstance(mask, ir.Constant):
+        masked(builder, "store", ptr, mask, v)
+        return
+    with builder.if_else(stream) as (streaming, caching):
+        with streaming:  # aligned to the vector's size, which `streams` checked
+            at = builder.bitcast(ptr, v.type.as_pointer())
+            builder.store(v, at, align=LANES * (4 if isinstance(v.type.element, ir.FloatType) else 2)).set_metadata(
+                "nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+        with caching:
+            masked(builder, "store", ptr, mask, v)
+
+
+# From this many bytes on, a row kernel stores its output non-temporally (`streams`): past the caches it goes to
+# memory anyway, and a plain store first reads the line it overwrites (read for ownership), 12 bytes of
+# traffic for each 8 bytes a copy moves. One core, 4096 x 4096 float32: a copy 14 GB/s, streamed 20. rms_norm,
+# float32, one core: 8 MiB out 1.27 ms streamed against 1.04, 16 MiB 2.11 against 2.47; a read of the output
+# right after took as long either way (3.5 ms at 16 MiB: it was no longer cached).
+STREAM_BYTES = 1 << 24
+
+
+def streams(out):
+    """Whether a row kernel's 16-lane loops store its output `out` (C-contiguous) non-temporally: a large one
+    whose rows start on 64-byte lines (vmovntps / vmovntdq need aligned addresses)."""
+    return "avx512f" in CPU_FEATURES and out.nbytes >= STREAM_BYTES and out.ctypes.data % 64 == 0 and out.strides[0] % 64 == 0
+
+
+@intrinsic
+def store_fence(typingctx):
+    """sfence: the non-temporal stores before it are visible to other threads (they are weakly ordered)."""
+    def codegen(context, builder, sig, args):
+        if "avx512f" in CPU_FEATURES:  # where nothing streams (`streams`), nothing to fence
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
 
 
 _I1, _I32, _V16F = ir.IntType(1), ir.IntType(32), ir.VectorType(ir.FloatType(), 16)  # Chunks and lane_sums
@@ -272,32 +310,37 @@ def lane_sums(builder, vectors):
 
 
 def lanes_row(context, builder, sig, args, arrays, body, unroll=1):
-    """A vector loop over the elements of 1-D contiguous arrays: for each LANES-wide step j
-    body(j, mask, ptrs, scalars) with ptrs the data pointers of the array arguments at positions
-    `arrays` advanced to element j, scalars the other arguments; the trip count is the length of
-    the first array. The body is emitted for the full steps with `mask` a constant of all lanes
-    (LLVM makes its masked loads and stores plain ones), `unroll` times in a row per iteration (a
-    body that rotates between that many accumulators breaks a reduction's chain of dependent adds),
-    then once more for the masked steps of the tail. A mask built in every step cost more than
-    the exp it guarded: 16 lanes of exp in L1 took 6.2 ns a step masked, 2.9 ns unmasked (one
-    core, shared host)."""
+    """A vector loop over the elements of 1-D contiguous arrays (`lanes_loop`): body(j, mask, ptrs, scalars)
+    with ptrs the data pointers of the array arguments at positions `arrays` advanced to element j,
+    scalars the other arguments; the trip count is the length of the first array."""
     if any(sig.args[i].layout != "C" for i in arrays):
         raise TypeError(f"lanes_row takes contiguous 1-D arrays, not {sig.args}")
     structs = {i: context.make_array(sig.args[i])(context, builder, args[i]) for i in arrays}
-    n = cgutils.unpack_tuple(builder, structs[arrays[0]].shape)[0]
     scalars = [args[i] for i in range(len(args)) if i not in structs]
+    lanes_loop(builder, cgutils.unpack_tuple(builder, structs[arrays[0]].shape)[0], [structs[i].data for i in arrays],
+               lambda j, mask, ptrs: body(j, mask, ptrs, scalars), unroll)
+
+
+def lanes_loop(builder, n, bases, body, unroll=1):
+    """A vector loop over n elements (an i64) from each pointer of `bases`: for each LANES-wide step j
+    body(j, mask, ptrs) with ptrs the bases advanced to element j. The body is emitted for the full
+    steps with `mask` a constant of all lanes (LLVM makes its masked loads and stores plain ones),
+    `unroll` times in a row per iteration (a body that rotates between that many accumulators breaks a
+    reduction's chain of dependent adds), then once more for the masked steps of the tail. A mask built
+    in every step cost more than the exp it guarded: 16 lanes of exp in L1 took 6.2 ns a step masked,
+    2.9 ns unmasked (one core, shared host)."""
     i64 = ir.IntType(64)
     full = builder.mul(builder.sdiv(n, i64(LANES * unroll)), i64(LANES * unroll))
     every = ir.Constant(ir.VectorType(ir.IntType(1), LANES), [1] * LANES)
     with cgutils.for_range_slice(builder, i64(0), full, i64(LANES * unroll)) as (j0, _):
         for u in range(unroll):
             j = builder.add(j0, i64(LANES * u))
-            body(j, every, [builder.gep(structs[i].data, [j]) for i in arrays], scalars)
+            body(j, every, [builder.gep(base, [j]) for base in bases])
     with cgutils.for_range_slice(builder, full, n, i64(LANES)) as (j, _):
-        body(j, lanes_below(builder, builder.sub(n, j), LANES), [builder.gep(structs[i].data, [j]) for i in arrays], scalars)
+        body(j, lanes_below(builder, builder.sub(n, j), LANES), [builder.gep(base, [j]) for base in bases])
 
 
-def exp_lanes(builder, x, plus=None, positive=True, poly=None):
+def exp_lanes(builder, x, plus=None, positive=True, narrow=False):
     """common.exp on a <16 x float> in IR, bit for bit (every float32 input checked): the same
     clamps, Cody-Waite reduction and polynomial, the scaling by 2**n one vscalefps (a single
     rounding of p * 2**n, as common.exp's two-factor product gives) where common.exp takes 9 integer
@@ -306,8 +349,10 @@ def exp_lanes(builder, x, plus=None, positive=True, poly=None):
     is plus + exp(x) rounded once, as Numba's contract fuses it in plus + exp(x) (silu's 1 + exp(-x)):
     fma(p * 2**(n-1), 2, plus), so that p * 2**128 stays finite inside the fma as it does there.
     Without AVX-512 (exp_lanes runs there too, as two AVX2 vectors) common.exp's integer scaling.
-    positive=False: x is known to be <= 0 or NaN (softmax's x - max), so the clamp at 89 goes. poly
-    (default EXP_POLY) the polynomial; EXP_POLY_16 for results stored in 16 bits (no longer common.exp's bits)."""
+    positive=False: x is known to be <= 0 or NaN (softmax's x - max), so the clamp at 89 goes.
+    narrow=True, for results stored in 16 bits (no longer common.exp's bits; relative error < 6e-6): EXP_POLY_16
+    in Horner form to the end, the reduction by one float32 ln 2 (error < 3e-7) and plus added after the
+    scaling, 4 vector ops fewer (with AVX-512)."""
     vec = x.type
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vec.count}f32")
 
@@ -319,12 +364,17 @@ def exp_lanes(builder, x, plus=None, positive=True, poly=None):
         x = builder.select(builder.fcmp_ordered(">", x, c(89.0), flags=IR_FLAGS), c(89.0), x)
     t = builder.call(fma, [x, c(float(LOG2E)), c(float(ROUND))])
     n = builder.fsub(t, c(float(ROUND)), flags=IR_FLAGS)
-    r = builder.call(fma, [n, c(-float(LN2_LO)), builder.call(fma, [n, c(-float(LN2_HI)), x])])  # fused as Numba's contract does
-    poly = EXP_POLY if poly is None else poly
-    p = c(poly[0])
-    for coef in poly[1:]:
-        p = builder.call(fma, [p, r, c(coef)])
-    p = builder.fadd(builder.call(fma, [builder.fmul(p, r, flags=IR_FLAGS), r, r]), c(1.0), flags=IR_FLAGS)
+    if narrow:
+        r = builder.call(fma, [n, c(-math.log(2)), x])
+        p = c(EXP_POLY_16[0])
+        for coef in (*EXP_POLY_16[1:], 1.0, 1.0):
+            p = builder.call(fma, [p, r, c(coef)])
+    else:
+        r = builder.call(fma, [n, c(-float(LN2_LO)), builder.call(fma, [n, c(-float(LN2_HI)), x])])  # fused as Numba's contract does
+        p = c(EXP_POLY[0])
+        for coef in EXP_POLY[1:]:
+            p = builder.call(fma, [p, r, c(coef)])
+        p = builder.fadd(builder.call(fma, [builder.fmul(p, r, flags=IR_FLAGS), r, r]), c(1.0), flags=IR_FLAGS)
     if "avx512f" not in CPU_FEATURES:  # no vscalefps (LLVM cannot split it for AVX2): common.exp's integer steps
         ivec = ir.VectorType(ir.IntType(32), vec.count)
         ni = builder.sub(builder.bitcast(t, ivec), ir.Constant(ivec, [ROUND_BITS] * vec.count))
@@ -333,19 +383,30 @@ def exp_lanes(builder, x, plus=None, positive=True, poly=None):
                      for e in (h, builder.sub(ni, h)))
         low = builder.fmul(p, low, flags=IR_FLAGS)
         return builder.fmul(low, high, flags=IR_FLAGS) if plus is None else builder.call(fma, [low, high, c(plus)])
-    if plus is not None:
+    if plus is not None and not narrow:
         n = builder.fsub(t, c(float(ROUND) + 1.0), flags=IR_FLAGS)  # n - 1, exactly
     scalef = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec, ir.IntType(16), ir.IntType(32)]),
                                             "llvm.x86.avx512.mask.scalef.ps.512")
     e = builder.call(scalef, [p, n, ir.Constant(vec, ir.Undefined), ir.IntType(16)(-1), ir.IntType(32)(4)])  # 4: MXCSR rounding
-    return e if plus is None else builder.call(fma, [e, c(2.0), c(plus)])
+    if plus is None:
+        return e
+    return builder.fadd(e, c(plus), flags=IR_FLAGS) if narrow else builder.call(fma, [e, c(2.0), c(plus)])
 
 
-def _prefetch_intrinsic(for_write):
+def prefetch_line(builder, ptr, for_write, locality=3):
+    """IR of a prefetch of the cache line holding *ptr, for reading or (for_write) writing, into L1
+    (locality 3: prefetcht0) or only into L2 (2: prefetcht1)."""
+    i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch")
+    builder.call(fn, [builder.bitcast(ptr, i8p), i32(int(for_write)), i32(locality), i32(1)])  # (address, write, locality, data)
+
+
+def _prefetch_intrinsic(for_write, locality=3):
     """An intrinsic prefetch(a, i): an LLVM prefetch of the cache line holding a[i] (i a tuple of ints,
     one per axis of a, or an int: on a 1-D array its index, on more axes the offset in elements from
-    a's first element), for reading or (for_write) writing. A hint: it never faults, and it only pays
-    where the hardware prefetcher idles, e.g. during a compute pass over a cached row."""
+    a's first element), for reading or (for_write) writing, into L1 or L2 (`prefetch_line`). A hint: it
+    never faults, and it only pays where the hardware prefetcher idles, e.g. during a compute pass over
+    a cached row."""
 
     @intrinsic
     def prefetch(typingctx, a, i):
@@ -362,11 +423,7 @@ def _prefetch_intrinsic(for_write):
                 ptr = cgutils.get_item_pointer(context, builder, sig.args[0], array, index, wraparound=False)
             else:  # a flat offset in elements
                 ptr = builder.gep(array.data, index)
-            i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                                "llvm.prefetch")
-            # (address, write, locality 3 = keep in all cache levels, data cache)
-            builder.call(fn, [builder.bitcast(ptr, i8p), i32(int(for_write)), i32(3), i32(1)])
+            prefetch_line(builder, ptr, for_write, locality)
             return context.get_dummy_value()
 
         return types.void(a, i), codegen
@@ -376,6 +433,12 @@ def _prefetch_intrinsic(for_write):
 
 prefetch = _prefetch_intrinsic(False)
 prefetch_write = _prefetch_intrinsic(True)
+# Into L2 only: a row kernel's next row, which in L1 crowds out the row it works on (softmax's float32 row, its
+# float32 buffer and the next row: 48 KiB, all of L1). One core, 4096 rows, ns an element fp32 / bf16, into L1
+# -> into L2: rms_norm 0.47 -> 0.42 / 0.24 -> 0.22, layer_norm 0.45 -> 0.41 / 0.30 -> 0.28, softmax 0.63 ->
+# 0.61 / 0.30 -> 0.31, rope 0.48 -> 0.45 / 0.30 -> 0.31.
+prefetch_l2 = _prefetch_intrinsic(False, 2)
+prefetch_write_l2 = _prefetch_intrinsic(True, 2)
 
 
 # Exact float16 -> float32 table, built once at import (Numba embeds it as a constant).

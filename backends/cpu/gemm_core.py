@@ -35,12 +35,12 @@ import llvmlite.binding as llvm
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, parallel_chunksize, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import aligned
-from .common import CPU_FEATURES, FASTMATH, KERNEL, U32, Chunks, activate_row, lane_sums, lanes_below, load, store
+from .common import CPU_FEATURES, FASTMATH, KERNEL, U32, Chunks, activate_row, lane_sums, lanes_below, load, prefetch_line, store
 
 # ---------------------------------------------------------------- which microkernel
 
@@ -323,7 +323,13 @@ _FEW_ROWS_NC = 1024
 # B packed up front costs a write and a read of all of B besides the product; packed by each task
 # (of up to _FUSED_MC rows) it crosses memory once but is packed once per task row. Measured: packing
 # per task wins from 32 MB of B (4096^3: 1.00x vs 0.84x torch; 1024 x 14336 x 4096: 1.21x vs 0.76x),
-# loses at 8 MB (2048^3: 0.76x vs 0.97-1.19x).
+# loses at 8 MB (2048^3: 0.76x vs 0.97-1.19x). Past _FUSED_MC rows, with at least two column panels per
+# thread, a task is a column panel of all M ("whole"): its panel (all of K) packed once, while its first
+# block of rows runs, and reused by the others, so B is packed once in all instead of once per block row.
+# Against per-task packing (4096^3) and B packed up front (2048^3), interleaved on a shared host: one core
+# 142-163 against 152-173 ms and 19.1 against 20.2 ms; two threads' CPU time 151-172 against 178-183 ms
+# and 18.1 against 21.1 ms (tasks of 512 x 512 ran 0.9x as long at 4096^3, 1.1x at 2048^3 and
+# 1024 x 14336 x 4096).
 _FUSED_B_BYTES, _FUSED_MC = 16 << 20, 1024
 
 
@@ -367,12 +373,13 @@ def _workspace(name, shape, dtype):
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
-def _amx_gemm_kernel(ap, bp, b, trans, out, bias, c, alpha, beta, act, mc, blocks, panels):
+def _amx_gemm_kernel(ap, bp, b, trans, out, bias, c, alpha, beta, act, mc, whole, blocks, panels):
     """out = act(alpha * A B + bias) + beta * c from A's packed tiles ap and B's VNNI tiles bp, parallel
     over mc x nc output blocks. bp None: every task packs its own B panel from b (src of _pack_tile)
-    per K chunk into L2, so B crosses memory once. blocks[thread] holds a task's float32 sums (nc + _PAD
-    per row: nc is read from it), panels[thread] its B panel (columns past N may hold stale values: they only
-    reach sums that are never stored)."""
+    per K chunk into L2, so B crosses memory once per row of blocks; whole: a task is a column panel
+    and goes down all of M's blocks, its panel (all of K) packed in the first and reused in the others.
+    blocks[thread] holds a task's float32 sums (nc + _PAD per row: nc is read from it), panels[thread]
+    its B panel (columns past N may hold stale values: they only reach sums that are never stored)."""
     m, n = out.shape
     steps = ap.shape[1]
     kc = _KC // 32
@@ -381,32 +388,36 @@ def _amx_gemm_kernel(ap, bp, b, trans, out, bias, c, alpha, beta, act, mc, block
     mb, nb = -(-m // mc), -(-n // nc)
     a_base = ap.ctypes.data
     rows = trans and b.strides[1] == b.itemsize  # B's rows contiguous: packed by vectors
-    for task in prange(mb * nb):
-        m0, n0 = task % mb * mc, task // mb * nc
-        mw, nw = min(mc, m - m0), min(nc, n - n0)
+    tasks = nb if whole else mb * nb
+    for task in prange(tasks):
         thread = numba.get_thread_id()
         block = blocks[thread]
         address = block.ctypes.data
         panel = panels[thread] if bp is None else bp
-        b_base, b_tiles = (panel.ctypes.data, kc) if bp is None else (bp.ctypes.data + n0 // 16 * steps * 1024, steps)
         _amx_begin()
-        for s0 in range(0, max(steps, 1), kc):
-            chunk = min(kc, steps - s0)
-            if bp is None:
-                for s in range(chunk):  # tiles side by side read whole lines of B's rows
-                    for t in range(0, -(-nw // 16), 2 if rows else 1):
-                        if rows:
-                            _pack_rows(b, 32 * (s0 + s), n0 + 16 * t, min(32, nw - 16 * t), panel[t, s].ctypes.data, kc * 1024)
-                        else:
-                            _pack_tile(b, trans, n0 + 16 * t, min(16, nw - 16 * t), s0 + s, panel[t, s])
-            for i in range(0, mw, 32):
-                a0 = a_base + ((m0 + i) // 16 * steps + s0) * 1024
-                for j in range(0, nw, 32):
-                    b0 = b_base + (j // 16 * b_tiles + (0 if bp is None else s0)) * 1024
-                    _amx_tiles(a0, a0 + steps * 1024, 64, 1024, b0, b0 + b_tiles * 1024, chunk,
-                               address + (i * ldc + j) * 4, ldc * 4, s0 > 0)
-                if s0 + kc >= steps:
-                    epilogue_rows(block, i, 32, nw, out, m0 + i, n0, bias, c, alpha, beta, act)
+        for mi in range(mb if whole else 1):
+            m0, n0 = (mi * mc, task * nc) if whole else (task % mb * mc, task // mb * nc)
+            mw, nw = min(mc, m - m0), min(nc, n - n0)
+            b_base, b_tiles = (panel.ctypes.data, panel.shape[1]) if bp is None else (bp.ctypes.data + n0 // 16 * steps * 1024, steps)
+            for s0 in range(0, max(steps, 1), kc):
+                chunk = min(kc, steps - s0)
+                p0 = s0 if whole or bp is not None else 0  # the chunk's first tile in the panel
+                if bp is None and mi == 0:
+                    for s in range(s0, s0 + chunk):  # tiles side by side read whole lines of B's rows
+                        q = s - s0 + p0
+                        for t in range(0, -(-nw // 16), 2 if rows else 1):
+                            if rows:
+                                _pack_rows(b, 32 * s, n0 + 16 * t, min(32, nw - 16 * t), panel[t, q].ctypes.data, b_tiles * 1024)
+                            else:
+                                _pack_tile(b, trans, n0 + 16 * t, min(16, nw - 16 * t), s, panel[t, q])
+                for i in range(0, mw, 32):
+                    a0 = a_base + ((m0 + i) // 16 * steps + s0) * 1024
+                    for j in range(0, nw, 32):
+                        b0 = b_base + (j // 16 * b_tiles + p0) * 1024
+                        _amx_tiles(a0, a0 + steps * 1024, 64, 1024, b0, b0 + b_tiles * 1024, chunk,
+                                   address + (i * ldc + j) * 4, ldc * 4, s0 > 0)
+                    if s0 + kc >= steps:
+                        epilogue_rows(block, i, 32, nw, out, m0 + i, n0, bias, c, alpha, beta, act)
         _amx_end()
 
 
@@ -417,14 +428,16 @@ def amx_gemm(a, b, out, bias, c, alpha, beta, act):
     _pack_p(a, ap)
     trans = b.strides[1] <= b.strides[0]  # B's rows contiguous: interleave them, else pack the rows of B^T
     src = b if trans else b.T
-    fused = m <= _MC or b.nbytes >= _FUSED_B_BYTES
+    threads = numba.config.NUMBA_NUM_THREADS
+    whole = m > _FUSED_MC and -(-b.shape[1] // _NC) >= 2 * threads  # a task per column panel, B packed once (see _FUSED_MC)
+    fused = whole or m <= _MC or b.nbytes >= _FUSED_B_BYTES
     mc = min(-(-m // 32) * 32, _FUSED_MC) if fused else _MC
     bp = None if fused else packed_q(src, trans, np.zeros(1, np.int64), np.full(1, b.shape[1], np.int64))[0]
-    threads = numba.config.NUMBA_NUM_THREADS
     nc = _FEW_ROWS_NC if mc <= _MC else _NC
     blocks = _workspace("blocks", (threads, mc, nc + _PAD), np.float32)
-    panels = _workspace("panels", (threads, nc // 16, _KC // 32, 16, 16) if fused else (threads, 0, 0, 16, 16), np.uint32)
-    _amx_gemm_kernel(ap, bp, src, trans, out, bias, c, np.float32(alpha), np.float32(beta), act, mc, blocks, panels)
+    tiles = k // 32 + 1 if whole else _KC // 32  # K chunks per panel; whole: not 2^n KB apart, its column tiles in different L2 sets
+    panels = _workspace("panels", (threads, nc // 16, tiles, 16, 16) if fused else (threads, 0, 0, 16, 16), np.uint32)
+    _amx_gemm_kernel(ap, bp, src, trans, out, bias, c, np.float32(alpha), np.float32(beta), act, mc, whole, blocks, panels)
 
 
 # ---------------------------------------------------------------- small-M gemm: vdpbf16ps on b read in place
@@ -471,7 +484,6 @@ def _bf16_strip(typingctx, a, a_off, lda, rows, b, b_off, ldb, pairs, odd, cols,
         masked_load = _masked_load(builder)
         pa, pb, pacc = builder.gep(pa, [a_off]), builder.gep(pb, [b_off]), builder.gep(pacc, [acc_off])
         i8p = ir.IntType(8).as_pointer()
-        prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch")
         masks = [lanes_below(builder, builder.sub(cols, ir.Constant(_I64, 32 * h)), 32) for h in range(2)]  # each 32-column half
         zero = ir.Constant(_V32S, None)
 
@@ -483,7 +495,7 @@ def _bf16_strip(typingctx, a, a_off, lda, rows, b, b_off, ldb, pairs, odd, cols,
                 return [builder.call(masked_load, [ptrs[h], ir.Constant(i32, 2), masks[h], zero]) for h in range(2)]
             ahead = builder.bitcast(builder.gep(row, [ir.Constant(_I64, _SMALL_AHEAD * _STRIP)]), i8p)
             for line in (0, 64):
-                builder.call(prefetch, [builder.gep(ahead, [ir.Constant(_I64, line)]), i32(0), i32(3), i32(1)])
+                prefetch_line(builder, builder.gep(ahead, [ir.Constant(_I64, line)]), False)
             return [builder.load(ptrs[h], align=2) for h in range(2)]
 
         def step(accs, n_rows, p, low=None, high=None):
@@ -737,4 +749,5 @@ def amx_grouped(x, w, starts, ends, act, gated, out):
     n = out.shape[1]
     tasks = [(e, c0, r0) for e in range(e_count) for r0 in range(starts[e], ends[e], _GROUP_X)
              for c0 in range(0, n, cols)]
-    _amx_grouped_kernel(w, half, xp, first_tile, starts, ends, np.array(tasks, np.int64).reshape(-1, 3), act, gated, out)
+    with parallel_chunksize(1):  # a task's cost follows its rows of x (moe._tasks)
+        _amx_grouped_kernel(w, half, xp, first_tile, starts, ends, np.array(tasks, np.int64).reshape(-1, 3), act, gated, out)

@@ -21,7 +21,7 @@ from numba.extending import intrinsic
 
 from hal.codes import BAG_MODES
 
-from .common import F32, FASTMATH, KERNEL, Kernel, load, raw_view, store
+from .common import F32, FASTMATH, KERNEL, Kernel, load, prefetch_line, raw_view, store
 
 _MEAN, _MAX = BAG_MODES["mean"], BAG_MODES["max"]
 _NO_PADDING = -1
@@ -51,16 +51,15 @@ def _prefetch_row(typingctx, table, row):
         array = context.make_array(aryty)(context, builder, args[0])
         row = context.cast(builder, args[1], sig.args[1], types.intp)
         start = cgutils.get_item_pointer(context, builder, aryty, array, [row, context.get_constant(types.intp, 0)])
-        i64, i32 = ir.IntType(64), ir.IntType(32)
+        i64 = ir.IntType(64)
         addr = builder.ptrtoint(start, i64)
         itemsize = context.get_abi_sizeof(context.get_data_type(aryty.dtype))
         end = builder.add(addr, builder.mul(cgutils.unpack_tuple(builder, array.shape, 2)[1], i64(itemsize)))
         first = builder.and_(addr, i64(-_CACHE_LINE))
         lines = builder.udiv(builder.add(builder.sub(end, first), i64(_CACHE_LINE - 1)), i64(_CACHE_LINE))
-        prefetch = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [start.type, i32, i32, i32]), "llvm.prefetch.p0")
         with cgutils.for_range(builder, lines) as loop:
             line = builder.inttoptr(builder.add(first, builder.mul(loop.index, i64(_CACHE_LINE))), start.type)
-            builder.call(prefetch, [line, i32(0), i32(3), i32(1)])  # read, locality 3 (all levels), data
+            prefetch_line(builder, line, False)
         return context.get_dummy_value()
 
     return types.void(table, row), codegen

@@ -7,7 +7,9 @@ What is replaced, per kind (`ops=` picks kinds), for the families in FAMILIES:
   (one function per family and process: the last apply's backend serves every model of the family);
 - "attention": the model's attention implementation becomes "hal", the function registered with
   transformers' attention registry (also `from_config(..., attn_implementation="hal")`): causal,
-  sliding window, soft-capping and padding masks (packed into cu_seqlens) on hal's attention;
+  sliding window, soft-capping and padding masks (packed into cu_seqlens) on hal's attention; while applied,
+  q_proj's, k_proj's and v_proj's parameters are row views of one fused [q; k; v] tensor (one GEMM, see
+  `_fused_projections`);
 - "mlp": the gated MLP's activation and product, act(gate) * up, runs hal's gated op (silu_and_mul,
   gelu_tanh_and_mul for Gemma, ...); while applied, gate_proj's and up_proj's parameters are row views of
   one fused [gate; up] tensor (one GEMM, no concatenation of its halves; restore separates them again);
@@ -21,6 +23,7 @@ import sys
 import types
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -104,7 +107,7 @@ def apply(model, *, backend=None, ops=None):
             module.forward = types.MethodType(forward, module)
             patched["forwards"].append(module)
             if kind == "mlp":
-                _fuse_gate_up(module)
+                _fuse(module, FUSED["mlp"])
             report.replaced.setdefault(kind, []).append((name, cls))
         else:
             why = why or (f"kind {kind!r} not asked for" if kind else next((w for end, w in LEFT.items() if cls.endswith(end)), "no hal op for it"))
@@ -119,6 +122,12 @@ def apply(model, *, backend=None, ops=None):
                 module.hal_backend = backend
                 patched["forwards"].append(module)
                 report.replaced.setdefault("attention", []).append((name, type(module).__name__))
+                if _fuse(module, FUSED["attention"]):
+                    lead, follow = _fused_projections(module)
+                    for proj, forward in zip(FUSED["attention"], (lead, follow, follow)):
+                        projection = getattr(module, proj)
+                        projection.forward = types.MethodType(forward, projection)
+                        patched["forwards"].append(projection)
     if "rope" in kinds:
         patched["rope"] = _patch_rope(model, family, backend)
         report.replaced["rope"] = [(patched["rope"].__name__ + ".apply_rotary_pos_emb", "function")]
@@ -131,9 +140,9 @@ def restore(model):
     if patched is None:
         return model
     for module in patched["forwards"]:  # instance attributes set by apply: class behaviour comes back
-        module.__dict__.pop("forward", None)
-        module.__dict__.pop("hal_backend", None)
-        _unfuse_gate_up(module)
+        for attribute in ("forward", "hal_backend", "_hal_output", "_hal_prepared"):
+            module.__dict__.pop(attribute, None)
+        _unfuse(module)
     if patched["attention"] is not None:
         model.set_attn_implementation(patched["attention"])
     if patched["rope"] is not None:
@@ -168,75 +177,125 @@ def _replacement(module, offset, act, backend):
     return None, None, None
 
 
+def _prepared(module, name, tensors, backend, **attrs):
+    """hal's op `name` on `tensors` for a patched module: in eager inference through the module's prepared call
+    (hal.ops.<name>.prepare: validation and kernel choice once per shape, prepared again when the shapes change,
+    from prefill to decode), else as _hal calls it. Returns what hal.ops returns (the norms: one tensor)."""
+    if not _eager_inference():
+        y = _hal(name)(*tensors, backend=backend, **attrs)
+        return y[0] if isinstance(y, list) else y
+    prepared = module.__dict__.get("_hal_prepared")
+    if prepared is not None:
+        try:
+            return prepared(*tensors)
+        except SchemaError:  # other shapes: prepare again (which raises what hal.ops would)
+            pass
+    prepared = module.__dict__["_hal_prepared"] = getattr(ops, name).prepare(*tensors, backend=backend, **attrs)
+    return prepared(*tensors)
+
+
 def _rms_norm(offset, backend):
     def forward(self, x):
         eps = getattr(self, "variance_epsilon", None) or self.eps
-        weight = self.weight.to(x.dtype) if not offset else (self.weight.float() + offset).to(x.dtype)
-        y = _hal("rms_norm")(x, weight, eps=eps, backend=backend)
-        return y[0] if isinstance(y, list) else y
+        weight = self.weight if self.weight.dtype == x.dtype and not offset else (self.weight.float() + offset).to(x.dtype)
+        return _prepared(self, "rms_norm", (x, weight), backend, eps=eps)
     return forward
 
 
 def _layer_norm(backend):
     def forward(self, x):
-        y = _hal("layer_norm")(x, self.weight, self.bias, eps=self.eps, backend=backend)
-        return y[0] if isinstance(y, list) else y
+        return _prepared(self, "layer_norm", (x, self.weight, self.bias), backend, eps=self.eps)
     return forward
 
 
 def _mlp(gated, backend):
     def forward(self, x):  # down(act(gate(x)) * up(x)) with the gate and up halves side by side
-        fused = self.__dict__.get("_hal_gate_up")
+        fused = self.__dict__.get("_hal_fused")
         if fused is not None and _still_fused(self, fused):
-            halves = F.linear(x, fused[0], fused[1])
+            halves = F.linear(x, fused.weight, fused.bias)
         else:  # not fused, or a projection's parameters were replaced since
             halves = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
-        return self.down_proj(_hal(gated)(halves, backend=backend))
+        return self.down_proj(_prepared(self, gated, (halves,), backend))
     return forward
 
 
-def _parameters(mlp):
-    return mlp.gate_proj.weight, mlp.up_proj.weight, mlp.gate_proj.bias, mlp.up_proj.bias
+FUSED = {"mlp": ("gate_proj", "up_proj"), "attention": ("q_proj", "k_proj", "v_proj")}  # projections run as one GEMM
 
 
-def _still_fused(mlp, fused):
+class Fused(NamedTuple):
+    """A module's projections `names` fused (`_fuse`): their weights (biases) are row views of `weight` (`bias`)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    parameters: tuple  # the Parameters made views, to see whether they were replaced since
+    names: tuple
+    rows: list  # output features of each projection
+
+
+def _parameters(module, names):
+    return tuple(getattr(getattr(module, n), p) for p in ("weight", "bias") for n in names)
+
+
+def _still_fused(module, fused):
     """Whether the projections still hold the Parameters made views of `fused` (by identity: torch.compile
     traces that, not data pointers). Parameters replaced by new ones (load_state_dict(assign=True), a new
     nn.Linear) are seen; model.to(dtype or device) after apply swaps their data instead, and the fused
     GEMM then refuses the mixed dtypes or devices: apply again after such a conversion."""
-    return all(p is q for p, q in zip(_parameters(mlp), fused[2]))
+    return all(p is q for p, q in zip(_parameters(module, fused.names), fused.parameters))
 
 
-def _fuse_gate_up(mlp):
-    """Make gate_proj's and up_proj's weights (and biases) row views of one tensor each, [gate; up]: the gated
-    MLP then runs one GEMM whose output is already the [gate | up] layout its hal op takes (no torch.cat of two
-    outputs) with no extra weight memory. Only plain nn.Linear pairs of one dtype and device, with biases on both
-    or neither; `_unfuse_gate_up` gives them their own memory again."""
-    gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
-    if type(gate) is not torch.nn.Linear or type(up) is not torch.nn.Linear or (gate.bias is None) != (up.bias is None):
-        return
-    if gate.weight.dtype != up.weight.dtype or gate.weight.device != up.weight.device:
-        return
+def _fuse(module, names):
+    """Make the weights (and biases) of the projections `names` of `module` row views of one tensor each,
+    [gate; up] or [q; k; v]: one GEMM then writes their outputs side by side (the [gate | up] layout a gated
+    op reads; q, k and v as column slices) with no extra weight memory. Only plain nn.Linear of one dtype and
+    device, with biases on all or none; `_unfuse` gives them their own memory again. Returns whether it fused."""
+    linears = [getattr(module, n, None) for n in names]
+    if any(type(m) is not torch.nn.Linear for m in linears) or len({(m.weight.dtype, m.weight.device, m.bias is None) for m in linears}) > 1:
+        return False
     fused = []
-    for g, u in ((gate.weight, up.weight), (gate.bias, up.bias)):
-        both = None if g is None else torch.cat([g.detach(), u.detach()])
-        if both is not None:
-            g.data, u.data = both[:g.shape[0]], both[g.shape[0]:]
-        fused.append(both)
-    mlp._hal_gate_up = (*fused, _parameters(mlp))
+    for kind in ("weight", "bias"):
+        params = [getattr(m, kind) for m in linears]
+        joined = None if params[0] is None else torch.cat([p.detach() for p in params])
+        if joined is not None:
+            for p, view in zip(params, joined.split([p.shape[0] for p in params])):
+                p.data = view
+        fused.append(joined)
+    module._hal_fused = Fused(*fused, _parameters(module, names), names, [m.weight.shape[0] for m in linears])
+    return True
 
 
-def _unfuse_gate_up(mlp):
-    fused = mlp.__dict__.pop("_hal_gate_up", None)
-    if fused is not None and _still_fused(mlp, fused):
-        for p in _parameters(mlp):
+def _unfuse(module):
+    fused = module.__dict__.pop("_hal_fused", None)
+    if fused is not None and _still_fused(module, fused):
+        for p in _parameters(module, fused.names):
             if p is not None:
                 p.data = p.data.clone()
 
 
+def _fused_projections(attention):
+    """Forwards for the attention's q, k and v projections while their weights are fused: q_proj's runs the one
+    GEMM and hands k_proj and v_proj their column slices for the same input (transformers calls the three on one
+    hidden_states, in that order); each computes its own in any other case (a different input, torch.compile
+    tracing, grad recorded, parameters replaced). At decode a projection call costs more than its weights' bytes:
+    two calls fewer a layer."""
+    def lead(self, x):
+        fused = attention.__dict__.get("_hal_fused")
+        if fused is None or not _eager_inference() or not _still_fused(attention, fused):
+            return F.linear(x, self.weight, self.bias)
+        q, *rest = F.linear(x, fused.weight, fused.bias).split(fused.rows, dim=-1)
+        for name, y in zip(fused.names[1:], rest):
+            getattr(attention, name).__dict__["_hal_output"] = (x, y)
+        return q
+
+    def follow(self, x):
+        handed = self.__dict__.pop("_hal_output", None)
+        return handed[1] if handed is not None and handed[0] is x else F.linear(x, self.weight, self.bias)
+    return lead, follow
+
+
 def _fused_mlp(gated, backend):
     def forward(self, x):  # Phi-3: one gate_up projection
-        return self.down_proj(_hal(gated)(self.gate_up_proj(x), backend=backend))
+        return self.down_proj(_prepared(self, gated, (self.gate_up_proj(x),), backend))
     return forward
 
 
@@ -259,11 +318,13 @@ def attention(module, query, key, value, attention_mask, scaling=None, dropout=0
     """transformers' attention interface on hal's attention: q, k, v [batch, heads, seq, d] in, [batch,
     seq, heads, d] out. A padding mask [batch, kv_len] (what flash_attention_mask gives) packs the valid
     tokens into cu_seqlens; the queries are the last seq_q positions of each row."""
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     options = {"causal": bool(getattr(module, "is_causal", True)), "scale": scaling, "window": sliding_window,
                "softcap": softcap or None, "backend": getattr(module, "hal_backend", None)}
     if attention_mask is None:
-        return _hal("attention")(q, k, v, **options), None
+        if _on_host(query):  # decode's per-call cost: NumPy's transposes and one conversion each way (see _on_host)
+            return from_host(ops.attention(*(to_host(t).swapaxes(1, 2) for t in (query, key, value)), **options), query), None
+        return _hal("attention")(*(t.transpose(1, 2) for t in (query, key, value)), **options), None
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     keys = attention_mask.bool()
     queries = keys[:, -q.shape[1]:]
     cu_q = F.pad(queries.sum(1).cumsum(0), (1, 0)).to(torch.int32)
@@ -291,15 +352,16 @@ def _patch_rope(model, family, backend):
             return original(q, k, cos, sin, unsqueeze_dim)
         b, hq, s, d = q.shape
         rot, like = cos.shape[-1], q
-        # the views below in NumPy where no grad is recorded: 0.3 us each, torch's 1-2 (hal refuses grad, see validate)
-        host = q.is_cpu and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        host = _on_host(q)
         if host:
             q, k, cos, sin = (to_host(x) for x in (q, k, cos, sin))
             positions = _positions(b * s)
         else:
-            positions = torch.arange(b * s, dtype=torch.int32, device=q.device)
+            positions = torch.arange(0, 2 * b * s, 2, dtype=torch.int32, device=q.device)
         qt, kt = (x.swapaxes(1, 2).reshape(b * s, x.shape[1], d) for x in (q, k))
-        cos, sin = (x.reshape(b * s, rot)[:, :rot // 2] for x in (cos, sin))
+        # transformers' cos and sin repeat their halves: viewed as two rows per token, row 2t is the half hal's rope
+        # reads for token t, and no column slice needs a contiguous copy
+        cos, sin = (x.reshape(2 * b * s, rot // 2) for x in (cos, sin))
         outs = [y.reshape(b, s, -1, d).swapaxes(1, 2) for y in _hal("rope")(qt, kt, cos, sin, positions, rotary_dim=rot, backend=backend)]
         return tuple(from_host(y, like) for y in outs) if host else tuple(outs)
 
@@ -307,10 +369,23 @@ def _patch_rope(model, family, backend):
     return module
 
 
+def _on_host(x):
+    """Whether a patched forward may do its glue (views, transposes) on NumPy views of its torch CPU tensors and
+    call hal.ops on them: not while torch.compile traces, nor with grad mode on (hal refuses tensors that require
+    grad, and validation must see the torch tensor to say so). A NumPy view costs 0.3 us, a torch one 1-2, and
+    after a decode step's projections have streamed the weights through the caches, several times that."""
+    return x.is_cpu and _eager_inference()
+
+
+def _eager_inference():
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 @functools.lru_cache(maxsize=64)
 def _positions(tokens):
-    """0, 1, ..., tokens - 1 (int32): rope's positions when transformers has gathered cos and sin per token."""
-    return np.arange(tokens, dtype=np.int32)
+    """0, 2, ..., 2 (tokens - 1) (int32): rope's positions into the cos and sin transformers has gathered per token,
+    viewed as two rows per token (see apply_rotary_pos_emb above)."""
+    return np.arange(0, 2 * tokens, 2, dtype=np.int32)
 
 
 def register_attention():
