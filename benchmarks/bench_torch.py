@@ -1,6 +1,6 @@
 """A transformers model on hal kernels against stock transformers, on the CPU, in one run.
 
-    python benchmarks/bench_torch.py [--quick] [--repeats N] [--json FILE]
+    python benchmarks/bench_torch.py [--quick] [--repeats N] [--dtypes bfloat16 float32] [--json FILE]
 
 A Llama-shaped model of about 0.5B parameters with random weights (hidden 1024, 28 layers, MLP 4096,
 16 query / 4 KV heads, vocabulary 32000; --quick: 4 layers), in bfloat16 and float32: prefill of 512
@@ -108,12 +108,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 layers instead of 28")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtypes", nargs="+", choices=("bfloat16", "float32"), default=("bfloat16", "float32"),
+                        help="model dtypes (torch's bfloat16 Linear without AVX512-BF16 runs single-threaded: hours)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     console = Console()
     rows = []
-    for dtype in (torch.bfloat16, torch.float32):
-        rows += bench_model(4 if args.quick else 28, dtype, args.repeats)
+    for dtype in args.dtypes:
+        rows += bench_model(4 if args.quick else 28, getattr(torch, dtype), args.repeats)
     table = Table(title=f"prefill {PROMPT} tokens, {NEW_TOKENS} decode steps, torch {torch.__version__}, "
                         f"transformers {transformers.__version__} (ratio: stock eager time / this time, > 1 is faster)")
     for col in ("model", "variant", "prefill tok/s", "ratio", "decode tok/s", "ratio "):

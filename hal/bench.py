@@ -17,15 +17,17 @@ from functools import lru_cache
 import numpy as np
 
 
-def median_time(fn, min_seconds=0.3, min_runs=5, max_runs=200, sync=None, warmup=True):
-    """Median wall time of fn() over repeated runs, after one warm-up call; `sync` waits for a device."""
+def median_time(fn, min_seconds=0.3, min_runs=5, max_runs=200, sync=None, warmup=True, max_seconds=10.0):
+    """Median wall time of fn() over repeated runs, after one warm-up call; `sync` waits for a device. Runs stop
+    at `max_seconds` even short of `min_runs` (a peer without a fast path for a dtype: torch's bfloat16 matmul
+    on a CPU without AVX512-BF16 ran single-threaded, 55 s for 2048^3)."""
     sync = sync or (lambda: None)
     if warmup:
         fn()
         sync()
     times = []
     total = 0.0
-    while len(times) < min_runs or (total < min_seconds and len(times) < max_runs):
+    while not times or (len(times) < min_runs or (total < min_seconds and len(times) < max_runs)) and total < max_seconds:
         start = time.perf_counter()
         fn()
         sync()

@@ -62,6 +62,19 @@ def test_no_report_yet_says_how_to_build_one(tmp_path):
     assert got["rows"] == [] and "python -m hal.backends.gpu.compile_report" in got["note"]
 
 
+def test_a_build_without_a_vendors_toolchain_leaves_its_rows_to_the_baseline(tmp_path, monkeypatch):
+    """A user's report built where hipcc was missing has no rocm rows: the committed baseline's show instead."""
+    baseline = json.loads(compile_report.BASELINE.read_text())
+    built = tmp_path / "kernel-resources.json"
+    built.write_text(json.dumps({"generated": "now", "toolchains": {"rocm": {"available": False, "reason": "hipcc not found"}},
+                                 "kernels": [r for r in baseline["kernels"] if r["vendor"] == "cuda"][:3]}))
+    monkeypatch.setenv("HAL_KERNEL_REPORT", str(built))
+    cuda, rocm = compile_report.vendor_report(CUDA), compile_report.vendor_report(ROCM)
+    assert len(cuda["rows"]) == 3 and str(built) in cuda["note"]
+    assert len(rocm["rows"]) == sum(r["vendor"] == "rocm" for r in baseline["kernels"]) > 0 and str(compile_report.BASELINE) in rocm["note"]
+    assert compile_report.vendor_report(ROCM, built)["rows"] == []  # an explicit path is that report alone
+
+
 def test_tensor_op_architectures():
     assert [a for a in ("sm_70", "sm_75", "sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120") if CUDA.has_tensor_ops(a)] == \
            ["sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_120"]

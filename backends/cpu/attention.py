@@ -768,6 +768,12 @@ def _halves(builder, x):
     return [builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(h * n, h * n + n)))) for h in (0, 1)]
 
 
+def _pieces(builder, x, lanes):
+    """x cut into vectors of `lanes` lanes."""
+    n = x.type.count
+    return [x] if n == lanes else [builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(ir.IntType(32), lanes), list(range(h, h + lanes)))) for h in range(0, n, lanes)]
+
+
 def _concat(builder, x, y):
     """Vectors x and y as one of twice their lanes."""
     n = x.type.count
@@ -845,14 +851,19 @@ def _qk_chunk(typingctx, q, q_off, ldq, cache, rows, h_off, n, s, s_off, lds, d,
     horizontal sums are one transposing tree: each stage adds the two halves of every pair of vectors'
     partial sums, so 15 adds and 30 shuffles leave the 16 dot products in the lanes of one vector.
     One call per chunk, unmasked but for d's tail: a call per 4 keys (with the mask of every step and
-    the prefetches as a Numba call) took ~18 of ~42 ns per key and KV head (bf16, d 128, one core)."""
+    the prefetches as a Numba call) took ~18 of ~42 ns per key and KV head (bf16, d 128, one core).
+    AVX2 (_DECODE_LANES 8): the 4 keys in two passes of 2, eight 8-lane accumulators each: sixteen held
+    in 16 registers spilled every FMA's accumulator to the stack; per core on AMD EPYC Zen 3 a whole
+    decode (bf16 KV, 4 x 4096 keys) went from 16.0 to 11.4 ms, fp8 e4m3fn from 27.8 to 11.7 ms
+    with _pv_block's change."""
     sig = types.void(q, q_off, ldq, cache, rows, h_off, n, s, s_off, lds, d, ahead, n_ahead)
 
     def codegen(context, builder, sig, args):
         pq, q_off, ldq, pk, prow, h_off, n, ps, s_off, lds, d, pahead, n_ahead = _args(context, builder, sig, args, (0, 3, 4, 7, 11))
         f32, i64 = ir.FloatType(), ir.IntType(64)
-        vec = ir.VectorType(f32, _LANES)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
+        lanes = _DECODE_LANES
+        vec = ir.VectorType(f32, lanes)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{lanes}f32")
         pq, ps = builder.gep(pq, [q_off]), builder.gep(ps, [s_off])
         pairs = sig.args[0].dtype == types.int16
         fp8 = pairs and sig.args[3].dtype != types.int16 and _FP8_LOOKUP
@@ -865,51 +876,53 @@ def _qk_chunk(typingctx, q, q_off, ldq, cache, rows, h_off, n, s, s_off, lds, d,
         with cgutils.for_range_slice(builder, i64(0), n, i64(4)) as (t0, _):
             krow = [builder.add(builder.load(builder.gep(prow, [builder.add(t0, i64(j))])), h_off) for j in range(4)]
             for x in acc:
-                builder.store(ir.Constant(vec, [0.0] * _LANES), x)
+                builder.store(ir.Constant(vec, [0.0] * lanes), x)
 
-            def dot(p, mask):  # one step of `step` dims at p, the lanes outside mask (None: all in) as 0
-                lanes = mask if mask is not None else ir.Constant(ir.VectorType(ir.IntType(1), step), [1] * step)
+            def dot(p, mask, keys):  # one step of `step` dims at p for the keys `keys`, the lanes outside mask (None: all in) as 0
+                inside = mask if mask is not None else ir.Constant(ir.VectorType(ir.IntType(1), step), [1] * step)
                 if fp8:  # 64 dims: two halves of 32 (_fp8_words), Q packed to match
-                    kv = list(zip(*[_fp8_words(builder, sig.args[3].dtype, pk, builder.add(krow[j], p), lanes) for j in range(4)]))
+                    kv = list(zip(*[_fp8_words(builder, sig.args[3].dtype, pk, builder.add(krow[j], p), inside) for j in keys]))
                 elif pairs and sig.args[3].dtype == types.int16:
-                    kv = [[builder.bitcast(masked(builder, "load", builder.gep(pk, [builder.add(krow[j], p)]), lanes), words) for j in range(4)]]
+                    kv = [[builder.bitcast(masked(builder, "load", builder.gep(pk, [builder.add(krow[j], p)]), inside), words) for j in keys]]
                 elif pairs:  # fp8 widened, then as bfloat16 (a float32's top half: exact), word i holding dims i and 16 + i
                     kv = [[]]
-                    for j in range(4):
-                        lo, hi = (builder.bitcast(x, words) for x in _halves(builder, _kv_vector(builder, sig.args[3].dtype, pk, builder.add(krow[j], p), lanes)))
+                    for j in keys:
+                        lo, hi = (builder.bitcast(x, words) for x in _halves(builder, _kv_vector(builder, sig.args[3].dtype, pk, builder.add(krow[j], p), inside)))
                         kv[0].append(builder.or_(builder.lshr(lo, ir.Constant(words, [16] * _LANES)), builder.and_(hi, ir.Constant(words, [-65536] * _LANES))))
-                else:
-                    kv = [[_kv_vector(builder, sig.args[3].dtype, pk, builder.add(krow[j], p), lanes) for j in range(4)]]
-                for half, kh in enumerate(kv):
-                    qv = [builder.load(builder.bitcast(builder.gep(pq, [builder.add(builder.mul(i64(i), ldq), builder.add(p, i64(32 * half)))]),
+                else:  # `step` dims widened, in vectors of `lanes`
+                    kv = list(zip(*[_pieces(builder, _kv_vector(builder, sig.args[3].dtype, pk, builder.add(krow[j], p), inside), lanes) for j in keys]))
+                for part, kh in enumerate(kv):
+                    qv = [builder.load(builder.bitcast(builder.gep(pq, [builder.add(builder.mul(i64(i), ldq), builder.add(p, i64((32 if pairs else lanes) * part)))]),
                                                        (words if pairs else vec).as_pointer()), align=4) for i in range(4)]
                     for i in range(4):
-                        for j in range(4):
+                        for j, k in zip(keys, kh):
                             old = builder.load(acc[4 * i + j])
-                            builder.store(builder.call(fma, [old, qv[i], kh[j]] if pairs else [qv[i], kh[j], old]), acc[4 * i + j])
+                            builder.store(builder.call(fma, [old, qv[i], k] if pairs else [qv[i], k, old]), acc[4 * i + j])
 
-            with cgutils.for_range_slice(builder, i64(0), full, i64(step)) as (p, _):
-                dot(p, None)
-            with builder.if_then(builder.icmp_signed("<", full, d)):
-                dot(full, lanes_below(builder, builder.sub(d, full), step))
+            for keys in _QK_PASSES:
+                with cgutils.for_range_slice(builder, i64(0), full, i64(step)) as (p, _):
+                    dot(p, None, keys)
+                with builder.if_then(builder.icmp_signed("<", full, d)):
+                    dot(full, lanes_below(builder, builder.sub(d, full), step), keys)
             for j in range(4):
                 with builder.if_then(builder.icmp_signed("<", builder.add(t0, i64(j)), n_ahead)):
                     at = builder.add(builder.load(builder.gep(pahead, [builder.add(t0, i64(j))])), h_off)
                     _prefetch_row(builder, builder.bitcast(builder.gep(pk, [at]), ir.IntType(8).as_pointer()),
                                   builder.mul(d, i64(sig.args[3].dtype.bitwidth // 8)))
             sums = [builder.load(x) for x in acc]
-            width = _LANES  # lanes of each accumulator's partial sums in the vectors of this stage
-            while len(sums) > 1:
+            width = lanes  # lanes of each accumulator's partial sums in the vectors of this stage
+            while width > 1:
                 half = width // 2
-                chunks = range(0, _LANES, width)
+                chunks = range(0, lanes, width)
                 lo = [c + x for c in chunks for x in range(half)]
                 hi = [c + half + x for c in chunks for x in range(half)]
-                lo, hi = (ir.Constant(ir.VectorType(ir.IntType(32), _LANES), m + [_LANES + i for i in m]) for m in (lo, hi))
+                lo, hi = (ir.Constant(ir.VectorType(ir.IntType(32), lanes), m + [lanes + i for i in m]) for m in (lo, hi))
                 sums = [builder.fadd(builder.shuffle_vector(x, y, lo), builder.shuffle_vector(x, y, hi)) for x, y in zip(sums[0::2], sums[1::2])]
                 width = half
             quad = ir.VectorType(f32, 4)
-            for i in range(4):
-                row = builder.shuffle_vector(sums[0], sums[0], ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(4 * i, 4 * i + 4))))
+            for i in range(4):  # dot product 4i + j in lane (4i + j) % lanes of sums[(4i + j) // lanes]
+                x = sums[4 * i // lanes]
+                row = builder.shuffle_vector(x, x, ir.Constant(ir.VectorType(ir.IntType(32), 4), list(range(4 * i % lanes, 4 * i % lanes + 4))))
                 builder.store(row, builder.bitcast(builder.gep(ps, [builder.add(builder.mul(i64(i), lds), t0)]), quad.as_pointer()), align=4)
         return context.get_dummy_value()
 
@@ -925,49 +938,74 @@ def _pv_block(typingctx, p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0
     are prefetched on the way. 4 x 4 accumulators; each V vector feeds four FMAs, each broadcast of P
     four. bfloat16 V widens in one step per 16 columns: a word of two holds an even column in its
     low half (shifted up) and an odd one in its high half (masked), so the columns of each 32 come out
-    even ones first (two steps through vpmovzxwd)."""
+    even ones first (two steps through vpmovzxwd).
+    AVX2 (_DECODE_LANES 8): four blocks of 16 columns, 4 x 2 accumulators each, V widened by _kv_vector
+    in column order; a block with dv's tail takes its own loop, as AVX2 has no masked loads of bytes or
+    words (LLVM loads such a vector an element at a time behind a branch each: that and the spilled 4 x 4
+    accumulators cost fp8 V ~2x, AMD EPYC Zen 3)."""
     sig = types.void(p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0, dv, ahead, n_ahead)
 
     def codegen(context, builder, sig, args):
         pp, p_off, ldp, pv, prow, h_off, n, po, o_off, ldo, c0, dv, pahead, n_ahead = _args(context, builder, sig, args, (0, 3, 4, 7, 12))
         f32, i64 = ir.FloatType(), ir.IntType(64)
-        vec = ir.VectorType(f32, _LANES)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v16f32")
+        lanes, dtype = _DECODE_LANES, sig.args[3].dtype
+        vec = ir.VectorType(f32, lanes)
+        words = ir.VectorType(ir.IntType(32), _LANES)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{lanes}f32")
         pp, po = builder.gep(pp, [p_off]), builder.gep(po, [builder.add(o_off, c0)])
-        masks = [lanes_below(builder, builder.sub(dv, builder.add(c0, ir.Constant(i64, v * _LANES))), _LANES) for v in range(4)]
-        o_ptr = [[builder.bitcast(builder.gep(po, [builder.add(builder.mul(ir.Constant(i64, i), ldo), ir.Constant(i64, v * _LANES))]),
-                                  vec.as_pointer()) for v in range(4)] for i in range(4)]
-        acc = [[cgutils.alloca_once_value(builder, builder.load(o_ptr[i][v], align=4)) for v in range(4)] for i in range(4)]
         undef = ir.Constant(vec, ir.Undefined)
-        splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES)
-        with cgutils.for_range(builder, n) as loop:
-            t = loop.index
-            base = builder.add(builder.add(builder.load(builder.gep(prow, [t])), h_off), c0)
-            if sig.args[3].dtype == types.int16:
-                words = ir.VectorType(ir.IntType(32), _LANES)
+        splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+
+        def widen(base, masks):  # the columns of the V row at base as float32 vectors of `lanes`, each 16 masked by masks[v]
+            if lanes < _LANES:  # AVX2: 16 columns
+                return _pieces(builder, _kv_vector(builder, dtype, pv, base, masks[0]), lanes)
+            if dtype == types.int16:
                 vv = []
                 for v in (0, 2):
                     w = builder.bitcast(masked(builder, "load", builder.gep(pv, [builder.add(base, i64(v * _LANES))]), _concat(builder, masks[v], masks[v + 1])), words)
                     vv += [builder.bitcast(x, vec) for x in (builder.shl(w, ir.Constant(words, [16] * _LANES)), builder.and_(w, ir.Constant(words, [-65536] * _LANES)))]
-            elif _FP8_LOOKUP and sig.args[3].dtype in (types.uint8, types.int8):
-                words = ir.VectorType(ir.IntType(32), _LANES)
-                vv = [builder.bitcast(x, vec) for w in _fp8_words(builder, sig.args[3].dtype, pv, base, _concat(builder, *(_concat(builder, masks[v], masks[v + 1]) for v in (0, 2))))
-                      for x in (builder.shl(w, ir.Constant(words, [16] * _LANES)), builder.and_(w, ir.Constant(words, [-65536] * _LANES)))]
-            else:
-                vv = [half for v in (0, 2) for half in _halves(builder, _kv_vector(builder, sig.args[3].dtype, pv, builder.add(base, i64(v * _LANES)),
+                return vv
+            if _FP8_LOOKUP and dtype in (types.uint8, types.int8):
+                return [builder.bitcast(x, vec) for w in _fp8_words(builder, dtype, pv, base, _concat(builder, *(_concat(builder, masks[v], masks[v + 1]) for v in (0, 2))))
+                        for x in (builder.shl(w, ir.Constant(words, [16] * _LANES)), builder.and_(w, ir.Constant(words, [-65536] * _LANES)))]
+            return [half for v in (0, 2) for half in _halves(builder, _kv_vector(builder, dtype, pv, builder.add(base, i64(v * _LANES)),
                                                                                    _concat(builder, masks[v], masks[v + 1])))]
-            with builder.if_then(builder.icmp_signed("<", t, n_ahead)):
-                ahead = builder.add(builder.load(builder.gep(pahead, [t])), h_off)
-                _prefetch_row(builder, builder.bitcast(builder.gep(pv, [ahead]), ir.IntType(8).as_pointer()),
-                              builder.mul(dv, i64(sig.args[3].dtype.bitwidth // 8)))
+
+        def block(c, masks):  # O[:, c:c + 16 * len(masks)] += P V over the n keys
+            o_ptr = [[builder.bitcast(builder.gep(po, [builder.add(builder.mul(i64(i), ldo), i64(c + v * lanes))]), vec.as_pointer())
+                      for v in range(16 * len(masks) // lanes)] for i in range(4)]
+            acc = [[cgutils.alloca_once_value(builder, builder.load(x, align=4)) for x in row] for row in o_ptr]
+            with cgutils.for_range(builder, n) as loop:
+                t = loop.index
+                vv = widen(builder.add(builder.add(builder.add(builder.load(builder.gep(prow, [t])), h_off), c0), i64(c)), masks)
+                if c == 0:
+                    with builder.if_then(builder.icmp_signed("<", t, n_ahead)):
+                        ahead = builder.add(builder.load(builder.gep(pahead, [t])), h_off)
+                        _prefetch_row(builder, builder.bitcast(builder.gep(pv, [ahead]), ir.IntType(8).as_pointer()),
+                                      builder.mul(dv, i64(dtype.bitwidth // 8)))
+                for i in range(4):
+                    pi = builder.load(builder.gep(pp, [builder.add(builder.mul(i64(i), ldp), t)]))
+                    splat = builder.shuffle_vector(builder.insert_element(undef, pi, ir.Constant(ir.IntType(32), 0)), undef, splat_mask)
+                    for v, x in enumerate(vv):
+                        builder.store(builder.call(fma, [splat, x, builder.load(acc[i][v])]), acc[i][v])
             for i in range(4):
-                pi = builder.load(builder.gep(pp, [builder.add(builder.mul(ir.Constant(i64, i), ldp), t)]))
-                splat = builder.shuffle_vector(builder.insert_element(undef, pi, ir.Constant(ir.IntType(32), 0)), undef, splat_mask)
-                for v in range(4):
-                    builder.store(builder.call(fma, [splat, vv[v], builder.load(acc[i][v])]), acc[i][v])
-        for i in range(4):
-            for v in range(4):
-                builder.store(builder.load(acc[i][v]), o_ptr[i][v], align=4)
+                for v, x in enumerate(o_ptr[i]):
+                    builder.store(builder.load(acc[i][v]), x, align=4)
+
+        def left(c):  # columns c0 + c: of dv
+            return builder.sub(dv, builder.add(c0, i64(c)))
+
+        if lanes == _LANES:  # the 64 columns at once, masked loads for dv's tail
+            block(0, [lanes_below(builder, left(v * _LANES), _LANES) for v in range(4)])
+        else:  # blocks of 16 columns; a runtime mask would take a load per element (AVX2 masks 32-bit lanes only)
+            all_in = ir.Constant(ir.VectorType(ir.IntType(1), 16), [1] * 16)
+            for c in range(0, 64, 16):
+                with builder.if_then(builder.icmp_signed(">", left(c), i64(0))):
+                    with builder.if_else(builder.icmp_signed(">=", left(c), i64(16))) as (whole, tail):
+                        with whole:
+                            block(c, [all_in])
+                        with tail:
+                            block(c, [lanes_below(builder, left(c), 16)])
         return context.get_dummy_value()
 
     return sig, codegen
@@ -1094,6 +1132,11 @@ _DECODE_CHUNK = 32  # keys per online-softmax step and per prefetch (16 as fast;
 _DG = 4  # query heads per register block of both products (a KV head's group is padded to a multiple)
 
 
+# Float32 lanes of the decode products' accumulators: AVX-512's 16 (sixteen 16-lane accumulators in 32
+# registers), else AVX2's 8, whose 16 registers hold 8 accumulators and their operands: there _qk_chunk
+# takes its 4 keys in two passes of 2 and _pv_block its 64 columns in four blocks of 16.
+_DECODE_LANES = _LANES if "avx512f" in CPU_FEATURES else 8
+_QK_PASSES = ((0, 1, 2, 3),) if _DECODE_LANES == _LANES else ((0, 1), (2, 3))
 _BF16_DOT = "avx512bf16" in CPU_FEATURES
 _FP8_LOOKUP = "avx512vbmi" in CPU_FEATURES  # fp8 to bfloat16 by vpermi2b (_fp8_words), else through float16
 
@@ -1142,12 +1185,12 @@ def _chunk_rows(cache, table, b, j0, n, rows):
 
 
 def _v_column(vc, c):
-    """Where _pv_block keeps output column c: for bfloat16 V, each 32 columns' even ones first."""
+    """Where _pv_block keeps output column c: for bfloat16 V on AVX-512, each 32 columns' even ones first."""
 
 
 @overload(_v_column, jit_options=HELPER)
 def _v_column_impl(vc, c):
-    if vc.dtype == types.int16:
+    if vc.dtype == types.int16 and _DECODE_LANES == _LANES:
         return lambda vc, c: c - c % 32 + c % 2 * 16 + c % 32 // 2
     if _FP8_LOOKUP and vc.dtype in (types.uint8, types.int8):  # word w of _fp8_words' halves, then even / odd as bfloat16
         def fp8(vc, c):

@@ -53,37 +53,37 @@ def build(vendors=tuple(VENDORS)):
     return report
 
 
-def load(path=None):
-    """The latest report (the user's build if there is one, else the committed baseline) and its path."""
-    for candidate in ([Path(path)] if path else [report_path(), BASELINE]):
-        if candidate.exists():
-            return json.loads(candidate.read_text()), candidate
-    return None, None
-
-
 def vendor_report(vendor, path=None):
     """One vendor's part of the latest report in the form of `hal.Backend.compile_report()`: the
-    vendor's columns, rows with the common keys (VGPRs are "registers", LDS bytes "shared_bytes")."""
+    vendor's columns, rows with the common keys (VGPRs are "registers", LDS bytes "shared_bytes").
+    The latest report is the user's build, else the committed baseline; a build made where the vendor's
+    toolchain was missing has no rows for it, and the baseline's are shown instead."""
     title = f"{vendor.name} kernels per architecture"
-    report, where = load(path)
-    if report is None:
-        return {"title": title, "columns": list(vendor.report_columns), "rows": [],
-                "note": f"no compile report yet: python -m {MODULE} builds one"}
-    rows = []
-    for r in report["kernels"]:
-        if r.get("vendor") != vendor.name:
+    found = None  # (report, path) of the first report that exists, for the note when none has rows
+    for where in [Path(path)] if path else [report_path(), BASELINE]:
+        if not where.exists():
             continue
-        row = dict(r)
-        for theirs, common in vendor.report_keys.items():
-            row.setdefault(common, r.get(theirs, 0))
-        row.setdefault("file", "")
-        rows.append(row)
-    toolchain_entry = report.get("toolchains", {}).get(vendor.name, {})
-    if rows:
-        note = f"{where}, generated {report.get('generated', '?')}"
+        report = json.loads(where.read_text())
+        found = found or (report, where)
+        rows = []
+        for r in report["kernels"]:
+            if r.get("vendor") != vendor.name:
+                continue
+            row = dict(r)
+            for theirs, common in vendor.report_keys.items():
+                row.setdefault(common, r.get(theirs, 0))
+            row.setdefault("file", "")
+            rows.append(row)
+        if rows:
+            return {"title": title, "columns": list(vendor.report_columns), "rows": rows,
+                    "note": f"{where}, generated {report.get('generated', '?')}"}
+    if found is None:
+        note = f"no compile report yet: python -m {MODULE} builds one"
     else:
-        note = f"no {vendor.name} rows in {where} ({toolchain_entry.get('reason') or 'toolchain missing'}): python -m {MODULE} builds them"
-    return {"title": title, "columns": list(vendor.report_columns), "rows": rows, "note": note}
+        report, where = found
+        reason = report.get("toolchains", {}).get(vendor.name, {}).get("reason") or "toolchain missing"
+        note = f"no {vendor.name} rows in {where} ({reason}): python -m {MODULE} builds them"
+    return {"title": title, "columns": list(vendor.report_columns), "rows": [], "note": note}
 
 
 def main(argv=None):

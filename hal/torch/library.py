@@ -18,6 +18,7 @@ from ..opdef import Tensor, shapes_only
 LIBRARY = torch.library.Library("hal", "FRAGMENT")
 OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 REGISTERED = {}  # name -> OpDef registered as torch.ops.hal.<name>
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensor types the Autograd kernel hands to the op directly
 
 
 def _arg(p):
@@ -94,9 +95,13 @@ def register(op):
     packet = getattr(torch.ops.hal, op.name)
 
     def below_autograd(*args, **kwargs):
-        """The Autograd key's kernel, as torch advises for an op without a derivative: run the op again below
-        autograd (a third of register_autograd's cost per call, which builds an autograd.Function every time),
-        where validation refuses tensors that require grad in grad mode (GradNotSupported), fake ones too."""
+        """The Autograd key's kernel, as torch advises for an op without a derivative: run the op below autograd
+        (a third of register_autograd's cost per call, which builds an autograd.Function every time), where
+        validation refuses tensors that require grad in grad mode (GradNotSupported), fake ones too. Plain
+        tensors with no dispatch mode active (an eager call) go straight to `kernel`, which is what the keys
+        below would run; anything else (fake and functional tensors, subclasses, modes) dispatches again."""
+        if not torch._C._len_torch_dispatch_stack() and all(type(x) in _PLAIN for x in args if isinstance(x, torch.Tensor)):
+            return kernel(*args, **kwargs)
         with torch._C._AutoDispatchBelowAutograd():
             return packet(*args, **kwargs)
 
