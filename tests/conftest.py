@@ -5,6 +5,17 @@ import hal
 from hal.dtypes import FLOATS
 from hal.testing import HostBackend
 
+# Test files that take minutes on a fresh machine (compile report, Numba compiles), collected first: pytest-xdist's
+# workers (`-n 2`, `--dist loadfile --no-loadscope-reorder`) take whole files in collection order, so the long ones
+# do not finish the run alone.
+SLOW_FILES_FIRST = ("test_compile_report.py", "test_hostile.py", "test_conformance_cpu.py", "test_cpu_robustness.py",
+                    "test_gpu_backends.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: each file keeps its order
+
 
 @pytest.fixture
 def rng():

@@ -15,9 +15,7 @@ from hal.registry import REPORT_KEYS
 @pytest.fixture(scope="module")
 def report():
     built = compile_report.build()
-    path = compile_report.report_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(built, indent=1) + "\n")
+    compile_report.save(built, compile_report.report_path())
     return built
 
 

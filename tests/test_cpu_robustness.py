@@ -7,11 +7,13 @@ import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 
+import hal
 import hal.ops as o
 from hal import HalError, conformance
 from hal.backends.cpu import CpuBackend
@@ -192,6 +194,7 @@ def test_fork_child_on_gnu_openmp_gets_hal_error():
     assert layer.startswith("omp (GNU OpenMP") and result.startswith("0 ") and "'spawn'" in result
 
 
+@pytest.mark.skipif(common.VECTOR_ISA == "avx2", reason="this host is an AVX2 target: every cpu test here compiles for one")
 def test_an_avx2_target_compiles_and_passes_conformance(tmp_path):
     """Compiled for an AVX2 CPU (Numba's target forced to haswell, in a fresh cache), the kernels whose IR
     runs on every target (attention's 16-lane softmax and exp, two AVX2 vectors there) compile, without the
@@ -255,6 +258,77 @@ def test_a_change_to_any_cpu_source_recompiles_every_kernel(tmp_path):
         assert done.returncode == 0 and done.stdout.split() == ["0.2"], done.stderr
         compiles.append("hal: compiling cpu kernel _softmax_rows_kernel" in done.stderr)
     assert compiles == [True, False, True]
+
+
+def test_cache_saves_take_turns_and_write_the_data_before_the_index():
+    """Processes compiling one kernel at once (ranks, pytest-xdist workers) save under an exclusive lock on the
+    cache directory's .lock file, each data file before the index entry that names it."""
+    import fcntl
+    import shutil
+
+    from numba.core.caching import IndexDataCacheFile
+
+    hal.registry()  # the cpu backend registered: Numba's cache patched
+    where = Path(os.environ["NUMBA_CACHE_DIR"]) / f"lock-test-{os.getpid()}"
+    where.mkdir(parents=True)
+    try:
+        cache = IndexDataCacheFile(str(where), "probe", ("a stamp",))
+        steps = []
+
+        def save_data(name, data, save=cache._save_data):
+            with open(where / ".lock", "a") as other:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by the save
+            steps.append(("data", name, (where / name).exists()))
+            save(name, data)
+
+        def save_index(overloads, save=cache._save_index):
+            steps.append(("index", dict(overloads), all((where / n).exists() for n in overloads.values())))
+            save(overloads)
+
+        cache._save_data, cache._save_index = save_data, save_index
+        cache.save("signature a", "code a")
+        cache.save("signature b", "code b")
+        cache.save("signature a", "code a again")
+        a, b = "probe.1.nbc", "probe.2.nbc"
+        assert steps == [("data", a, False), ("index", {"signature a": a}, True),
+                         ("data", b, False), ("index", {"signature a": a, "signature b": b}, True),
+                         ("data", a, True), ("index", {"signature a": a, "signature b": b}, True)]
+        assert [IndexDataCacheFile(str(where), "probe", ("a stamp",)).load(k) for k in ("signature a", "signature b")] == ["code a again", "code b"]
+    finally:
+        shutil.rmtree(where)
+
+
+def _compiled_signatures():
+    import numba
+
+    import hal.backends.cpu as cpu
+
+    modules = [m for name, m in sys.modules.items() if name.startswith(cpu.__name__ + ".")]
+    return sum(len(d.signatures) for m in modules for d in vars(m).values() if isinstance(d, numba.core.registry.CPUDispatcher))
+
+
+def test_read_only_and_strided_inputs_reuse_the_compiled_kernels():
+    """Numba compiles a kernel once per argument type, read-only flag and layout included: read-only inputs
+    (np.load's memory maps) reach the kernels as writable aliases of their memory, gemm's strided bias and c as
+    contiguous copies, so neither compiles anything more, and the results are the same bits."""
+    rng = np.random.default_rng()
+    x, w = rng.standard_normal((5, 67), np.float32), rng.standard_normal(67, np.float32)
+    a, b = rng.standard_normal((40, 33), np.float32), rng.standard_normal((33, 19), np.float32)
+    bias, c = rng.standard_normal(38, np.float32)[::2], rng.standard_normal((19, 40), np.float32).T
+
+    def run(x, w, a, b, bias, c):
+        return [o.rms_norm(x, w, eps=1e-5, backend="cpu"),
+                o.gemm(a, b, bias=bias, c=c, beta=0.5, activation="silu", backend="cpu")]
+
+    want = run(x, w, a, b, np.ascontiguousarray(bias), np.ascontiguousarray(c))
+    compiled = _compiled_signatures()
+    for t in (x, w, a, b, bias, c):
+        t.flags.writeable = False
+    got = run(x, w, a, b, bias, c)
+    assert _compiled_signatures() == compiled
+    assert all(np.array_equal(g, v) for g, v in zip(got, want))
+    assert CpuBackend().to_native(x, True).ctypes.data == x.ctypes.data and not x.flags.writeable
 
 
 # ---------------------------------------------------------------- serial and parallel builds of a kernel

@@ -5,8 +5,10 @@ KERNELS table of common.Kernel entries; hal_register adds them all. Shared helpe
 Numba compiles each kernel on first use per dtype signature and caches the machine code in the
 user cache directory (`$XDG_CACHE_HOME/hal/numba`, else `~/.cache/hal/numba`), so it works after
 a plain `pip install` with no system compiler; a one-line notice says when a compile happens, a
-cache file that no longer loads (truncated, corrupt) is deleted and rebuilt with one warning, and an
-edit to any of the backend's source files compiles every kernel again (`_install_cache_stamp`).
+cache file that no longer loads (truncated, corrupt) is deleted and rebuilt with one warning, an
+edit to any of the backend's source files compiles every kernel again (`_install_cache_stamp`), and
+processes compiling at once take turns saving (`_install_cache_lock`). Read-only inputs run the
+kernels compiled for writable ones (`CpuBackend.to_native`).
 
 Parallel kernels run on Numba's TBB threading layer (the `tbb` wheel is a dependency where it
 exists; Numba prefers TBB when it loads): it survives fork and concurrent calls from many threads.
@@ -15,6 +17,7 @@ region once the parent has; there a forked child gets a HalError saying to use s
 """
 import functools
 import hashlib
+import itertools
 import math
 import os
 import platform
@@ -24,6 +27,11 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from hal.dispatch import physical_memory
 from hal.dtypes import to_numpy
@@ -57,8 +65,23 @@ class CpuBackend(Backend):
                 "toolchain": f"Numba {numba.__version__} (LLVM), no system compiler; BLAS from NumPy",
                 "thread pools": _thread_pools()}
 
+    def to_native(self, x, contiguous):
+        """As every host backend, but never read-only (np.load's memory maps, arrays whose flag was cleared): Numba
+        compiles each kernel again for read-only arrays, and since kernels never write their inputs, such an
+        array is passed as a writable alias of the same memory (NumPy gives no writable view of it)."""
+        x = super().to_native(x, contiguous)
+        return x if x.flags.writeable else np.asarray(_WritableAlias(x)).view(x.dtype)
+
     def empty(self, shape, dtype):
         return _POOL.empty(shape, to_numpy(dtype))
+
+
+class _WritableAlias:
+    """The memory of the read-only array `x`, as the array interface of a writable one (keeps `x` alive)."""
+
+    def __init__(self, x):
+        self.x = x
+        self.__array_interface__ = {**x.__array_interface__, "data": (x.__array_interface__["data"][0], False)}
 
 
 def aligned(shape, dtype, zeroed=False):
@@ -261,6 +284,36 @@ def _install_cache_healing():
         cls._load_data = healing(cls._load_data, cls._data_path, no_data)
 
 
+def _install_cache_lock():
+    """Numba's cache is not safe for processes that compile the same kernel at once (the ranks of a distributed
+    job, pytest-xdist workers): each names its new signature's data file the first number free in the index it
+    read, so two of them write the same file and an index can end up naming the other's code. Under hal's
+    cache directory a save holds an exclusive lock on the directory's `.lock` file, and writes the data file
+    before the index entry that names it (a reader never finds an entry whose file is not written yet)."""
+    from numba.core import caching
+
+    cls = caching.IndexDataCacheFile
+    if hasattr(cls.save, "__wrapped__") or fcntl is None:  # once per process; Windows keeps Numba's own
+        return
+    root = Path(os.environ["NUMBA_CACHE_DIR"]).resolve()
+    save = cls.save
+
+    @functools.wraps(save)
+    def locked(self, key, data):
+        if not Path(self._cache_path).resolve().is_relative_to(root):
+            return save(self, key, data)
+        with open(os.path.join(self._cache_path, ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            overloads = self._load_index()
+            taken = set(overloads.values())
+            name = overloads.get(key) or next(n for n in map(self._data_name, itertools.count(1)) if n not in taken)
+            self._save_data(name, data)
+            overloads[key] = name
+            self._save_index(overloads)
+
+    cls.save = locked
+
+
 def _sources_digest():
     return hashlib.sha256(b"".join(f.read_bytes() for f in sorted(Path(__file__).parent.glob("*.py")))).hexdigest()
 
@@ -294,6 +347,7 @@ def hal_register(registry):
     _install_compile_notice()
     _install_cache_healing()
     _install_cache_stamp()
+    _install_cache_lock()
     from . import attention, kernels, moe, qgemm, quant, sparse
 
     registry.add_backend(CpuBackend())

@@ -760,6 +760,8 @@ def gemm(outs, a, b, bias, c, *, activation, alpha, beta, out_dtype=None):
     (out,) = outs
     act, _ = activation_code(activation)
     m, (k, n) = a.shape[0], b.shape
+    # every path's epilogue reads bias and c contiguous: strided ones would compile each epilogue again
+    bias, c = (None if t is None else np.ascontiguousarray(t) for t in (bias, c))
     flat = _flat(b) if 0 < m <= _SMALL_M.get(b.dtype, 0) else None
     amx = b.dtype == BF16 and gemm_core.RUNG == "amx"
     # bfloat16 a and row-major b: vdpbf16ps on b in place, up to _SMALL_M_DOT rows where AMX takes the rest

@@ -53,6 +53,15 @@ def build(vendors=tuple(VENDORS)):
     return report
 
 
+def save(report, path):
+    """Write a report to `path` whole or not at all (a reader in another process never sees half of it); the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(report, indent=1) + "\n")
+    partial.replace(path)
+    return path
+
+
 def vendor_report(vendor, path=None):
     """One vendor's part of the latest report in the form of `hal.Backend.compile_report()`: the
     vendor's columns, rows with the common keys (VGPRs are "registers", LDS bytes "shared_bytes").
@@ -92,9 +101,7 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help=f"default: {report_path()}")
     args = parser.parse_args(argv)
     report = build(tuple(args.vendor or VENDORS))
-    out = Path(args.out) if args.out else report_path()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    out = save(report, Path(args.out) if args.out else report_path())
     for name, entry in report["toolchains"].items():
         rows = [r for r in report["kernels"] if r["vendor"] == name]
         status = f"{len(rows)} kernel x arch builds in {entry.get('seconds')} s, {sum(r['spills'] > 0 for r in rows)} spilling" if entry["available"] else f"skipped: {entry['reason']}"
