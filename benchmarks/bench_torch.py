@@ -8,7 +8,7 @@ tokens and 32 greedy decode steps, for stock eager, stock torch.compile, hal-pat
 (hal.torch.apply) and hal-patched compiled. Reports tokens/s (median over the repeats) and the ratio
 to stock eager with its spread (min-max of the per-repeat ratios). Then the extra cost per call of
 torch.ops.hal.<op> over hal.ops.<op> on tiny inputs (median and spread of 7 rounds, each side timed as the
-best of 50 batches of 20 calls).
+best of 50 batches of 20 calls), beside the dispatcher's own cost (the same schema with an empty kernel).
 """
 import argparse
 import json
@@ -87,20 +87,25 @@ def bench_model(layers, dtype, repeats):
 def call_overhead():
     """Extra microseconds per call of torch.ops.hal.<op> over hal.ops.<op> on tiny inputs, in the calling thread's
     CPU time (time.thread_time): what the call costs that thread, which other processes' load on this shared
-    machine stretches far less than the wall clock (tiny inputs run on the calling thread alone)."""
+    machine stretches far less than the wall clock (tiny inputs run on the calling thread alone). Beside it, what
+    torch's dispatcher itself costs: an operator of the same schema whose kernel returns its first input at once
+    (the extra also holds hal's own work running slower right after torch's C++ code: see docs/torch.md)."""
     x, w, x2 = torch.randn(1, 64), torch.ones(64), torch.randn(1, 128)
-    pairs = {"rms_norm": (lambda: hal.ops.rms_norm(x, w), lambda: torch.ops.hal.rms_norm(x, w)),
-             "silu_and_mul": (lambda: hal.ops.silu_and_mul(x2), lambda: torch.ops.hal.silu_and_mul(x2)),
-             "softmax": (lambda: hal.ops.softmax(x), lambda: torch.ops.hal.softmax(x))}
+    args = {"rms_norm": (x, w), "silu_and_mul": (x2,), "softmax": (x,)}
+    bare = torch.library.Library("hal_bench", "FRAGMENT")
+    for name in args:
+        op = getattr(hal.ops, name)
+        bare.define(hal.torch.library.schema(op))
+        bare.impl(name, (lambda *a, **k: [a[0]]) if hal.torch.library.varies(op) else (lambda *a, **k: a[0]), "Autograd")
     out = {}
-    for name, (direct, through_torch) in pairs.items():
-        extra = []
-        for _ in range(7):
-            per_call = []
-            for fn in (direct, through_torch):  # the best of 50 batches of 20
-                per_call.append(min(timed(lambda: [fn() for _ in range(20)], time.thread_time) for _ in range(50)) / 20 * 1e6)
+    for name, a in args.items():
+        calls = (lambda: getattr(hal.ops, name)(*a), lambda: getattr(torch.ops.hal, name)(*a), lambda: getattr(torch.ops.hal_bench, name)(*a))
+        extra, per_call = [], []
+        for _ in range(7):  # each side: the best of 50 batches of 20 calls
+            per_call = [min(timed(lambda: [fn() for _ in range(20)], time.thread_time) for _ in range(50)) / 20 * 1e6 for fn in calls]
             extra.append(per_call[1] - per_call[0])
-        out[name] = {"direct_us": per_call[0], "extra_us": statistics.median(extra), "spread": (min(extra), max(extra))}
+        out[name] = {"direct_us": per_call[0], "extra_us": statistics.median(extra), "spread": (min(extra), max(extra)),
+                     "dispatcher_us": per_call[2]}
     return out
 
 
@@ -127,10 +132,11 @@ def main():
     console.print(table)
     overhead = call_overhead()
     table = Table(title="torch.ops.hal.<op> over hal.ops.<op>, tiny inputs, calling thread CPU time (target: at most 10 us extra)")
-    for col in ("op", "hal.ops us", "extra us", "spread"):
+    for col in ("op", "hal.ops us", "extra us", "spread", "dispatcher us (empty kernel)"):
         table.add_column(col, justify="left" if col == "op" else "right")
     for name, o in overhead.items():
-        table.add_row(name, f"{o['direct_us']:.1f}", f"{o['extra_us']:.1f}", f"{o['spread'][0]:.1f}-{o['spread'][1]:.1f}")
+        table.add_row(name, f"{o['direct_us']:.1f}", f"{o['extra_us']:.1f}", f"{o['spread'][0]:.1f}-{o['spread'][1]:.1f}",
+                      f"{o['dispatcher_us']:.1f}")
     console.print(table)
     if args.json:
         with open(args.json, "w") as f:

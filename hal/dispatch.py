@@ -7,7 +7,9 @@ run the call (no kernel for the op and dtype, a kernel's `supports` refuses the 
 backend is unavailable), the policy decides: "warn" (default) runs it on
 `hal.registry.FALLBACK_BACKEND` (cpu), warns once per (op, backend) and records the event for
 `hal.fallbacks()`; "error" (`hal.use(..., fallback="error")`, `HAL_FALLBACK=error`; any case) raises.
-Resolved plans are cached per (op, backend asked for, device, dtype, policy).
+Resolved plans are cached per (op, backend asked for, device, dtype, policy), and validated calls per
+signature (`_signature`: tensor kinds, dtypes, shapes and devices, attribute values, settings), so a
+repeated call skips validation and kernel choice unless its checks read tensor values (index ranges).
 `HAL_BACKEND` and `HAL_FALLBACK` are read at the first call and again by every `hal.use()`.
 """
 import contextvars
@@ -33,6 +35,8 @@ _context = contextvars.ContextVar("hal_backend", default=(None, None))
 _global = [None, None]  # hal.use(name, fallback=...)
 _env = []  # [HAL_BACKEND, HAL_FALLBACK], read lazily: os.environ lookups cost a microsecond per call
 _plans = {}
+_prepared = {}  # call signature -> Prepared, see dispatch
+PREPARED_CALLS = 4096  # signatures remembered at most
 _plans_version = [-1]
 _fallback_counts = Counter()
 _warned = set()
@@ -172,16 +176,21 @@ def _plan(op, a, requested):
     name, policy = _settings()
     requested = requested or name
     first = a[op.primary]
-    reg = registry()
-    if _plans_version[0] != reg.version:
-        _plans.clear()
-        _plans_version[0] = reg.version
+    _forget_if_changed(registry())
     device = device_type(first)
     key = (op.name, requested, device, name_of(first.dtype), policy)
     plan = _plans.get(key)
     if plan is None:
         plan = _plans[key] = _resolve(op, requested, device, key[3], policy)
     return plan
+
+
+def _forget_if_changed(reg):
+    """Drop the plans and prepared calls made before the registry last changed (a plugin loaded, a kernel added)."""
+    if _plans_version[0] != reg.version:
+        _plans.clear()
+        _prepared.clear()
+        _plans_version[0] = reg.version
 
 
 def _fall_back(op, plan, dtype, reason):
@@ -247,9 +256,21 @@ def dispatch(op, a, requested=None, out=None):
     call whose outputs are all empty returns them without running a kernel. With `out` (see
     `check_out`) the kernel writes into the caller's tensors where the backend's kernels can reach
     their memory (host memory for cpu, the device's for cuda and rocm), else into buffers of its own
-    that are then copied into them; the out tensors themselves are returned."""
+    that are then copied into them; the out tensors themselves are returned.
+
+    A call without `out` whose checks read no tensor values and that ran on the backend asked for is
+    remembered as a `Prepared` call under its signature (`_signature`): the next call with the same
+    signature skips validation, output inference and kernel choice, which depend on nothing else."""
     like = a[op.primary]  # results come back as its kind: validation views torch CPU tensors as NumPy
-    op.validate(a)
+    key = None if out is not None else _signature(op, a, requested)
+    if key is not None:
+        try:
+            prepared = _prepared.get(key)
+        except TypeError:  # an unhashable attribute value
+            prepared = key = None
+        if prepared is not None:
+            return prepared.run(a)
+    reads = _validate(op, a)
     shapes = op.outputs(a)
     if out is None:
         total = sum(math.prod(shape) * to_numpy(dtype).itemsize for shape, dtype in shapes)
@@ -259,6 +280,10 @@ def dispatch(op, a, requested=None, out=None):
     else:
         out = check_out(op, a, shapes, out)
     kernel, be = select(op, a, requested)
+    if key is not None and not reads and be is _plan(op, a, requested).backend:  # not a fallback (counted per call)
+        if len(_prepared) >= PREPARED_CALLS:  # a decode loop's growing shapes, say: start again
+            _prepared.clear()
+        _prepared[key] = Prepared(op, key[3], a, shapes, kernel, be)  # key[3]: the tensors' keys
     return _run(op, a, kernel, be, shapes, like, out)
 
 
@@ -292,59 +317,98 @@ def _run(op, a, kernel, be, shapes, like, out=None):
         return tuple([be.from_native(y, like) for y in outs])
 
 
-VALUE_READS = contextvars.ContextVar("hal_value_reads", default=None)  # while Prepared validates: a list of the tensors
+VALUE_READS = contextvars.ContextVar("hal_value_reads", default=None)  # while a call validates: a list of the tensors
 # whose values the op's checks read (opdef.host_values and index_values, the way checks read values, append)
+
+
+def _validate(op, a):
+    """op.validate(a); the names of the tensors whose values its checks read."""
+    reads = []
+    token = VALUE_READS.set(reads)
+    try:
+        op.validate(a)
+    finally:
+        VALUE_READS.reset(token)
+    return reads
 
 
 def _tensor_key(x):
     """What a prepared call must find unchanged in a tensor argument: its kind, dtype, shape, device and layout."""
     if x is None or type(x) is np.ndarray:
         return x if x is None else (x.dtype, x.shape)
-    return type(x), x.dtype, tuple(x.shape), getattr(x, "device", None), getattr(x, "layout", None)
+    kind = kind_of(x)
+    if kind == "torch":
+        return type(x), x.dtype, x.shape, x.device, x.layout  # a torch.Size is a tuple
+    if kind == "cupy":
+        return type(x), x.dtype, x.shape, x.device.id
+    try:  # another DLPack producer
+        return type(x), str(x.dtype), tuple(x.shape), tuple(x.__dlpack_device__())
+    except Exception:  # not an array: validation says what is wrong
+        return _NOT_AN_ARRAY
+
+
+_NOT_AN_ARRAY = "not an array"
+
+
+def _signature(op, a, requested):
+    """What validation, output inference and kernel choice of a call depend on: the op, the backend asked for and
+    the settings, each tensor's `_tensor_key` (a tuple, in op.tensors order), each attribute's value and type
+    (1, 1.0 and True are equal keys); None where a tensor argument is not an array."""
+    _forget_if_changed(registry())
+    keys = tuple([_tensor_key(a[t.name]) for t in op.tensors])
+    if _NOT_AN_ARRAY in keys:
+        return None
+    return op, requested, _settings(), keys, tuple([(v, type(v)) for v in [a[p.name] for p in op.attrs]])
+
+
+def prepare(op, a, requested):
+    """A Prepared call of `op` with bound arguments `a`, or SchemaError where its checks read tensor values."""
+    keys = tuple([_tensor_key(a[t.name]) for t in op.tensors])
+    reads = _validate(op, a)
+    if reads:
+        raise SchemaError(op.name, reads[0], "a call whose checks read no tensor values (prepare)",
+                          f"values checked on every call: call hal.ops.{op.name} itself")
+    return Prepared(op, keys, a, op.outputs(a), *select(op, a, requested))
 
 
 class Prepared:
-    """One op's call validated, its outputs inferred and its kernel chosen once (`hal.ops.<name>.prepare(...)`), to
-    run again on new tensors of the same kinds, dtypes, shapes and devices with the same attributes, as a decode
-    loop does: a call checks that (SchemaError otherwise: prepare again), refuses tensors that require grad in grad
-    mode, and runs as dispatch runs (outputs, kernel, conversions) on the backend chosen when preparing. Only for
-    calls whose checks read no tensor values (index ranges are checked on every call of hal.ops.<name>).
+    """One op's call validated, its outputs inferred and its kernel chosen once (`hal.ops.<name>.prepare(...)`, and
+    dispatch for every signature it sees), to run again on new tensors of the same kinds, dtypes, shapes and
+    devices with the same attributes, as a decode loop does: a call checks that (SchemaError otherwise: prepare
+    again), refuses tensors that require grad in grad mode, and runs as dispatch runs (outputs, kernel,
+    conversions) on the backend chosen when preparing. Only for calls whose checks read no tensor values (index
+    ranges are checked on every call of hal.ops.<name>).
 
     Per core, a 1 x 1024 rms_norm on torch tensors took 18 us through hal.ops, 15 prepared (bfloat16: 29, 21). In a
     28-layer bfloat16 Llama's decode step, whose projections have just streamed their weights through the caches,
     the same call took ~150 us, ~140 prepared and ~95 calling the kernel with no dispatch at all: there each Python
     step costs microseconds, and a prepared call still checks its tensors, allocates and converts."""
 
-    __slots__ = ("op", "names", "attrs", "keys", "shapes", "kernel", "backend", "primary")
+    __slots__ = ("op", "names", "attrs", "keys", "shapes", "kernel", "backend")
 
-    def __init__(self, op, a, requested):
-        self.op, self.names = op, [t.name for t in op.tensors]
-        self.keys = [_tensor_key(a[name]) for name in self.names]
-        self.primary = self.names.index(op.primary)
-        reads = []
-        token = VALUE_READS.set(reads)
-        try:
-            op.validate(a)
-        finally:
-            VALUE_READS.reset(token)
-        if reads:
-            raise SchemaError(op.name, reads[0], "a call whose checks read no tensor values (prepare)",
-                              f"values checked on every call: call hal.ops.{op.name} itself")
+    def __init__(self, op, keys, a, shapes, kernel, backend):
+        """From the `_tensor_key`s of the tensors as given, the validated arguments `a`, their output `shapes` and
+        the `kernel` of `backend` chosen for them."""
+        self.op, self.names, self.keys = op, [t.name for t in op.tensors], keys
         self.attrs = {p.name: a[p.name] for p in op.attrs}
-        self.shapes = op.outputs(a)
-        self.kernel, self.backend = select(op, a, requested)
+        self.shapes, self.kernel, self.backend = shapes, kernel, backend
 
     def __call__(self, *tensors):
         """The op on `tensors`, its tensor arguments in order (None, or nothing at the end, for optional ones left out)."""
         tensors += (None,) * (len(self.names) - len(tensors))
-        keys = [_tensor_key(x) for x in tensors]
+        keys = tuple([_tensor_key(x) for x in tensors])
         if keys != self.keys:
             raise SchemaError(self.op.name, "tensors", f"tensors as prepared {self.keys}", keys)
+        return self.run(dict(zip(self.names, tensors)))
+
+    def run(self, a):
+        """The op on the tensors of `a` (by name), whose keys the caller has matched."""
+        tensors = [a[name] for name in self.names]
         if any(getattr(x, "requires_grad", False) for x in tensors) and sys.modules["torch"].is_grad_enabled():
             raise GradNotSupported(self.op.name)
-        a = dict(self.attrs)
-        a.update(zip(self.names, tensors))
-        return _run(self.op, a, self.kernel, self.backend, self.shapes, tensors[self.primary])
+        args = dict(self.attrs)
+        args.update(zip(self.names, tensors))
+        return _run(self.op, args, self.kernel, self.backend, self.shapes, a[self.op.primary])
 
 
 # ---------------------------------------------------------------- out=

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .arrays import DLPACK_CPU, device_type, is_tensor, kind_of, to_host
-from .dispatch import VALUE_READS, Prepared, dispatch
+from .dispatch import VALUE_READS, dispatch, prepare
 from .dtypes import FLOATS, name_of
 from .errors import GradNotSupported, SchemaError, renamed
 
@@ -161,7 +161,7 @@ class OpDef:
     def prepare(self, *args, backend=None, **kwargs):
         """This call validated and its kernel chosen once, to run again on new tensors like these:
         `norm = hal.ops.rms_norm.prepare(x, w, eps=1e-6)`, then `norm(x2, w)` (see hal.dispatch.Prepared)."""
-        return Prepared(self, self.bind(args, kwargs), backend)
+        return prepare(self, self.bind(args, kwargs), backend)
 
     def bind(self, args, kwargs):
         """Arguments by name, with defaults filled in."""

@@ -323,3 +323,36 @@ def test_a_prepared_call_matches_the_op_and_refuses_what_it_was_not_prepared_for
         hal.ops.rope.prepare(q, q, cos, cos, np.arange(4, dtype=np.int32))
     with pytest.raises(hal.SchemaError, match="eps"):
         hal.ops.rms_norm.prepare(x, w, eps=float("inf"))  # preparing validates like a call
+
+
+def test_a_repeated_call_skips_validation_but_not_what_it_depends_on(make_backend, rng):
+    """dispatch remembers a validated call under its signature (hal.dispatch._prepared): a later call with the same
+    signature still gets its values checked (rope's positions), attributes checked by type (True is not a float
+    even where 1.0 is remembered), grad refused, the backend it asks for and a newly registered one."""
+    x, w = rng.standard_normal((3, 33)).astype(np.float32), rng.standard_normal(33).astype(np.float32)
+    hal.ops.rms_norm(x, w, eps=1.0)
+    assert any(key[0] is hal.ops.rms_norm for key in hal.dispatch._prepared)
+    x2 = rng.standard_normal(x.shape).astype(np.float32)
+    with hal.dispatch.poisoned_outputs():
+        y = hal.ops.rms_norm(x2, w, eps=1.0)
+    x64 = x2.astype(np.float64)
+    np.testing.assert_allclose(y, x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1.0) * w, rtol=1e-5)
+    with pytest.raises(hal.SchemaError, match="eps"):
+        hal.ops.rms_norm(x2, w, eps=True)
+    hal.ops.rms_norm(torch.from_numpy(x), torch.from_numpy(w))
+    with pytest.raises(hal.GradNotSupported):
+        hal.ops.rms_norm(torch.from_numpy(x2).requires_grad_(), torch.from_numpy(w))
+    q, cos = rng.standard_normal((4, 2, 8)).astype(np.float32), rng.standard_normal((9, 4)).astype(np.float32)
+    hal.ops.rope(q, q, cos, cos, np.arange(4, dtype=np.int32))
+    with pytest.raises(hal.SchemaError, match="positions"):
+        hal.ops.rope(q, q, cos, cos, np.array([0, 1, 2, 9], np.int32))
+    asked = tagging_kernel("asked")
+    make_backend("asked", {"softmax": asked})
+    hal.ops.softmax(x)
+    with hal.use("asked"):
+        hal.ops.softmax(x)
+    assert asked.calls == ["asked"]
+    fast = tagging_kernel("fast")
+    make_backend("fast", {"softmax": fast}, priority=100)
+    hal.ops.softmax(x)
+    assert fast.calls == ["fast"]

@@ -21,7 +21,7 @@ from hal.ops.activations import GATED_OPS
 from . import gemm_core
 from .common import (BF16, F32, FASTMATH, GELU_TANH, HELPER, IR_FLAGS, KERNEL, LANES, SILU, VECTOR_ISA, Kernel, activate,
                      as_f32, as_rows, bits_f32, dot4, exp, exp_lanes, f32_bits, lanes_fit, lanes_row, load, load_lanes, masked,
-                     lanes_loop, prefetch_l2, prefetch_line, prefetch_write_l2, raw_view, sized, store, store_fence, store_lanes,
+                     lanes_loop, pair_order, prefetch_l2, prefetch_line, prefetch_write_l2, raw_view, sized, store, store_fence, store_lanes,
                      streams)
 
 # ---------------------------------------------------------------- kernels
@@ -159,7 +159,8 @@ def _power_sum_lanes(typingctx, x, shift, power):
         offset = _spread(builder, args[1])
 
         def body(j, mask, ptrs, scalars):
-            d = builder.select(mask, builder.fsub(load_lanes(builder, x.dtype, ptrs[0], mask), offset, flags=IR_FLAGS), zero)
+            x_lanes = load_lanes(builder, x.dtype, ptrs[0], mask, pair_order(mask, x.dtype))
+            d = builder.select(mask, builder.fsub(x_lanes, offset, flags=IR_FLAGS), zero)
             acc = sums[next(turn) % _SUMS]
             old = builder.load(acc)
             builder.store(builder.fadd(old, d, flags=IR_FLAGS) if power.literal_value == 1 else builder.call(fma, [d, d, old]), acc)
@@ -184,12 +185,14 @@ def _normalize_lanes(typingctx, row, mean, inv, w, b, y, stream):
         bias = not isinstance(b, types.NoneType)
 
         def body(j, mask, ptrs, scalars):
-            v = builder.fmul(builder.fsub(load_lanes(builder, row.dtype, ptrs[0], mask), shift, flags=IR_FLAGS), scale, flags=IR_FLAGS)
+            pairs = pair_order(mask, row.dtype, w.dtype, y.dtype, *((b.dtype,) if bias else ()))
+            v = builder.fsub(load_lanes(builder, row.dtype, ptrs[0], mask, pairs), shift, flags=IR_FLAGS)
+            v = builder.fmul(v, scale, flags=IR_FLAGS)
             if bias:  # the bias add fused as Numba's contract does
-                v = builder.call(fma, [v, load_lanes(builder, w.dtype, ptrs[1], mask), load_lanes(builder, b.dtype, ptrs[2], mask)])
+                v = builder.call(fma, [v, load_lanes(builder, w.dtype, ptrs[1], mask, pairs), load_lanes(builder, b.dtype, ptrs[2], mask, pairs)])
             else:
-                v = builder.fmul(v, load_lanes(builder, w.dtype, ptrs[1], mask), flags=IR_FLAGS)
-            store_lanes(builder, y.dtype, ptrs[-1], mask, v, args[6])
+                v = builder.fmul(v, load_lanes(builder, w.dtype, ptrs[1], mask, pairs), flags=IR_FLAGS)
+            store_lanes(builder, y.dtype, ptrs[-1], mask, v, args[6], pairs)
 
         lanes_row(context, builder, sig, args, (0, 3, 4, 5) if bias else (0, 3, 5), body)
         return context.get_dummy_value()
@@ -245,8 +248,10 @@ def _exp_sum_lanes(typingctx, x, m, buf):
         shift = _spread(builder, args[1])
 
         def body(j, mask, ptrs, scalars):
-            d = builder.fsub(load_lanes(builder, x.dtype, ptrs[0], mask), shift, flags=IR_FLAGS)
+            d = builder.fsub(load_lanes(builder, x.dtype, ptrs[0], mask, pair_order(mask, x.dtype)), shift, flags=IR_FLAGS)
             e = exp_lanes(builder, d, positive=False, narrow=x.dtype != types.float32)  # softmax's y has x's dtype
+            # buf in lane order (pair order on AVX2), as _scale_lanes reads it back: both passes step the row from
+            # multiples of LANES (_PREFETCH_BLOCK is one), so their full steps cover the same elements
             store_lanes(builder, types.float32, ptrs[1], mask, e)
             builder.store(builder.fadd(builder.load(total), builder.select(mask, e, zero), flags=IR_FLAGS), total)
 
@@ -264,8 +269,8 @@ def _scale_lanes(typingctx, buf, inv, y, stream):
         scale = _spread(builder, args[1])
 
         def body(j, mask, ptrs, scalars):
-            v = builder.fmul(load_lanes(builder, types.float32, ptrs[0], mask), scale, flags=IR_FLAGS)
-            store_lanes(builder, y.dtype, ptrs[1], mask, v, args[3])
+            v = builder.fmul(load_lanes(builder, types.float32, ptrs[0], mask), scale, flags=IR_FLAGS)  # in _exp_sum_lanes' order
+            store_lanes(builder, y.dtype, ptrs[1], mask, v, args[3], pair_order(mask, y.dtype))
 
         lanes_row(context, builder, sig, args, (0, 2), body)
         return context.get_dummy_value()
@@ -446,7 +451,8 @@ def _gated_lanes(typingctx, g, u, y, act, stream):
             return ir.Constant(vec, [value] * LANES)
 
         def body(j, mask, ptrs, scalars):
-            x = load_lanes(builder, g.dtype, ptrs[0], mask)
+            pairs = pair_order(mask, g.dtype, u.dtype, y.dtype)
+            x = load_lanes(builder, g.dtype, ptrs[0], mask, pairs)
             if act.literal_value == SILU:
                 z = builder.fneg(x)
             else:  # -2 * 0.7978845608028654 * (x + 0.044715 * x * x * x), the cube's add fused as Numba's contract does
@@ -458,8 +464,8 @@ def _gated_lanes(typingctx, g, u, y, act, stream):
                 v = builder.fmul(x, builder.call(rcp, [d, ir.Constant(vec, ir.Undefined), ir.IntType(16)(-1)]), flags=IR_FLAGS)
             else:
                 v = builder.fdiv(x, d, flags=IR_FLAGS)
-            v = builder.fmul(v, load_lanes(builder, u.dtype, ptrs[1], mask), flags=IR_FLAGS)
-            store_lanes(builder, y.dtype, ptrs[2], mask, v, args[4])
+            v = builder.fmul(v, load_lanes(builder, u.dtype, ptrs[1], mask, pairs), flags=IR_FLAGS)
+            store_lanes(builder, y.dtype, ptrs[2], mask, v, args[4], pairs)
 
         lanes_row(context, builder, sig, args, (0, 1, 2), body)
         return context.get_dummy_value()

@@ -46,7 +46,7 @@ def schema(op):
     str? backend=None) -> Tensor[]` (see `_positional_and_keyword` for the order)."""
     positional, keyword = _positional_and_keyword(op)
     args = ", ".join([*map(_arg, positional), "*", *map(_arg, keyword), "str? backend=None"])
-    if _varies(op):
+    if varies(op):
         returns = "Tensor[]"  # how many depends on the arguments (a residual given, a format's extra scale)
     elif len(op.results) == 1:
         returns = "Tensor"
@@ -55,7 +55,8 @@ def schema(op):
     return f"{op.name}({args}) -> {returns}"
 
 
-def _varies(op):
+def varies(op):
+    """Whether how many results the op returns depends on its arguments (its schema returns Tensor[])."""
     return any(r.endswith("?") for r in op.results)
 
 
@@ -69,7 +70,7 @@ def register(op):
 
     names = [p.name for p in _positional_and_keyword(op)[0]]
     defaults = op.bind((), {})
-    varies = _varies(op)
+    as_list = varies(op)
 
     def bind(args, kwargs):  # torch leaves out trailing positional arguments left at their defaults
         values = defaults.copy()
@@ -79,7 +80,7 @@ def register(op):
 
     def kernel(*args, backend=None, **kwargs):
         out = dispatch(op, bind(args, kwargs), backend)
-        return (list(out) if isinstance(out, tuple) else [out]) if varies else out
+        return (list(out) if isinstance(out, tuple) else [out]) if as_list else out
 
     def fake(*args, backend=None, **kwargs):
         values = bind(args, kwargs)
@@ -87,7 +88,7 @@ def register(op):
             op.validate(values)
         like = values[op.primary]
         outs = [torch.empty(shape, dtype=getattr(torch, dtype), device=like.device) for shape, dtype in op.outputs(values)]
-        return outs if varies else tuple(outs) if len(outs) > 1 else outs[0]
+        return outs if as_list else tuple(outs) if len(outs) > 1 else outs[0]
 
     torch.library.impl(qualname, ("cpu", "cuda"), lib=LIBRARY)(kernel)
     torch.library.register_fake(qualname, fake, lib=LIBRARY)
