@@ -107,14 +107,17 @@ def _microkernel(mr, nr):
     return mk
 
 
-_mk = _microkernel(_MR, _NR)
+# The products' column step: 64 in AVX-512's 32 registers; AVX2 has 16 ymm, where 6 x 64 floats of accumulators
+# would spill, so 6 x 16 (12 ymm accumulators, 2 for B, 1 broadcast). Operands stay padded to multiples of _NR.
+_GEMM_NR = _NR if "avx512f" in CPU_FEATURES else _LANES
+_mk = _microkernel(_MR, _GEMM_NR)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _gemm(a, a_rs, a_cs, m, b, ldb, n, c, ldc, k, accumulate):
     """C[m, n] (+)= A[m, k] . B[k, n] with m a multiple of _MR and n of _NR (operands padded).
-    Column panels outermost: the k x _NR panel of B stays in L1 while A streams past it."""
-    for c0 in range(0, n, _NR):
+    Column panels outermost: the k x _GEMM_NR panel of B stays in L1 while A streams past it."""
+    for c0 in range(0, n, _GEMM_NR):
         for r0 in range(0, m, _MR):
             _mk(a, r0 * a_rs, a_rs, a_cs, b, c0, ldb, c, r0 * ldc + c0, ldc, k, accumulate)
 
