@@ -5,8 +5,8 @@
 A Llama-shaped model of about 0.5B parameters with random weights (hidden 1024, 28 layers, MLP 4096,
 16 query / 4 KV heads, vocabulary 32000; --quick: 4 layers), in bfloat16 and float32: prefill of 512
 tokens and 32 greedy decode steps, for stock eager, stock torch.compile, hal-patched eager
-(hal.torch.apply) and hal-patched compiled. Reports tokens/s (median over the repeats) and the ratio
-to stock eager with its spread (min-max of the per-repeat ratios). Then the extra cost per call of
+(hal.torch.apply) and hal-patched compiled, taking turns in each round. Reports tokens/s (median over the
+rounds) and the ratio to stock eager with its spread (min-max of the per-round ratios). Then the extra cost per call of
 torch.ops.hal.<op> over hal.ops.<op> on tiny inputs (median and spread of 7 rounds, each side timed as the
 best of 50 batches of 20 calls), beside the dispatcher's own cost (the same schema with an empty kernel).
 """
@@ -46,39 +46,39 @@ def measure(model, ids):
     return prefill, max(total - prefill, 1e-9)
 
 
-def variants(model):
-    """(label, set up, tear down) of the four ways to run the model."""
-    def compile_forward():
-        torch._dynamo.reset()
-        model.forward = torch.compile(model.forward, dynamic=True)
-
-    def uncompile():
-        model.__dict__.pop("forward", None)
-
-    return [("stock eager", lambda: None, lambda: None),
-            ("stock compiled", compile_forward, uncompile),
-            ("hal eager", lambda: hal.torch.apply(model, backend="cpu"), lambda: hal.torch.restore(model)),
-            ("hal compiled", lambda: (hal.torch.apply(model, backend="cpu"), compile_forward()),
-             lambda: (uncompile(), hal.torch.restore(model)))]
+def variants(layers, dtype):
+    """(label, model, forward) of the four ways to run the model: a stock copy and a hal-patched copy of the same weights
+    (hal.torch.apply), each eager and under torch.compile (its forward replaced, compiled once)."""
+    stock, patched = build(layers, dtype), build(layers, dtype)
+    hal.torch.apply(patched, backend="cpu")
+    torch._dynamo.reset()
+    out = []
+    for label, model in (("stock", stock), ("hal", patched)):
+        eager, compiled = model.forward, torch.compile(model.forward, dynamic=True)
+        out += [(f"{label} eager", model, eager), (f"{label} compiled", model, compiled)]
+    return out
 
 
 def bench_model(layers, dtype, repeats):
-    model = build(layers, dtype)
+    """Rows of tokens/s and ratios; the variants take turns in every round (a warm-up round first: compiles,
+    Numba's and the allocator's first calls), so a slow spell of this shared machine falls on all of them."""
+    runs = variants(layers, dtype)
     ids = torch.randint(0, 32000, (1, PROMPT), generator=torch.Generator().manual_seed(1))
-    params = sum(p.numel() for p in model.parameters())
-    runs = {}
+    params = sum(p.numel() for p in runs[0][1].parameters())
+    times = {label: [] for label, _, _ in runs}
     with torch.inference_mode():
-        for label, setup, teardown in variants(model):
-            setup()
-            measure(model, ids)  # warm-up: compiles, Numba's and the allocator's first calls
-            runs[label] = [measure(model, ids) for _ in range(repeats)]
-            teardown()
+        for round_ in range(repeats + 1):
+            for label, model, forward in runs:
+                model.forward = forward
+                result = measure(model, ids)
+                if round_:
+                    times[label].append(result)
     rows = []
-    for label, times in runs.items():
+    for label, measured in times.items():
         row = {"model": f"{params / 1e9:.2f}B {str(dtype)[6:]}", "variant": label}
         for phase, i, tokens in (("prefill", 0, PROMPT), ("decode", 1, NEW_TOKENS)):
-            ratios = [base[i] / t[i] for base, t in zip(runs["stock eager"], times)]
-            row[phase] = {"tokens_per_s": statistics.median(tokens / t[i] for t in times),
+            ratios = [base[i] / t[i] for base, t in zip(times["stock eager"], measured)]
+            row[phase] = {"tokens_per_s": statistics.median(tokens / t[i] for t in measured),
                           "ratio": statistics.median(ratios), "spread": (min(ratios), max(ratios))}
         rows.append(row)
     return rows

@@ -288,8 +288,9 @@ def dispatch(op, a, requested=None, out=None):
 
 
 def _run(op, a, kernel, be, shapes, like, out=None):
-    """The outputs allocated (or `out` wrapped), `kernel` run on backend `be` with the validated arguments `a`,
-    the results returned as arrays of the kind and device of `like` (see dispatch)."""
+    """The outputs allocated (or `out` wrapped), `kernel` run on backend `be` with the validated arguments `a` (the
+    call's own dict: its tensors are replaced by the backend's arrays), the results returned as arrays of the kind
+    and device of `like` (see dispatch)."""
     make = be.poisoned if _poison[0] else be.empty
     with be.call_context(like):
         try:
@@ -298,12 +299,11 @@ def _run(op, a, kernel, be, shapes, like, out=None):
             else:
                 outs = tuple([_native_out(be, y, shape, dtype) for y, (shape, dtype) in zip(out, shapes)])
             if any(math.prod(shape) for shape, _ in shapes):
-                native = dict(a)  # attributes pass as they are; tensors go through the backend
-                for t in op.tensors:
-                    x = native[t.name]
+                for t in op.tensors:  # attributes pass as they are; tensors go through the backend
+                    x = a[t.name]
                     if x is not None:
-                        native[t.name] = be.to_native(x, kernel.contiguous)
-                kernel.fn(outs, **native)
+                        a[t.name] = be.to_native(x, kernel.contiguous)
+                kernel.fn(outs, **a)
         except MemoryError as e:
             if isinstance(e, OutOfMemory):
                 raise
@@ -403,11 +403,11 @@ class Prepared:
 
     def run(self, a):
         """The op on the tensors of `a` (by name), whose keys the caller has matched."""
-        tensors = [a[name] for name in self.names]
-        if any(getattr(x, "requires_grad", False) for x in tensors) and sys.modules["torch"].is_grad_enabled():
-            raise GradNotSupported(self.op.name)
         args = dict(self.attrs)
-        args.update(zip(self.names, tensors))
+        for name in self.names:
+            args[name] = a[name]
+        if any(getattr(args[name], "requires_grad", False) for name in self.names) and sys.modules["torch"].is_grad_enabled():
+            raise GradNotSupported(self.op.name)
         return _run(self.op, args, self.kernel, self.backend, self.shapes, a[self.op.primary])
 
 

@@ -24,7 +24,7 @@ from .errors import BackendUnavailable, HalError
 
 hookspec = pluggy.HookspecMarker("hal")
 hookimpl = pluggy.HookimplMarker("hal")
-_NO_CONTEXT = contextlib.nullcontext()  # reusable: a host backend's call_context, entered on every call
+NO_CONTEXT = contextlib.nullcontext()  # reusable: a host backend's call_context, entered on every call
 
 
 class HookSpec:
@@ -121,7 +121,7 @@ class Backend:
         """A context manager around one call whose primary argument is `like`, from before its outputs
         are allocated until they are returned: where the call's kernels run and its memory comes from
         (a device backend enters torch's current stream and caching allocator for torch tensors)."""
-        return _NO_CONTEXT
+        return NO_CONTEXT
 
     def to_native(self, x, contiguous):
         """`x` as an array this backend's kernels take (C-contiguous if asked)."""

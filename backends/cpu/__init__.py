@@ -36,7 +36,7 @@ except ImportError:  # Windows
 from hal.dispatch import physical_memory
 from hal.dtypes import to_numpy
 from hal.errors import HalError
-from hal.registry import Backend, Priority, hookimpl
+from hal.registry import NO_CONTEXT, Backend, Priority, hookimpl
 
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hal" / "numba"
 os.environ.setdefault("NUMBA_CACHE_DIR", str(CACHE_DIR))  # read by Numba when it is first imported
@@ -64,6 +64,15 @@ class CpuBackend(Backend):
                 "memory": "host NumPy arrays; torch CPU tensors are viewed, not copied; outputs >= 4 MiB reuse pooled buffers",
                 "toolchain": f"Numba {numba.__version__} (LLVM), no system compiler; BLAS from NumPy",
                 "thread pools": _thread_pools()}
+
+    def call_context(self, like):
+        """None (host memory), or in a fork child that GNU OpenMP would kill with SIGTERM in its first parallel
+        region, a HalError before any kernel runs."""
+        if _forked_from_gnu_openmp:
+            raise HalError("cpu backend: this process was forked after its parent ran cpu kernels on Numba's GNU OpenMP "
+                           "threading layer, which cannot run in a fork child; use the 'spawn' (or 'forkserver') start "
+                           "method of multiprocessing, or install tbb (`pip install tbb`) so Numba uses its fork-safe TBB layer")
+        return NO_CONTEXT
 
     def to_native(self, x, contiguous):
         """As every host backend, but never read-only (np.load's memory maps, arrays whose flag was cleared): Numba
@@ -214,18 +223,6 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _fork_checked(fn):
-    """fn, refusing to run in a fork child that GNU OpenMP would kill with SIGTERM."""
-    @functools.wraps(fn)
-    def kernel(*args, **kwargs):
-        if _forked_from_gnu_openmp:
-            raise HalError("cpu backend: this process was forked after its parent ran cpu kernels on Numba's GNU OpenMP "
-                           "threading layer, which cannot run in a fork child; use the 'spawn' (or 'forkserver') start "
-                           "method of multiprocessing, or install tbb (`pip install tbb`) so Numba uses its fork-safe TBB layer")
-        return fn(*args, **kwargs)
-    return kernel
-
-
 @functools.cache  # once per process, however often the registry is rebuilt
 def _install_compile_notice():
     """Print one line when a hal kernel is compiled (not when it is loaded from the cache)."""
@@ -353,4 +350,4 @@ def hal_register(registry):
     registry.add_backend(CpuBackend())
     for module in (kernels, attention, moe, quant, qgemm, sparse):
         for k in module.KERNELS:
-            registry.add_kernel(k.op, "cpu", _fork_checked(k.fn), dtypes=k.dtypes, source=module.__file__, **k.options)
+            registry.add_kernel(k.op, "cpu", k.fn, dtypes=k.dtypes, source=module.__file__, **k.options)

@@ -841,11 +841,11 @@ def _prefetch_row(builder, ptr, nbytes):
 
 
 @intrinsic
-def _qk_chunk(typingctx, q, q_off, ldq, cache, rows, h_off, n, s, s_off, lds, d, ahead, n_ahead):
+def _qk_chunk(typingctx, q, q_off, ldq, cache, rows, h_off, n, s, s_off, lds, d, ahead, ahead_off, n_ahead):
     """S[i, j] = Q[i, :d] . K_j[:d] for 4 query heads i and the keys j < n (rounded up to 4; S and
     rows padded), K_j read from the cache at element rows[j] + h_off and widened on the fly (Q:
     float32 rows at q[q_off + i * ldq], zero-padded to a multiple of 16; S[i, j] to s[s_off + i * lds
-    + j]); the rows ahead[j] + h_off of the next chunk's keys j < n_ahead are prefetched on the way,
+    + j]); the rows ahead[j] + ahead_off of the keys j < n_ahead are prefetched on the way,
     4 after each block (issued all at once they filled the line fill buffers and stalled the compute).
     With Q in bfloat16 (int16, padded to 32) and a bfloat16 cache, vdpbf16ps takes 32 of each per
     instruction: products of two bfloat16 are exact in float32, and the cache needs no widening.
@@ -859,10 +859,10 @@ def _qk_chunk(typingctx, q, q_off, ldq, cache, rows, h_off, n, s, s_off, lds, d,
     in 16 registers spilled every FMA's accumulator to the stack; per core on AMD EPYC Zen 3 a whole
     decode (bf16 KV, 4 x 4096 keys) went from 16.0 to 11.4 ms, fp8 e4m3fn from 27.8 to 11.7 ms
     with _pv_block's change."""
-    sig = types.void(q, q_off, ldq, cache, rows, h_off, n, s, s_off, lds, d, ahead, n_ahead)
+    sig = types.void(q, q_off, ldq, cache, rows, h_off, n, s, s_off, lds, d, ahead, ahead_off, n_ahead)
 
     def codegen(context, builder, sig, args):
-        pq, q_off, ldq, pk, prow, h_off, n, ps, s_off, lds, d, pahead, n_ahead = _args(context, builder, sig, args, (0, 3, 4, 7, 11))
+        pq, q_off, ldq, pk, prow, h_off, n, ps, s_off, lds, d, pahead, ahead_off, n_ahead = _args(context, builder, sig, args, (0, 3, 4, 7, 11))
         f32, i64 = ir.FloatType(), ir.IntType(64)
         lanes = _DECODE_LANES
         vec = ir.VectorType(f32, lanes)
@@ -909,7 +909,7 @@ def _qk_chunk(typingctx, q, q_off, ldq, cache, rows, h_off, n, s, s_off, lds, d,
                     dot(full, lanes_below(builder, builder.sub(d, full), step), keys)
             for j in range(4):
                 with builder.if_then(builder.icmp_signed("<", builder.add(t0, i64(j)), n_ahead)):
-                    at = builder.add(builder.load(builder.gep(pahead, [builder.add(t0, i64(j))])), h_off)
+                    at = builder.add(builder.load(builder.gep(pahead, [builder.add(t0, i64(j))])), ahead_off)
                     _prefetch_row(builder, builder.bitcast(builder.gep(pk, [at]), ir.IntType(8).as_pointer()),
                                   builder.mul(d, i64(sig.args[3].dtype.bitwidth // 8)))
             sums = [builder.load(x) for x in acc]
@@ -933,23 +933,25 @@ def _qk_chunk(typingctx, q, q_off, ldq, cache, rows, h_off, n, s, s_off, lds, d,
 
 
 @intrinsic
-def _pv_block(typingctx, p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0, dv, ahead, n_ahead):
+def _pv_block(typingctx, p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0, dv, ahead, ahead_off, n_ahead):
     """O[i, c0:c0 + 64] += sum over t < n of P[i, t] V_t[c0:c0 + 64] for 4 query heads i, V_t read
     from the cache at element rows[t] + h_off and widened on the fly, columns >= dv as 0 (P: float32
     at p[p_off + i * ldp + t]; O: float32 rows at o[o_off + i * ldo], 64 columns writable, bfloat16
-    V's in the order _v_column gives); the rows ahead[t] + h_off of the next chunk's keys t < n_ahead
-    are prefetched on the way. 4 x 4 accumulators; each V vector feeds four FMAs, each broadcast of P
-    four. bfloat16 V widens in one step per 16 columns: a word of two holds an even column in its
-    low half (shifted up) and an odd one in its high half (masked), so the columns of each 32 come out
-    even ones first (two steps through vpmovzxwd).
+    V's in the order _v_column gives); each block of columns prefetches its own columns of the rows
+    ahead[t] + ahead_off, t < n_ahead, on the way (on AVX2 the first of its 16-column blocks took
+    whole rows, 4 lines per key into a loop of 8 FMAs a key, and stalled on them). 4 x 4
+    accumulators; each V vector feeds four FMAs, each broadcast of P four. bfloat16 V widens in one
+    step per 16 columns: a word of two holds an even column in its low half (shifted up) and an odd
+    one in its high half (masked), so the columns of each 32 come out even ones first (two steps
+    through vpmovzxwd).
     AVX2 (_DECODE_LANES 8): four blocks of 16 columns, 4 x 2 accumulators each, V widened by _kv_vector
     in column order; a block with dv's tail takes its own loop, as AVX2 has no masked loads of bytes or
     words (LLVM loads such a vector an element at a time behind a branch each: that and the spilled 4 x 4
     accumulators cost fp8 V ~2x, AMD EPYC Zen 3)."""
-    sig = types.void(p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0, dv, ahead, n_ahead)
+    sig = types.void(p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0, dv, ahead, ahead_off, n_ahead)
 
     def codegen(context, builder, sig, args):
-        pp, p_off, ldp, pv, prow, h_off, n, po, o_off, ldo, c0, dv, pahead, n_ahead = _args(context, builder, sig, args, (0, 3, 4, 7, 12))
+        pp, p_off, ldp, pv, prow, h_off, n, po, o_off, ldo, c0, dv, pahead, ahead_off, n_ahead = _args(context, builder, sig, args, (0, 3, 4, 7, 12))
         f32, i64 = ir.FloatType(), ir.IntType(64)
         lanes, dtype = _DECODE_LANES, sig.args[3].dtype
         vec = ir.VectorType(f32, lanes)
@@ -981,11 +983,10 @@ def _pv_block(typingctx, p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0
             with cgutils.for_range(builder, n) as loop:
                 t = loop.index
                 vv = widen(builder.add(builder.add(builder.add(builder.load(builder.gep(prow, [t])), h_off), c0), i64(c)), masks)
-                if c == 0:
-                    with builder.if_then(builder.icmp_signed("<", t, n_ahead)):
-                        ahead = builder.add(builder.load(builder.gep(pahead, [t])), h_off)
-                        _prefetch_row(builder, builder.bitcast(builder.gep(pv, [ahead]), ir.IntType(8).as_pointer()),
-                                      builder.mul(dv, i64(dtype.bitwidth // 8)))
+                with builder.if_then(builder.icmp_signed("<", t, n_ahead)):
+                    ahead = builder.add(builder.add(builder.add(builder.load(builder.gep(pahead, [t])), ahead_off), c0), i64(c))
+                    _prefetch_row(builder, builder.bitcast(builder.gep(pv, [ahead]), ir.IntType(8).as_pointer()),
+                                  i64(16 * len(masks) * dtype.bitwidth // 8))
                 for i in range(4):
                     pi = builder.load(builder.gep(pp, [builder.add(builder.mul(i64(i), ldp), t)]))
                     splat = builder.shuffle_vector(builder.insert_element(undef, pi, ir.Constant(ir.IntType(32), 0)), undef, splat_mask)
@@ -1018,8 +1019,10 @@ def _pv_block(typingctx, p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0
 def _softmax_row(typingctx, s, s_off, n, scale, m, l, i):
     """One online-softmax step of a query head over n scores s[s_off:s_off + n]: scale them, move the
     running max m[i] to theirs, replace them by p = exp(score - max) (common.exp's arithmetic), and
-    rescale the running sum l[i] and add theirs. Returns alpha, the factor the head's output
-    accumulator is to be rescaled by. In 16 lanes: the Numba loops of this (scale, max, exp, sum
+    rescale the running sum l[i] and add theirs. s has room for n rounded up to 16: whole vectors are
+    read and written, the lanes past n left out of max and sum (AVX2's masked stores, vmaskmovps, were
+    slow on AMD EPYC Zen 3). Returns alpha, the factor the head's output accumulator is to be
+    rescaled by. In 16 lanes: the Numba loops of this (scale, max, exp, sum
     passes over a 32-key row, vectorized in 8 lanes) took ~8 ns of ~50 per key and KV head, this ~4
     (bf16, 4 query heads per KV head, one core)."""
     sig = types.float32(s, s_off, n, scale, m, l, i)
@@ -1039,10 +1042,14 @@ def _softmax_row(typingctx, s, s_off, n, scale, m, l, i):
 
         ninf, zero = ir.Constant(vec, [float("-inf")] * _LANES), ir.Constant(vec, [0.0] * _LANES)
         top = cgutils.alloca_once_value(builder, ninf)
+
+        def at(j):
+            return builder.bitcast(builder.gep(row, [j]), vec.as_pointer())
+
         with cgutils.for_range_slice(builder, i64(0), n, i64(_LANES)) as (j, _):
             mask = lanes_below(builder, builder.sub(n, j), _LANES)
-            x = builder.fmul(masked(builder, "load", builder.gep(row, [j]), mask), splat(scale), flags=IR_FLAGS)
-            masked(builder, "store", builder.gep(row, [j]), mask, x)
+            x = builder.fmul(builder.load(at(j), align=4), splat(scale), flags=IR_FLAGS)
+            builder.store(x, at(j), align=4)
             builder.store(larger(builder.select(mask, x, ninf), builder.load(top)), top)
         m_ptr, l_ptr = builder.gep(pm, [i]), builder.gep(pl, [i])
         old = builder.load(m_ptr)
@@ -1050,14 +1057,16 @@ def _softmax_row(typingctx, s, s_off, n, scale, m, l, i):
         new = larger(new, old)
         seen = builder.fcmp_ordered(">", new, ir.Constant(f32, float("-inf")), flags=IR_FLAGS)
         # A head with only -inf scores so far keeps m = -inf and p = exp(-inf - 0) = 0.
-        alpha = builder.select(seen, builder.extract_element(exp_lanes(builder, splat(builder.fsub(old, new, flags=IR_FLAGS))), ir.Constant(ir.IntType(32), 0)),
-                               ir.Constant(f32, 1.0))
+        alpha = cgutils.alloca_once_value(builder, ir.Constant(f32, 1.0))
+        with builder.if_then(builder.and_(seen, builder.fcmp_ordered("<", old, new, flags=IR_FLAGS))):  # the max grew (most chunks: not)
+            builder.store(builder.extract_element(exp_lanes(builder, splat(builder.fsub(old, new, flags=IR_FLAGS))), ir.Constant(ir.IntType(32), 0)), alpha)
+        alpha = builder.load(alpha)
         shift = splat(builder.select(seen, new, ir.Constant(f32, 0.0)))
         total = cgutils.alloca_once_value(builder, zero)
         with cgutils.for_range_slice(builder, i64(0), n, i64(_LANES)) as (j, _):
             mask = lanes_below(builder, builder.sub(n, j), _LANES)
-            p = exp_lanes(builder, builder.fsub(masked(builder, "load", builder.gep(row, [j]), mask), shift, flags=IR_FLAGS))
-            masked(builder, "store", builder.gep(row, [j]), mask, p)
+            p = exp_lanes(builder, builder.fsub(builder.load(at(j), align=4), shift, flags=IR_FLAGS))
+            builder.store(p, at(j), align=4)
             builder.store(builder.fadd(builder.load(total), builder.select(mask, p, zero), flags=IR_FLAGS), total)
         builder.store(new, m_ptr)
         total = _fold(builder, builder.load(total), lambda x, y: builder.fadd(x, y, flags=IR_FLAGS))
@@ -1138,6 +1147,10 @@ _DG = 4  # query heads per register block of both products (a KV head's group is
 # Float32 lanes of the decode products' accumulators: AVX-512's 16 (sixteen 16-lane accumulators in 32
 # registers), else AVX2's 8, whose 16 registers hold 8 accumulators and their operands: there _qk_chunk
 # takes its 4 keys in two passes of 2 and _pv_block its 64 columns in four blocks of 16.
+# AVX2 per core (AMD EPYC Zen 3, thread time, min of interleaved runs, ns per key and KV head, 1 x 1024 keys
+# in L3 / 4 x 4096 from memory): prefetching one KV head ahead instead of one chunk, P V's prefetches spread
+# over its blocks, the softmax without masked stores and with alpha's exp only where the max grew took bf16
+# 52-54 / 73-88 -> 44-46 / 56-59 and fp8 e4m3fn 60-62 / 77-83 -> 57-58 / 61-65.
 _DECODE_LANES = _LANES if "avx512f" in CPU_FEATURES else 8
 _QK_PASSES = ((0, 1, 2, 3),) if _DECODE_LANES == _LANES else ((0, 1), (2, 3))
 _BF16_DOT = "avx512bf16" in CPU_FEATURES
@@ -1225,10 +1238,12 @@ def _paged_task(q, kc, vc, table, part, qk_scale, softcap, m_out, l_out, o_out):
     m = np.full((hkv, gp), -np.inf, np.float32)
     l = np.zeros((hkv, gp), np.float32)
     s = np.empty((gp, _DECODE_CHUNK), np.float32)
-    # rows of this chunk (k_rows[0], v_rows[0]) and the next ([1]), whose loads start while this chunk
-    # computes: with them in flight, the kernel streams ~20% faster. They are spread over the work
-    # (a KV head's next K rows 4 at a time between its score blocks, its V rows one per key of its first
-    # P V block): issued all at once at the chunk's start, 2048 prefetches (bf16, 8 KV heads, d 128)
+    # rows of this chunk (k_rows[0], v_rows[0]) and the next ([1]). While a KV head computes, the rows of
+    # the next one are prefetched (after the last head, the next chunk's first head): with them in flight,
+    # the kernel streams ~20% faster. One head ahead they are read 16 KB later (bf16, d 128), still in L1;
+    # one chunk ahead (128 KB later, 8 KV heads) they had left L1 and P V stalled on its V loads.
+    # They are spread over the work (K rows 4 at a time between score blocks, V rows by each block of
+    # P V columns): issued all at once at the chunk's start, 2048 prefetches (bf16, 8 KV heads, d 128)
     # filled the line fill buffers and stalled the compute behind them, 10-20% slower.
     k_rows, v_rows = np.empty((2, _DECODE_CHUNK), np.int64), np.empty((2, _DECODE_CHUNK), np.int64)
     k_head, v_head = kc.strides[2] // kc.itemsize, vc.strides[2] // vc.itemsize
@@ -1242,8 +1257,13 @@ def _paged_task(q, kc, vc, table, part, qk_scale, softcap, m_out, l_out, o_out):
             _chunk_rows(kc, table, b, c0 + n, n_next, k_rows[1])
             _chunk_rows(vc, table, b, c0 + n, n_next, v_rows[1])
         for kvh in range(hkv):
+            # prefetched meanwhile: the rows of the next KV head, or after the last the next chunk's first
+            last = kvh == hkv - 1
+            k_next, v_next, n_ahead = (k_rows[1], v_rows[1], n_next) if last else (k_rows[0], v_rows[0], n)
+            h_next = 0 if last else kvh + 1
             for g0 in range(0, gp, _DG):
-                _qk_chunk(qs[kvh], g0 * dp, dp, kc, k_rows[0], kvh * k_head, n, s, g0 * _DECODE_CHUNK, _DECODE_CHUNK, d, k_rows[1], n_next if g0 == 0 else 0)
+                _qk_chunk(qs[kvh], g0 * dp, dp, kc, k_rows[0], kvh * k_head, n, s, g0 * _DECODE_CHUNK, _DECODE_CHUNK, d,
+                          k_next, h_next * k_head, n_ahead if g0 == 0 else 0)
             scaled = _softcap(s[:group, :n].T, n, group, score_scale, softcap)
             for g in range(group):
                 alpha = _softmax_row(s, g * _DECODE_CHUNK, n, scaled, m[kvh], l[kvh], g)
@@ -1254,7 +1274,7 @@ def _paged_task(q, kc, vc, table, part, qk_scale, softcap, m_out, l_out, o_out):
             for g0 in range(0, gp, _DG):
                 for c in range(0, dvp, _NR):
                     _pv_block(s, g0 * _DECODE_CHUNK, _DECODE_CHUNK, vc, v_rows[0], kvh * v_head, n, o[kvh], g0 * dvp, dvp, c, dv,
-                              v_rows[1], n_next if g0 == 0 and c == 0 else 0)
+                              v_next, h_next * v_head, n_ahead if g0 == 0 else 0)
     for h in range(hq):
         m_out[h] = m[h // group, h % group]
         l_out[h] = l[h // group, h % group]

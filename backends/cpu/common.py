@@ -410,7 +410,7 @@ def lanes_loop(builder, n, bases, body, unroll=1):
         body(j, lanes_below(builder, builder.sub(n, j), LANES), [builder.gep(base, [j]) for base in bases])
 
 
-def exp_lanes(builder, x, plus=None, positive=True, narrow=False):
+def exp_lanes(builder, x, plus=None, positive=True, stored=types.float32):
     """common.exp on a <16 x float> in IR, bit for bit (every float32 input checked): the same
     clamps, Cody-Waite reduction and polynomial, the scaling by 2**n one vscalefps (a single
     rounding of p * 2**n, as common.exp's two-factor product gives) where common.exp takes 9 integer
@@ -420,15 +420,17 @@ def exp_lanes(builder, x, plus=None, positive=True, narrow=False):
     fma(p * 2**(n-1), 2, plus), so that p * 2**128 stays finite inside the fma as it does there.
     Without AVX-512 (exp_lanes runs there too, as two AVX2 vectors) common.exp's integer scaling.
     positive=False: x is known to be <= 0 or NaN (softmax's x - max), so the clamp at 89 goes.
-    narrow=True, for results stored in 16 bits (no longer common.exp's bits; relative error < 6e-6): EXP_POLY_16
-    in Horner form to the end, the reduction by one float32 ln 2 (error < 3e-7) and plus added after the
-    scaling, 4 vector ops fewer (with AVX-512). Without AVX-512, narrow and not positive (softmax's exp of a row
-    stored in 16 bits; n <= 0) scales by 2**n as one factor whose biased exponent is floored at 0, so results below
-    2**-126 flush to 0 (absolute error < 1.2e-38): 4 integer and float steps where the two factors take 9. AMD EPYC
-    Zen 3, AVX2, one core, bfloat16 softmax 16 / 4096 rows of 4096: 0.85-0.90 -> 0.77 / 0.74 -> 0.64-0.67 ns an
-    element (3 runs each, alternated)."""
+    stored, the Numba dtype the results end up in: for 16 bits (uint16 float16, int16 bfloat16; no longer common.exp's
+    bits, relative error < 6e-6) EXP_POLY_16 in Horner form to the end, the reduction by one float32 ln 2 (error <
+    3e-7) and plus added after the scaling, 4 vector ops fewer (with AVX-512). Without AVX-512, 16-bit results scale
+    by 2**n as one factor whose biased exponent is floored at 0, so results below 2**-126 flush to 0 (absolute error
+    < 1.2e-38; n = 128, x > 88.38, gives inf where float32 overflows from 88.72 on: silu's x / (1 + exp(-x)) is 0
+    there, off by < 4e-37): 4 integer and float steps where the two factors take 9, and bfloat16 ones take EXP_POLY_8,
+    one FMA fewer. AMD EPYC Zen 3, AVX2, one core, bfloat16 softmax 16 / 4096 rows of 4096: 0.85-0.90 -> 0.77 /
+    0.74 -> 0.64-0.67 ns an element (3 runs each, alternated) for the one factor."""
     vec = x.type
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{vec.count}f32")
+    narrow = stored != types.float32
 
     def c(value):
         return ir.Constant(vec, [value] * vec.count)
@@ -440,8 +442,9 @@ def exp_lanes(builder, x, plus=None, positive=True, narrow=False):
     n = builder.fsub(t, c(float(ROUND)), flags=IR_FLAGS)
     if narrow:
         r = builder.call(fma, [n, c(-math.log(2)), x])
-        p = c(EXP_POLY_16[0])
-        for coef in (*EXP_POLY_16[1:], 1.0, 1.0):
+        poly = EXP_POLY_8 if stored == types.int16 and VECTOR_ISA == "avx2" else EXP_POLY_16
+        p = c(poly[0])
+        for coef in (*poly[1:], 1.0, 1.0):
             p = builder.call(fma, [p, r, c(coef)])
     else:
         r = builder.call(fma, [n, c(-float(LN2_LO)), builder.call(fma, [n, c(-float(LN2_HI)), x])])  # fused as Numba's contract does
@@ -451,11 +454,12 @@ def exp_lanes(builder, x, plus=None, positive=True, narrow=False):
         p = builder.fadd(builder.call(fma, [builder.fmul(p, r, flags=IR_FLAGS), r, r]), c(1.0), flags=IR_FLAGS)
     if "avx512f" not in CPU_FEATURES:  # no vscalefps (LLVM cannot split it for AVX2): common.exp's integer steps
         ivec = ir.VectorType(ir.IntType(32), vec.count)
-        if narrow and not positive and plus is None:  # 2**n as one factor, flushing results below 2**-126 to 0
+        if narrow:  # 2**n as one factor, flushing results below 2**-126 to 0
             biased = builder.add(builder.bitcast(t, ivec), ir.Constant(ivec, [127 - ROUND_BITS] * vec.count))
             biased = builder.select(builder.icmp_signed(">", biased, ir.Constant(ivec, [0] * vec.count)), biased,
                                     ir.Constant(ivec, [0] * vec.count))
-            return builder.fmul(p, builder.bitcast(builder.shl(biased, ir.Constant(ivec, [23] * vec.count)), vec), flags=IR_FLAGS)
+            scale = builder.bitcast(builder.shl(biased, ir.Constant(ivec, [23] * vec.count)), vec)
+            return builder.fmul(p, scale, flags=IR_FLAGS) if plus is None else builder.call(fma, [p, scale, c(plus)])
         ni = builder.sub(builder.bitcast(t, ivec), ir.Constant(ivec, [ROUND_BITS] * vec.count))
         h = builder.ashr(ni, ir.Constant(ivec, [1] * vec.count))
         low, high = (builder.bitcast(builder.shl(builder.add(e, ir.Constant(ivec, [127] * vec.count)), ir.Constant(ivec, [23] * vec.count)), vec)
@@ -470,6 +474,21 @@ def exp_lanes(builder, x, plus=None, positive=True, narrow=False):
     if plus is None:
         return e
     return builder.fadd(e, c(plus), flags=IR_FLAGS) if narrow else builder.call(fma, [e, c(2.0), c(plus)])
+
+
+def rcp_lanes(builder, v):
+    """The approximate reciprocal of the <LANES x float> v: vrcp14ps (relative error < 2**-14), without AVX-512
+    vrcpps on each 8-lane half (< 1.5 * 2**-12, enough for bfloat16's 8 bits, not float16's 11). 1 / inf is 0, so
+    x times it is what x / inf is (0, NaN for an infinite x)."""
+    if VECTOR_ISA == "avx512":
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(v.type, [v.type, v.type, ir.IntType(16)]),
+                                            "llvm.x86.avx512.rcp14.ps.512")
+        return builder.call(fn, [v, ir.Constant(v.type, ir.Undefined), ir.IntType(16)(-1)])
+    half = LANES // 2
+    vec = ir.VectorType(v.type.element, half)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec]), "llvm.x86.avx.rcp.ps.256")
+    low, high = (builder.call(fn, [_lane_shuffle(builder, v, list(range(h * half, (h + 1) * half)))]) for h in (0, 1))
+    return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), LANES), list(range(LANES))))
 
 
 def prefetch_line(builder, ptr, for_write, locality=3):
@@ -640,7 +659,8 @@ def as_rows(a, n):
     """A C-contiguous tensor [..., n] as a 2-D [rows, n] raw view (works for empty tensors)."""
     if a is None:
         return None
-    return raw_view(a).reshape(math.prod(a.shape[:-1]), n)
+    a = raw_view(a)
+    return a if a.ndim == 2 else a.reshape(math.prod(a.shape[:-1]), n)
 
 
 def outside_segments(rows, starts, ends):
@@ -664,6 +684,8 @@ EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 
 # error < 5.4e-6 in float32 (half an ulp is 2e-3 / 2.4e-4 there), two FMAs where EXP_POLY takes five.
 # bfloat16 softmax, one core, 16 x 4096: 0.36 -> 0.31 ns an element.
 EXP_POLY_16 = (0.04127436876296997, 0.16753625869750977, 0.5000516772270203)
+# Degree 3 for bfloat16 results on AVX2 (exp_lanes): relative error < 1.3e-4, a 30th of bfloat16's half ulp.
+EXP_POLY_8 = (0.16662807762622833, 0.5039417743682861)
 
 
 @njit(**HELPER)
