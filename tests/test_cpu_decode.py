@@ -56,14 +56,16 @@ def test_torch_peer_does_the_same_work(rng, kv):
     np.testing.assert_allclose(got, OP.reference(a)[0], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("kv", ["float8_e4m3fn", "float8_e4m3fnuz"])
-def test_fp8_codes_decode_exactly(rng, kv):
+def test_fp8_codes_decode_exactly(rng, kv, dtype):
     """All 256 fp8 codes as one V row (a single key: its weight is exactly 1) come out as ml_dtypes
-    decodes them times v_scale, bit for bit, NaN codes as NaN; a sliced cache (rows not contiguous)."""
+    decodes them times v_scale, bit for bit, NaN codes as NaN; a sliced cache (rows not contiguous).
+    bfloat16 queries take P V on vdpbf16ps where the CPU has it (the key paired with zeros)."""
     import ml_dtypes
 
     fp8 = getattr(ml_dtypes, kv)
-    a = _paged_args(rng, "float32", [1, 1], 2, 1, 256, 3, kv_dtype=kv)
+    a = _paged_args(rng, dtype, [1, 1], 2, 1, 256, 3, kv_dtype=kv)
     codes = np.arange(256, dtype=np.uint8).view(fp8)
     v = np.zeros(a["v_cache"].shape[:2] + (3, 256), fp8)
     v[a["block_table"][:, 0], 0, 1] = codes

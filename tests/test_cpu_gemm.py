@@ -56,10 +56,38 @@ def test_gemm_b_layouts(rung, layout, rng):
     _check(ops.gemm, {"a": random(rng, (m, k), "bfloat16"), "b": b, "activation": "gelu", "out_dtype": "float32"})
 
 
+@pytest.fixture
+def dpbf16_spy(monkeypatch):
+    """The calls of gemm_core.dpbf16_gemm (the vdpbf16ps driver), to check that a test reaches it on avx512bf16."""
+    calls = []
+    run = gemm_core.dpbf16_gemm
+    monkeypatch.setattr(gemm_core, "dpbf16_gemm", lambda *args: calls.append(args) or run(*args))
+    return calls
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("layout", ["row-major", "transposed"])
+def test_gemm_dpbf16_blocks(rung, dpbf16_spy, monkeypatch, layout, activation, rng):
+    """The vdpbf16ps driver with its blocks shrunk: M 101 in row blocks of 40 (groups of 5 and 6 rows), N 203
+    in column blocks of 128 (a strip of 11 columns last), K 151 in chunks of 64 (the sums kept in the block
+    between chunks; the last chunk odd), a strided; every activation, alpha, beta with c, a float32 out."""
+    monkeypatch.setattr(gemm_core, "_DP_MC", 40)
+    monkeypatch.setattr(gemm_core, "_DP_NC", 128)
+    monkeypatch.setattr(gemm_core, "_DP_KC", 64)
+    m, k, n = 101, 151, 203
+    b = random(rng, (n, k), "bfloat16").T if layout == "transposed" else random(rng, (k, n), "bfloat16")
+    _check(ops.gemm, {"a": strided(random(rng, (m, k), "bfloat16")), "b": b, "bias": random(rng, (n,), "bfloat16"),
+                      "c": random(rng, (m, n), "bfloat16"), "activation": activation, "alpha": 0.75, "beta": -0.5,
+                      "out_dtype": "float32" if activation is None else None})
+    assert bool(dpbf16_spy) == (rung == "avx512bf16")
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")
-def test_gemm_inf_nan_propagate(rung, rng):
+@pytest.mark.parametrize("layout", ["row-major", "transposed"])
+def test_gemm_inf_nan_propagate(rung, layout, rng):
     m, k, n = 40, 70, 50
-    a, b = random(rng, (m, k), "bfloat16"), random(rng, (k, n), "bfloat16")
+    a = random(rng, (m, k), "bfloat16")
+    b = random(rng, (n, k), "bfloat16").T if layout == "transposed" else random(rng, (k, n), "bfloat16")
     a[3, 5], a[20, 69] = np.nan, np.inf
     b[0, 7] = -np.inf
     out = _check(ops.gemm, {"a": a, "b": b, "bias": random(rng, (n,), "bfloat16"), "activation": "relu"})

@@ -20,7 +20,7 @@ partition of one sequence (split-K over long contexts, merged afterwards) for al
 KV head multiplies its group of query heads (padded to 4) with 4 keys at a time (`_qk_chunk`), then
 P V in 4 heads x 64 columns (`_pv_block`), both reading the cache rows in place and widening them in
 registers (bfloat16 scores take vdpbf16ps without widening, fp8 K with bfloat16 queries after a
-vpermi2b table lookup to bfloat16), the online softmax between them in 16 lanes (`_softmax_row`). `attention` with one query per
+vpermi2b table lookup to bfloat16, and fp8 V then two keys per vdpbf16ps), the online softmax between them in 16 lanes (`_softmax_row`). `attention` with one query per
 sequence is decode and takes that path too, its K and V read in place as a paged cache
 (`_decode_as_paged`).
 
@@ -837,7 +837,7 @@ def _prefetch_row(builder, ptr, nbytes):
     """IR: start loading the nbytes (an i64) at ptr (an i8*), one prefetch a cache line."""
     i64 = ir.IntType(64)
     with cgutils.for_range_slice(builder, i64(0), nbytes, i64(64)) as (off, _):
-        prefetch_line(builder, builder.gep(ptr, [off]), False)
+        prefetch_line(builder, builder.gep(ptr, [off]), False, _PREFETCH_LOCALITY)
 
 
 @intrinsic
@@ -943,7 +943,8 @@ def _pv_block(typingctx, p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0
     accumulators; each V vector feeds four FMAs, each broadcast of P four. bfloat16 V widens in one
     step per 16 columns: a word of two holds an even column in its low half (shifted up) and an odd
     one in its high half (masked), so the columns of each 32 come out even ones first (two steps
-    through vpmovzxwd).
+    through vpmovzxwd). P in bfloat16 (int16, _pv_pairs: fp8 V): two keys per vdpbf16ps instead, P[i, t:t + 2]
+    one broadcast word, the two V rows' bfloat16 words interleaved; an odd n's last key pairs with zeros.
     AVX2 (_DECODE_LANES 8): four blocks of 16 columns, 4 x 2 accumulators each, V widened by _kv_vector
     in column order; a block with dv's tail takes its own loop, as AVX2 has no masked loads of bytes or
     words (LLVM loads such a vector an element at a time behind a branch each: that and the spilled 4 x 4
@@ -952,14 +953,21 @@ def _pv_block(typingctx, p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0
 
     def codegen(context, builder, sig, args):
         pp, p_off, ldp, pv, prow, h_off, n, po, o_off, ldo, c0, dv, pahead, ahead_off, n_ahead = _args(context, builder, sig, args, (0, 3, 4, 7, 12))
-        f32, i64 = ir.FloatType(), ir.IntType(64)
+        f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
         lanes, dtype = _DECODE_LANES, sig.args[3].dtype
         vec = ir.VectorType(f32, lanes)
-        words = ir.VectorType(ir.IntType(32), _LANES)
+        words = ir.VectorType(i32, _LANES)
+        bf16s = ir.VectorType(ir.IntType(16), 2 * _LANES)  # 32 bfloat16
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{lanes}f32")
+        pairs = sig.args[0].dtype == types.int16  # P in bfloat16, V fp8 (_pv_pairs)
+        if pairs:
+            dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec, words, words]), "llvm.x86.avx512bf16.dpbf16ps.512")
         pp, po = builder.gep(pp, [p_off]), builder.gep(po, [builder.add(o_off, c0)])
         undef = ir.Constant(vec, ir.Undefined)
         splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+
+        def fp8_words(base, masks):  # _fp8_words of the 64 columns at base, each 16 masked by masks[v]
+            return _fp8_words(builder, dtype, pv, base, _concat(builder, *(_concat(builder, masks[v], masks[v + 1]) for v in (0, 2))))
 
         def widen(base, masks):  # the columns of the V row at base as float32 vectors of `lanes`, each 16 masked by masks[v]
             if lanes < _LANES:  # AVX2: 16 columns
@@ -971,27 +979,59 @@ def _pv_block(typingctx, p, p_off, ldp, cache, rows, h_off, n, o, o_off, ldo, c0
                     vv += [builder.bitcast(x, vec) for x in (builder.shl(w, ir.Constant(words, [16] * _LANES)), builder.and_(w, ir.Constant(words, [-65536] * _LANES)))]
                 return vv
             if _FP8_LOOKUP and dtype in (types.uint8, types.int8):
-                return [builder.bitcast(x, vec) for w in _fp8_words(builder, dtype, pv, base, _concat(builder, *(_concat(builder, masks[v], masks[v + 1]) for v in (0, 2))))
+                return [builder.bitcast(x, vec) for w in fp8_words(base, masks)
                         for x in (builder.shl(w, ir.Constant(words, [16] * _LANES)), builder.and_(w, ir.Constant(words, [-65536] * _LANES)))]
             return [half for v in (0, 2) for half in _halves(builder, _kv_vector(builder, dtype, pv, builder.add(base, i64(v * _LANES)),
                                                                                    _concat(builder, masks[v], masks[v + 1])))]
+
+        def interleave(x, y):  # words of x and y in pairs, as vpunpcklwd and vpunpckhwd do within each 128-bit lane: two <16 x i32>
+            return [builder.bitcast(builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(i32, 2 * _LANES), [k for lane in range(4) for j in range(4)
+                                                                                                             for k in (8 * lane + 4 * hi + j, 2 * _LANES + 8 * lane + 4 * hi + j)])), words)
+                    for hi in (0, 1)]
 
         def block(c, masks):  # O[:, c:c + 16 * len(masks)] += P V over the n keys
             o_ptr = [[builder.bitcast(builder.gep(po, [builder.add(builder.mul(i64(i), ldo), i64(c + v * lanes))]), vec.as_pointer())
                       for v in range(16 * len(masks) // lanes)] for i in range(4)]
             acc = [[cgutils.alloca_once_value(builder, builder.load(x, align=4)) for x in row] for row in o_ptr]
-            with cgutils.for_range(builder, n) as loop:
-                t = loop.index
-                vv = widen(builder.add(builder.add(builder.add(builder.load(builder.gep(prow, [t])), h_off), c0), i64(c)), masks)
+
+            def at(t):  # where this block's columns of key t's V row start
+                return builder.add(builder.add(builder.add(builder.load(builder.gep(prow, [t])), h_off), c0), i64(c))
+
+            def fetch_ahead(t):  # this block's columns of the row ahead of key t
                 with builder.if_then(builder.icmp_signed("<", t, n_ahead)):
                     ahead = builder.add(builder.add(builder.add(builder.load(builder.gep(pahead, [t])), ahead_off), c0), i64(c))
                     _prefetch_row(builder, builder.bitcast(builder.gep(pv, [ahead]), ir.IntType(8).as_pointer()),
                                   i64(16 * len(masks) * dtype.bitwidth // 8))
+
+            def pair(t, second):  # keys t and (second) t + 1, P[i, t:t + 2] one word of two bfloat16 (P[i, n] is 0, and key n's V zeros)
+                first = [builder.bitcast(w, bf16s) for w in fp8_words(at(t), masks)]
+                other = [builder.bitcast(w, bf16s) for w in fp8_words(at(builder.add(t, i64(1))), masks)] if second else [ir.Constant(bf16s, [0] * 2 * _LANES)] * 2
+                vv = [x for u in (0, 1) for x in interleave(first[u], other[u])]
+                fetch_ahead(t)
+                if second:
+                    fetch_ahead(builder.add(t, i64(1)))
                 for i in range(4):
-                    pi = builder.load(builder.gep(pp, [builder.add(builder.mul(i64(i), ldp), t)]))
-                    splat = builder.shuffle_vector(builder.insert_element(undef, pi, ir.Constant(ir.IntType(32), 0)), undef, splat_mask)
+                    pi = builder.load(builder.bitcast(builder.gep(pp, [builder.add(builder.mul(i64(i), ldp), t)]), i32.as_pointer()), align=2)
+                    splat = builder.shuffle_vector(builder.insert_element(ir.Constant(words, ir.Undefined), pi, i32(0)), ir.Constant(words, ir.Undefined),
+                                                   ir.Constant(words, [0] * _LANES))
                     for v, x in enumerate(vv):
-                        builder.store(builder.call(fma, [splat, x, builder.load(acc[i][v])]), acc[i][v])
+                        builder.store(builder.call(dot, [builder.load(acc[i][v]), splat, x]), acc[i][v])
+
+            if pairs:
+                with cgutils.for_range(builder, builder.sdiv(n, i64(2))) as loop:
+                    pair(builder.mul(loop.index, i64(2)), True)
+                with builder.if_then(builder.icmp_signed("!=", builder.srem(n, i64(2)), i64(0))):
+                    pair(builder.sub(n, i64(1)), False)
+            else:
+                with cgutils.for_range(builder, n) as loop:
+                    t = loop.index
+                    vv = widen(at(t), masks)
+                    fetch_ahead(t)
+                    for i in range(4):
+                        pi = builder.load(builder.gep(pp, [builder.add(builder.mul(i64(i), ldp), t)]))
+                        splat = builder.shuffle_vector(builder.insert_element(undef, pi, ir.Constant(ir.IntType(32), 0)), undef, splat_mask)
+                        for v, x in enumerate(vv):
+                            builder.store(builder.call(fma, [splat, x, builder.load(acc[i][v])]), acc[i][v])
             for i in range(4):
                 for v, x in enumerate(o_ptr[i]):
                     builder.store(builder.load(acc[i][v]), x, align=4)
@@ -1076,6 +1116,29 @@ def _softmax_row(typingctx, s, s_off, n, scale, m, l, i):
     return sig, codegen
 
 
+@intrinsic
+def _bf16_row(typingctx, s, s_off, n, dst):
+    """dst[s_off:s_off + n] = s[s_off:s_off + n] (float32 softmax weights) rounded to bfloat16 (int16 bits,
+    vcvtneps2bf16: subnormals as 0), and 0 on to n rounded up to 16 (a key t padding a pair t - 1, t of
+    _pv_block weighs 0)."""
+    sig = types.void(s, s_off, n, dst)
+
+    def codegen(context, builder, sig, args):
+        ps, s_off, n, pd = _args(context, builder, sig, args, (0, 3))
+        i64 = ir.IntType(64)
+        vec = ir.VectorType(ir.FloatType(), _LANES)
+        cvt = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VectorType(BFloat(), _LANES), [vec]), "llvm.x86.avx512bf16.cvtneps2bf16.512")
+        ps, pd = builder.gep(ps, [s_off]), builder.gep(pd, [s_off])
+        with cgutils.for_range_slice(builder, i64(0), n, i64(_LANES)) as (j, _):
+            x = builder.load(builder.bitcast(builder.gep(ps, [j]), vec.as_pointer()), align=4)
+            x = builder.select(lanes_below(builder, builder.sub(n, j), _LANES), x, ir.Constant(vec, [0.0] * _LANES))
+            bits = builder.bitcast(builder.call(cvt, [x]), ir.VectorType(ir.IntType(16), _LANES))
+            builder.store(bits, builder.bitcast(builder.gep(pd, [j]), bits.type.as_pointer()), align=2)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _widen_paged(cache, table, b, h, j0, n, dst):
     """dst[j, :w] = float32(cache[block, slot, h, :]) for the keys j0 + j (j < n) of sequence b.
@@ -1154,6 +1217,14 @@ _DG = 4  # query heads per register block of both products (a KV head's group is
 _DECODE_LANES = _LANES if "avx512f" in CPU_FEATURES else 8
 _QK_PASSES = ((0, 1, 2, 3),) if _DECODE_LANES == _LANES else ((0, 1), (2, 3))
 _BF16_DOT = "avx512bf16" in CPU_FEATURES
+# How many KV heads ahead decode prefetches the K and V rows it will read (past the last head, into the next
+# chunk), and into which cache (prefetch_line's locality: 3 L1, 2 L2). AVX-512, AMD EPYC Zen 4, one core,
+# 4 x 4096 keys from memory, ns per key and KV head, bf16 / fp8 e4m3fn KV: into L1 one head ahead 65 / 39, two
+# 66 / 30 (bf16: two heads' 16 KB in flight beside the computing one's 8 KB and its Q, score and output rows
+# overflow the 32 KB L1); into L2 one head ahead 49 / 43, two 30 / 24, four 31 / 22, eight 34 / 26 (L2-warm:
+# 24-25): L2 (1 MB) holds a distance that covers memory's latency, and the refill to L1 (~14 cycles) is
+# hidden by the out-of-order window. AVX2 (AMD EPYC Zen 3) keeps one head ahead into L1 as tuned there.
+_PREFETCH_AHEAD, _PREFETCH_LOCALITY = (2, 2) if _DECODE_LANES == _LANES else (1, 3)
 _FP8_LOOKUP = "avx512vbmi" in CPU_FEATURES  # fp8 to bfloat16 by vpermi2b (_fp8_words), else through float16
 
 
@@ -1200,21 +1271,52 @@ def _chunk_rows(cache, table, b, j0, n, rows):
     rows[n:] = rows[n - 1]
 
 
-def _v_column(vc, c):
-    """Where _pv_block keeps output column c: for bfloat16 V on AVX-512, each 32 columns' even ones first."""
+def _pv_pairs(q, vc):
+    """Whether P V runs on vdpbf16ps (Numba array types of the query and the raw V cache): bfloat16 queries,
+    so a bfloat16 output, whose own rounding is that of P to bfloat16 (2^-9), and an fp8 cache widened by
+    table (_fp8_words). Two keys per instruction: their P as one word of two bfloat16, their V rows' words
+    interleaved (vpunpcklwd / vpunpckhwd): half the FMAs of V widened to float32 (32 per key and KV head,
+    group 4, d 128), which bound fp8 on AMD Zen 4's FMA pipes (two 256-bit halves per 512-bit FMA). One core,
+    ns per key and KV head, L2-warm / 8 x 4096 keys from memory: fp8 e4m3fn 28.6 / 29.1 -> 24.4 / 25.4.
+    bfloat16 V took it too, 25.4 -> 23.5 L2-warm but 28.1 -> 32.1 from memory, so it widens as before."""
+    return _BF16_DOT and _FP8_LOOKUP and _DECODE_LANES == _LANES and q.dtype == types.int16 and vc.dtype in (types.uint8, types.int8)
+
+
+def _pv_weights(q, vc, s, group, n, pb):
+    """P as _pv_block takes it: s (float32 [gp, chunk]), or where _pv_pairs its first `group` rows' n
+    weights in bfloat16 into pb (int16, like s, rows past `group` zero)."""
+
+
+@overload(_pv_weights, jit_options=HELPER)
+def _pv_weights_impl(q, vc, s, group, n, pb):
+    if not _pv_pairs(q, vc):
+        return lambda q, vc, s, group, n, pb: s
+
+    def rounded(q, vc, s, group, n, pb):
+        for g in range(group):
+            _bf16_row(s, g * s.shape[1], n, pb)
+        return pb
+    return rounded
+
+
+def _v_column(q, vc, c):
+    """Where _pv_block keeps output column c: for bfloat16 V on AVX-512, each 32 columns' even ones first;
+    by vdpbf16ps (_pv_pairs) _fp8_words' words of 128-bit lanes taken in fours by vpunpck*wd."""
 
 
 @overload(_v_column, jit_options=HELPER)
-def _v_column_impl(vc, c):
+def _v_column_impl(q, vc, c):
+    if _pv_pairs(q, vc):  # column 16k + 8u + 4x + j of each 64 (_fp8_words' half u): lane 4k + j of vector 2u + x
+        return lambda q, vc, c: c - c % 64 + c % 16 // 8 * 32 + c % 8 // 4 * 16 + c % 64 // 16 * 4 + c % 4
     if vc.dtype == types.int16 and _DECODE_LANES == _LANES:
-        return lambda vc, c: c - c % 32 + c % 2 * 16 + c % 32 // 2
+        return lambda q, vc, c: c - c % 32 + c % 2 * 16 + c % 32 // 2
     if _FP8_LOOKUP and vc.dtype in (types.uint8, types.int8):  # word w of _fp8_words' halves, then even / odd as bfloat16
-        def fp8(vc, c):
+        def fp8(q, vc, c):
             e = c % 64
             w = e // 16 * 8 + e % 8
             return c - e + e % 16 // 8 * 32 + w % 2 * 16 + w // 2
         return fp8
-    return lambda vc, c: c
+    return lambda q, vc, c: c
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -1238,10 +1340,11 @@ def _paged_task(q, kc, vc, table, part, qk_scale, softcap, m_out, l_out, o_out):
     m = np.full((hkv, gp), -np.inf, np.float32)
     l = np.zeros((hkv, gp), np.float32)
     s = np.empty((gp, _DECODE_CHUNK), np.float32)
+    pb = np.zeros((gp, _DECODE_CHUNK), np.int16)
     # rows of this chunk (k_rows[0], v_rows[0]) and the next ([1]). While a KV head computes, the rows of
-    # the next one are prefetched (after the last head, the next chunk's first head): with them in flight,
-    # the kernel streams ~20% faster. One head ahead they are read 16 KB later (bf16, d 128), still in L1;
-    # one chunk ahead (128 KB later, 8 KV heads) they had left L1 and P V stalled on its V loads.
+    # the head _PREFETCH_AHEAD on are prefetched (past the last head, the next chunk's): with them in flight,
+    # the kernel streams ~20% faster (L1, one head ahead) to 2x (AVX-512: L2, two heads ahead). Into L1 one
+    # chunk ahead (128 KB later, bf16, d 128, 8 KV heads) they had left L1 and P V stalled on its V loads.
     # They are spread over the work (K rows 4 at a time between score blocks, V rows by each block of
     # P V columns): issued all at once at the chunk's start, 2048 prefetches (bf16, 8 KV heads, d 128)
     # filled the line fill buffers and stalled the compute behind them, 10-20% slower.
@@ -1257,10 +1360,10 @@ def _paged_task(q, kc, vc, table, part, qk_scale, softcap, m_out, l_out, o_out):
             _chunk_rows(kc, table, b, c0 + n, n_next, k_rows[1])
             _chunk_rows(vc, table, b, c0 + n, n_next, v_rows[1])
         for kvh in range(hkv):
-            # prefetched meanwhile: the rows of the next KV head, or after the last the next chunk's first
-            last = kvh == hkv - 1
+            # prefetched meanwhile: the rows of the KV head _PREFETCH_AHEAD on, past the last in the next chunk
+            last = kvh + _PREFETCH_AHEAD >= hkv
             k_next, v_next, n_ahead = (k_rows[1], v_rows[1], n_next) if last else (k_rows[0], v_rows[0], n)
-            h_next = 0 if last else kvh + 1
+            h_next = (kvh + _PREFETCH_AHEAD) % hkv
             for g0 in range(0, gp, _DG):
                 _qk_chunk(qs[kvh], g0 * dp, dp, kc, k_rows[0], kvh * k_head, n, s, g0 * _DECODE_CHUNK, _DECODE_CHUNK, d,
                           k_next, h_next * k_head, n_ahead if g0 == 0 else 0)
@@ -1271,15 +1374,16 @@ def _paged_task(q, kc, vc, table, part, qk_scale, softcap, m_out, l_out, o_out):
                     orow = o[kvh, g]
                     for c in range(dvp):
                         orow[c] *= alpha
+            p = _pv_weights(q, vc, s, group, n, pb)
             for g0 in range(0, gp, _DG):
                 for c in range(0, dvp, _NR):
-                    _pv_block(s, g0 * _DECODE_CHUNK, _DECODE_CHUNK, vc, v_rows[0], kvh * v_head, n, o[kvh], g0 * dvp, dvp, c, dv,
+                    _pv_block(p, g0 * _DECODE_CHUNK, _DECODE_CHUNK, vc, v_rows[0], kvh * v_head, n, o[kvh], g0 * dvp, dvp, c, dv,
                               v_next, h_next * v_head, n_ahead if g0 == 0 else 0)
     for h in range(hq):
         m_out[h] = m[h // group, h % group]
         l_out[h] = l[h // group, h % group]
         for c in range(dv):
-            o_out[h, c] = o[h // group, h % group, _v_column(vc, c)]
+            o_out[h, c] = o[h // group, h % group, _v_column(q, vc, c)]
 
 
 @njit(**KERNEL)

@@ -19,9 +19,11 @@ of P past its end only feed rows of T that are never stored.
 Rungs, picked once per process (`RUNG`, shown by `hal backends --json` as "gemm"): "amx" (AMX-BF16
 and the OS's permission for the tile state, asked for with arch_prctl), else "avx512bf16" or "fma":
 grouped GEMMs then take moe.py's register-tiled dot-product kernel (vdpbf16ps, or FMAs on operands
-widened in registers) and gemm widens to float32 for BLAS. A bfloat16 gemm of a few rows with
-row-major b takes the small-M kernel here (vdpbf16ps on b in place) on amx (up to kernels._SMALL_M_DOT
-rows) and avx512bf16, one row with b = W.T the dot kernel (vdpbf16ps on W's rows in place) on both.
+widened in registers). On avx512bf16 a bfloat16 gemm takes the vdpbf16ps driver here (`dpbf16_gemm`:
+a 6 x 64 register tile, row-major b unpacked into pairs as it is read, b = W.T packed by a transpose),
+for row-major b at any M and for b = W.T past kernels._SMALL_M rows; on amx row-major b takes it up to
+kernels._SMALL_M_DOT rows. One row with b = W.T takes the dot kernel (vdpbf16ps on W's rows in place)
+on both; on "fma" gemm widens to float32 (BLAS, or kernels.py's FMA kernel for a few rows).
 HAL_CPU_GEMM=amx|avx512bf16|fma, read at import, forces a lower rung (for
 tests); float16 never takes AMX or vdpbf16ps, since rounding it to bfloat16 would lose three bits.
 """
@@ -440,21 +442,37 @@ def amx_gemm(a, b, out, bias, c, alpha, beta, act):
     _amx_gemm_kernel(ap, bp, src, trans, out, bias, c, np.float32(alpha), np.float32(beta), act, mc, whole, blocks, panels)
 
 
-# ---------------------------------------------------------------- small-M gemm: vdpbf16ps on b read in place
+# ---------------------------------------------------------------- vdpbf16ps gemm: any M on avx512bf16, few rows on amx
 
-# Decode shapes (a few rows of a, bfloat16, and row-major b) are bound by reading b once: its bfloat16
-# pairs go to vdpbf16ps straight from its rows, with no packing pass as AMX needs. A register tile of
-# up to _SMALL_MR rows of a x _STRIP columns holds _SMALL_MR x 4 accumulators of 16 float32 (24 of the
-# 32 zmm registers). At ~0.6 ns per vdpbf16ps a core (32 products) it is compute-bound past M ~ 8,
-# where kernels.gemm hands the amx rung's shapes to AMX (_SMALL_M_DOT).
-_SMALL_MR, _STRIP = 6, 64
-# A task: _SMALL_NC columns, b by chunks of _SMALL_KC rows; the first pass over a strip prefetches the
-# same rows _SMALL_AHEAD strips on. b's rows are 8-28 KB apart, one page each: fewer rows per chunk
-# keep the streams few enough for the hardware prefetcher. Measured per core (CPU ms, shared host),
-# M = 1 / 8 x 4096 x 14336: _SMALL_KC = 64: 13-16 / 24-30, 32: 13-17 / 24-28, 16: 9-14 / 19, 8: 11 / 19
-# (but 16 x 4096 x 4096 9.1 against 6.7-7.1); prefetching 2 / 4 / 8 strips ahead 9.3 / 10-14 / 14;
-# no prefetch at _SMALL_KC = 64 cost 10-40%.
-_SMALL_NC, _SMALL_KC, _SMALL_AHEAD = 1024, 16, 4
+# The microkernel (`_bf16_strip`): a register tile of up to _DP_MR rows of a x _STRIP columns of b in
+# _DP_MR x 4 accumulators of 16 float32 (24 of the 32 zmm registers); per pair of b's rows 4 loads of b
+# and one broadcast pair of a per row feed 24 vdpbf16ps. Zen 4 issues one 512-bit vdpbf16ps a cycle
+# (as two 256-bit halves): with its operands in L1 or L2 the tile ran 0.273-0.280 ns per vdpbf16ps
+# (32 products), 230 GFLOP/s a core; 6 x 64 needs the fewest loads per vdpbf16ps of the tiles that fit.
+_DP_MR, _STRIP = 6, 64
+# Up to _STREAM_M rows (decode) the product is bound by reading b once: its pairs go to vdpbf16ps straight
+# from its rows, with no packing pass. A task: _STREAM_NC columns, b by chunks of _STREAM_KC rows; the first
+# pass over a strip prefetches the same rows _STREAM_AHEAD strips on. b's rows are 8-28 KB apart, one page
+# each: fewer rows per chunk keep the streams few enough for the hardware prefetcher. Measured per core
+# (CPU ms, shared host), M = 1 / 8 x 4096 x 14336: _STREAM_KC = 64: 13-16 / 24-30, 32: 13-17 / 24-28, 16:
+# 9-14 / 19, 8: 11 / 19 (but 16 x 4096 x 4096 9.1 against 6.7-7.1); prefetching 2 / 4 / 8 strips ahead
+# 9.3 / 10-14 / 14; no prefetch at _STREAM_KC = 64 cost 10-40%.
+_STREAM_NC, _STREAM_KC, _STREAM_AHEAD = 1024, 16, 4
+_STREAM_M = 32
+# Past _STREAM_M rows the product is compute-bound (4096 x 4096 per core, M = 32: 8.2 ms with decode's
+# blocks, 8.8 with these; M = 64: 15.0 against 13.5), and a task is a block of _DP_MC rows x _DP_NC
+# columns, by chunks of _DP_KC rows of b: the first group of rows unpacks each strip's pairs into the
+# task's panel (_DP_KC x _DP_NC bfloat16, 512 KB, in L2) and the block's other groups read them there,
+# each group sweeping the panel's strips with its 6 x _DP_KC slice of a (24 KB) in L1. With K <= _DP_KC
+# a group's 6 x _DP_NC tile is final after one pass and takes the epilogue at once, in L1; a longer K
+# keeps the block's sums in memory between chunks. Per core (CPU ms, shared host, torch's oneDNN in the
+# same run), 2048^3: _DP_MC, _DP_NC, _DP_KC = 1024, 256, 512: 82, 1024, 128, 2048: 78, 2048, 128, 2048: 78
+# (torch 80-81); 1024 x 14336 x 4096: 1024, 128, 2048: 554, 1024, 256, 1024: 557, 512, 256, 1024: 566,
+# 1024, 128, 4096: 559 (torch 573). All shapes 0.290-0.295 ns per vdpbf16ps, 5-7% over the tile alone:
+# the first group's unpacking from memory (twice a group's time, 1 group in 170), the epilogue, the
+# tile's start and end.
+_DP_MC, _DP_NC, _DP_KC = 1024, 128, 2048
+_NO_B = np.empty(0, np.int16)  # the flat b of a product whose b is w.T (unused: w's pairs are packed instead)
 
 
 def _pointers(context, builder, sig, args):
@@ -466,7 +484,7 @@ def _pointers(context, builder, sig, args):
 @intrinsic
 def _bf16_strip(typingctx, a, a_off, lda, rows, b, b_off, ldb, pairs, odd, cols, packed, repeat, acc, acc_off, ldacc, accumulate):
     """acc[acc_off + i * ldacc + j] (+= if accumulate) sum over p < 2 pairs + odd of a[a_off + i * lda + p]
-    * b[b_off + p * ldb + j] for i < rows (1 .. _SMALL_MR) and j < _STRIP, float32 from bfloat16 (int16
+    * b[b_off + p * ldb + j] for i < rows (1 .. _DP_MR) and j < _STRIP, float32 from bfloat16 (int16
     views). b's columns from cols on are read as 0 (masked loads, j < cols only); a's row must hold a 0
     at 2 pairs + odd when odd (the odd row's pair is (a, 0) against (b, 0)). acc holds _STRIP columns.
     Per pair of b rows: 4 loads of 64 bytes, 4 word unpacks, one broadcast 32-bit pair of a per row and
@@ -493,7 +511,7 @@ def _bf16_strip(typingctx, a, a_off, lda, rows, b, b_off, ldb, pairs, odd, cols,
             ptrs = [builder.bitcast(builder.gep(row, [ir.Constant(_I64, 32 * h)]), _V32S.as_pointer()) for h in range(2)]
             if masked:
                 return [builder.call(masked_load, [ptrs[h], ir.Constant(i32, 2), masks[h], zero]) for h in range(2)]
-            ahead = builder.bitcast(builder.gep(row, [ir.Constant(_I64, _SMALL_AHEAD * _STRIP)]), i8p)
+            ahead = builder.bitcast(builder.gep(row, [ir.Constant(_I64, _STREAM_AHEAD * _STRIP)]), i8p)
             for line in (0, 64):
                 prefetch_line(builder, builder.gep(ahead, [ir.Constant(_I64, line)]), False)
             return [builder.load(ptrs[h], align=2) for h in range(2)]
@@ -520,13 +538,16 @@ def _bf16_strip(typingctx, a, a_off, lda, rows, b, b_off, ldb, pairs, odd, cols,
             out = [[builder.bitcast(builder.gep(pacc, [builder.add(builder.mul(ir.Constant(_I64, i), ldacc), ir.Constant(_I64, 16 * v))]),
                                     _V16F.as_pointer()) for v in range(4)] for i in range(n_rows)]
             accs = [[cgutils.alloca_once(builder, _V16F) for _ in range(4)] for _ in range(n_rows)]
-            adding = builder.trunc(accumulate, ir.IntType(1))
-            for i in range(n_rows):
-                for h in range(2):
-                    lo, hi = builder.load(out[i][2 * h], align=4), builder.load(out[i][2 * h + 1], align=4)
-                    for q in range(2):
-                        start = builder.shuffle_vector(lo, hi, ir.Constant(_V16I, _PAIRED[q]))
-                        builder.store(builder.select(adding, start, ir.Constant(_V16F, None)), accs[i][2 * h + q])
+            with builder.if_else(builder.trunc(accumulate, ir.IntType(1))) as (adding, fresh):
+                with adding:  # (a branch: the loads of a first chunk's sums would miss the caches)
+                    for i in range(n_rows):
+                        for h in range(2):
+                            lo, hi = builder.load(out[i][2 * h], align=4), builder.load(out[i][2 * h + 1], align=4)
+                            for q in range(2):
+                                builder.store(builder.shuffle_vector(lo, hi, ir.Constant(_V16I, _PAIRED[q])), accs[i][2 * h + q])
+                with fresh:
+                    for acc in (acc for row in accs[:n_rows] for acc in row):
+                        builder.store(ir.Constant(_V16F, None), acc)
             again = builder.trunc(repeat, ir.IntType(1))
             with builder.if_else(again) as (reread, first):
                 with reread:
@@ -551,7 +572,7 @@ def _bf16_strip(typingctx, a, a_off, lda, rows, b, b_off, ldb, pairs, odd, cols,
 
         done = builder.append_basic_block("strip.done")
         switch = builder.switch(rows, done)
-        for n_rows in range(1, _SMALL_MR + 1):
+        for n_rows in range(1, _DP_MR + 1):
             case = builder.append_basic_block(f"strip.rows{n_rows}")
             switch.add_case(ir.Constant(_I64, n_rows), case)
             builder.position_at_end(case)
@@ -563,39 +584,107 @@ def _bf16_strip(typingctx, a, a_off, lda, rows, b, b_off, ldb, pairs, odd, cols,
     return sig, codegen
 
 
+def _transpose16(builder, rows):
+    """The 16 x 16 transpose of 16 <16 x i32> rows: four stages swapping the off-diagonal blocks of 8, 4, 2, 1."""
+    rows = list(rows)
+    for step in (8, 4, 2, 1):
+        low = ir.Constant(_V16I, [lane if lane & step == 0 else 16 + lane - step for lane in range(16)])
+        high = ir.Constant(_V16I, [lane + step if lane & step == 0 else 16 + lane for lane in range(16)])
+        for i in (i for i in range(16) if i & step == 0):
+            rows[i], rows[i + step] = (builder.shuffle_vector(rows[i], rows[i + step], low),
+                                       builder.shuffle_vector(rows[i], rows[i + step], high))
+    return rows
+
+
+@intrinsic
+def _pack_strip(typingctx, w, n0, cols, k0, kw, packed):
+    """packed = _bf16_strip's pairs of b = w.T (w [N, K] bfloat16, int16 view, K contiguous) for b's rows
+    k0 .. k0 + kw - 1 and columns n0 .. n0 + _STRIP - 1: per pair p 64 int32 at p * _STRIP, column j's pair
+    (w[n0 + j, k0 + 2 p], w[n0 + j, k0 + 2 p + 1]) in _PAIRED's order, 0 from column cols on and past kw (the
+    last block of 32 k is written whole). Per 32 k of 16 columns: 16 masked 64-byte loads of w's rows, a
+    16 x 16 transpose of their pairs, 16 stores."""
+    sig = types.void(w, n0, cols, k0, kw, packed)
+
+    def codegen(context, builder, sig, args):
+        wa = context.make_array(sig.args[0])(context, builder, args[0])
+        n0, cols, k0, kw = (context.cast(builder, v, t, types.int64) for v, t in zip(args[1:5], sig.args[1:5]))
+        dst = builder.ptrtoint(context.make_array(sig.args[5])(context, builder, args[5]).data, _I64)
+        row_stride = cgutils.unpack_tuple(builder, wa.strides)[0]
+        base = builder.add(builder.ptrtoint(wa.data, _I64), builder.add(builder.mul(n0, row_stride), builder.mul(k0, ir.Constant(_I64, 2))))
+        masked_load = _masked_load(builder)
+        zero, none = ir.Constant(_V32S, None), ir.Constant(ir.VectorType(ir.IntType(1), 32), None)
+        i32, k32 = ir.IntType(32), ir.Constant(_I64, 32)
+        with cgutils.for_range(builder, builder.udiv(builder.add(kw, ir.Constant(_I64, 31)), k32)) as loop:
+            block = loop.index
+            mask = lanes_below(builder, builder.sub(kw, builder.mul(block, k32)), 32)
+            offset = builder.mul(block, ir.Constant(_I64, 64))
+            for v in range(4):  # the 16 columns of accumulator v of a tile row
+                rows = []
+                for j in (32 * (v // 2) + col for col in _PAIRED[v % 2]):
+                    address = builder.add(builder.add(base, builder.mul(ir.Constant(_I64, j), row_stride)), offset)
+                    lanes = builder.select(builder.icmp_signed("<", ir.Constant(_I64, j), cols), mask, none)
+                    rows.append(builder.bitcast(builder.call(masked_load, [builder.inttoptr(address, _V32S.as_pointer()),
+                                                                           ir.Constant(i32, 2), lanes, zero]), _V16I))
+                for p, pairs in enumerate(_transpose16(builder, rows)):
+                    slot = builder.add(builder.mul(block, ir.Constant(_I64, 16 * _STRIP)), ir.Constant(_I64, p * _STRIP + 16 * v))
+                    address = builder.add(dst, builder.mul(slot, ir.Constant(_I64, 4)))
+                    builder.store(pairs, builder.inttoptr(address, _V16I.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
-def _small_m_kernel(a, b, ld, k, out, bias, c, alpha, beta, act):
-    """out = act(alpha * a b + bias) + beta * c for a [M, K + K % 2] bfloat16 (int16, zero past K) and b
-    [K, N] read in place from the flat raw buffer b (element [p, j] at p * ld + j), parallel over
-    blocks of _SMALL_NC columns: per chunk of _SMALL_KC rows of b every _STRIP-column strip goes
-    through all rows of a, in groups of up to _SMALL_MR, into the task's float32 sums."""
-    m, n = a.shape[0], out.shape[1]
+def _dpbf16_kernel(a, b, ld, w, k, out, bias, c, alpha, beta, act, mc, nc, kc, blocks, strips):
+    """out = act(alpha * a b + bias) + beta * c for a [M, K + K % 2] bfloat16 (int16, rows contiguous, zero
+    past K) and b [K, N]: read in place from the flat raw buffer b (element [p, j] at p * ld + j), or with
+    w not None b = w.T (w [N, K], K contiguous; b, ld unused). Parallel over mc x nc blocks of out: per
+    chunk of kc rows of b every _STRIP-column strip goes through the block's rows, in groups of up to
+    _DP_MR, into the task's float32 sums blocks[thread]; its pairs are unpacked (from b, by the first
+    group) or packed (from w) into strips[thread], which the other groups read. In the last chunk each
+    group's tile takes the epilogue while it is in L1."""
+    m, n = out.shape
     lda = a.shape[1]
-    groups = -(-m // _SMALL_MR)
-    for blk in prange(-(-n // _SMALL_NC)):
-        j0 = blk * _SMALL_NC
-        w = min(_SMALL_NC, n - j0)
-        strips = -(-w // _STRIP)
-        acc = np.empty((m, strips * _STRIP), np.float32)
-        packed = np.empty(_SMALL_KC // 2 * 64 + 64, np.int32)  # one strip's unpacked chunk, in L1
+    mb = -(-m // mc)
+    for task in prange(mb * -(-n // nc)):
+        thread = numba.get_thread_id()
+        acc, packed = blocks[thread], strips[thread]
         ldacc = acc.shape[1]
-        for k0 in range(0, max(k, 1), _SMALL_KC):  # K = 0 runs once: zeros
-            kw = min(_SMALL_KC, k - k0)
-            for s in range(strips):
-                for g in range(groups):
-                    r0, r1 = g * m // groups, (g + 1) * m // groups
-                    _bf16_strip(a, r0 * lda + k0, lda, r1 - r0, b, k0 * ld + j0 + s * _STRIP, ld, kw // 2, kw % 2,
-                                min(_STRIP, w - s * _STRIP), packed, g > 0, acc, r0 * ldacc + s * _STRIP, ldacc, k0 > 0)
-        epilogue_rows(acc, 0, m, w, out, 0, j0, bias, c, alpha, beta, act)
+        m0, n0 = task % mb * mc, task // mb * nc
+        rows, width = min(mc, m - m0), min(nc, n - n0)
+        groups = -(-rows // _DP_MR)
+        for k0 in range(0, max(k, 1), kc):  # K = 0 runs once: zeros
+            kw = min(kc, k - k0)
+            if w is not None:
+                for j0 in range(0, width, _STRIP):
+                    _pack_strip(w, n0 + j0, min(_STRIP, width - j0), k0, kw, packed[j0 // _STRIP])
+            for g in range(groups):
+                r0, r1 = g * rows // groups, (g + 1) * rows // groups
+                row = r0 if k > kc else 0
+                for j0 in range(0, width, _STRIP):
+                    cols = min(_STRIP, width - j0)
+                    _bf16_strip(a, (m0 + r0) * lda + k0, lda, r1 - r0, b, k0 * ld + n0 + j0, ld, kw // 2, kw % 2, cols,
+                                packed[j0 // _STRIP], g > 0 or w is not None, acc, row * ldacc + j0, ldacc, k0 > 0)
+                if k0 + kc >= k:
+                    epilogue_rows(acc, row, r1 - r0, width, out, m0 + r0, n0, bias, c, alpha, beta, act)
 
 
-def small_m_gemm(a, b, ld, out, bias, c, alpha, beta, act):
-    """out = act(alpha * (a @ b) + bias) + beta * c for bfloat16 a [M, K] (raw int16 view, any strides) and
-    b [K, N] row-major as (flat raw view, leading dimension)."""
+def dpbf16_gemm(a, b, ld, out, bias, c, alpha, beta, act):
+    """out = act(alpha * (a @ b) + bias) + beta * c for bfloat16 a [M, K] (raw int16 view, any strides) and b
+    [K, N] given as a flat raw view of a row-major b with leading dimension ld, or as w [N, K] (raw, K
+    contiguous; b = w.T, ld None)."""
     m, k = a.shape
-    ap = np.zeros((m, k + k % 2), np.int16)
-    ap[:, :k] = a
-    _small_m_kernel(ap, b, ld, k, out, bias, c, np.float32(alpha), np.float32(beta), act)
+    if k % 2 or a.strides[1] != 2 or a.strides[0] != 2 * k:  # rows contiguous, and a 0 after an odd K
+        ap = np.zeros((m, k + k % 2), np.int16)
+        ap[:, :k] = a
+        a = ap
+    w, b = (b, _NO_B) if b.ndim == 2 else (None, b)
+    mc, nc, kc = (m, _STREAM_NC, _STREAM_KC) if m <= _STREAM_M and w is None else (min(m, _DP_MC), _DP_NC, _DP_KC)
+    nc = min(nc, -(-out.shape[1] // _STRIP) * _STRIP) or _STRIP
+    threads = numba.config.NUMBA_NUM_THREADS
+    blocks = _workspace("dp_blocks", (threads, mc if k > kc else _DP_MR, nc), np.float32)
+    strips = _workspace("dp_strips", (threads, nc // _STRIP, -(-kc // 32) * 16 * _STRIP), np.uint32)  # _pack_strip's 32-k blocks
+    _dpbf16_kernel(a, b, ld or 0, w, k, out, bias, c, np.float32(alpha), np.float32(beta), act, mc, nc, kc, blocks, strips)
 
 
 # ---------------------------------------------------------------- one row times W^T: vdpbf16ps dot products

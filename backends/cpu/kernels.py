@@ -743,8 +743,9 @@ def _flat(b):
 # took 3.9 ms here against 4.4 ms there, M = 32 4.15 against 4.26 ms (torch: 1.7-2.0 ms; M = 1: 1.2 ms
 # here, 1.9 ms for torch).
 _SMALL_M = {np.dtype(np.float32): 0, np.dtype(np.float16): 16, BF16: 16}
-# bfloat16 a with row-major b takes gemm_core.small_m_gemm (vdpbf16ps) instead, up to _SMALL_M_DOT rows on
-# the amx rung (past it AMX, now that it packs B by vectors) and up to _SMALL_M[BF16] on avx512bf16. Per
+# bfloat16 a with row-major b takes gemm_core.dpbf16_gemm (vdpbf16ps) instead, up to _SMALL_M_DOT rows on
+# the amx rung (past it AMX, now that it packs B by vectors) and for every M on avx512bf16 (so does b = W.T past
+# _SMALL_M[BF16] rows: measured in docs/hardware.md). Per
 # core (CPU ms, one thread each, shared host; vdpbf16ps / AMX / torch): 4096 x 4096, M = 1: 1.9 / 3.6-5.3 /
 # 4.1-4.6, M = 8: 3.9-4.0 / 3.6-4.0 / 3.4-3.6, M = 12: 5.1-5.4 / 3.4-3.8 / 3.1-3.3, M = 32: 14-15 / 3.8-5.8 /
 # 3.3-4.0; 4096 x 14336, M = 8: 18-20 / 23-36 / 17-18, M = 16: 33-34 / 18-39 / 16-17; 14336 x 4096, M = 8:
@@ -768,19 +769,20 @@ _SMALL_M_BLOCK_T = 64
 def gemm(outs, a, b, bias, c, *, activation, alpha, beta, out_dtype=None):
     """out = act(alpha * (a @ b) + bias) + beta * c (out_dtype is outs[0].dtype): for a few rows of a a Numba
     kernel that reads b once in its own format (bfloat16 a and row-major b: vdpbf16ps; b = W.T: one row on
-    vdpbf16ps, more on AMX, W's rows in place); bfloat16 on AMX hal's own driver (gemm_core.py); else float32 BLAS and one vectorized
-    epilogue pass."""
+    vdpbf16ps, more on AMX, W's rows in place); bfloat16 on hal's own drivers (gemm_core.py: AMX, or vdpbf16ps at
+    any M on avx512bf16); else float32 BLAS and one vectorized epilogue pass."""
     (out,) = outs
     act, _ = activation_code(activation)
     m, (k, n) = a.shape[0], b.shape
     # every path's epilogue reads bias and c contiguous: strided ones would compile each epilogue again
     bias, c = (None if t is None else np.ascontiguousarray(t) for t in (bias, c))
-    flat = _flat(b) if 0 < m <= _SMALL_M.get(b.dtype, 0) else None
     amx = b.dtype == BF16 and gemm_core.RUNG == "amx"
+    dpbf16 = a.dtype == BF16 and gemm_core.RUNG == "avx512bf16"  # every M on vdpbf16ps (gemm_core.dpbf16_gemm)
+    flat = _flat(b) if 0 < m and (m <= _SMALL_M.get(b.dtype, 0) or dpbf16) else None
     # bfloat16 a and row-major b: vdpbf16ps on b in place, up to _SMALL_M_DOT rows where AMX takes the rest
     dot = flat is not None and not flat[2] and a.dtype == BF16 and gemm_core.RUNG != "fma" and "avx512bf16" in gemm_core.RUNGS
     if dot and (m <= _SMALL_M_DOT or not amx):
-        gemm_core.small_m_gemm(raw_view(a), flat[0], flat[1], raw_view(out), raw_view(bias), raw_view(c), alpha, beta, act)
+        gemm_core.dpbf16_gemm(raw_view(a), flat[0], flat[1], raw_view(out), raw_view(bias), raw_view(c), alpha, beta, act)
         return
     w = raw_view(b).T  # b = W.T, W [N, K] (nn.Linear weights): AMX reads W's rows in place
     if m == 1 and a.dtype == BF16 and w.strides[1] == 2 and gemm_core.RUNG != "fma" and "avx512bf16" in gemm_core.RUNGS:
@@ -791,7 +793,10 @@ def gemm(outs, a, b, bias, c, *, activation, alpha, beta, out_dtype=None):
         gemm_core.amx_grouped(raw_view(a), w[None], np.zeros(1, np.int64), np.full(1, m, np.int64), 0, False, acc)
         _gemm_epilogue_kernel(acc, raw_view(out), raw_view(bias), raw_view(c), F32(alpha), F32(beta), act)
         return
-    if flat is not None and not dot:
+    if dpbf16 and m > _SMALL_M[BF16] and w.strides[1] == 2:  # W's rows packed into pairs per strip
+        gemm_core.dpbf16_gemm(raw_view(a), w, None, raw_view(out), raw_view(bias), raw_view(c), alpha, beta, act)
+        return
+    if flat is not None and not dot and m <= _SMALL_M[b.dtype]:
         a32 = np.ascontiguousarray(as_f32(a))
         block = _SMALL_M_BLOCK_T if flat[2] else _SMALL_M_BLOCK
         _gemm_small_m_kernel(a32, flat[0], flat[1], flat[2], raw_view(out), raw_view(bias), raw_view(c), F32(alpha), F32(beta),
