@@ -6,12 +6,15 @@ A Llama-shaped model of about 0.5B parameters with random weights (hidden 1024, 
 16 query / 4 KV heads, vocabulary 32000; --quick: 4 layers), in bfloat16 and float32: prefill of 512
 tokens and 32 greedy decode steps, for stock eager, stock torch.compile, hal-patched eager
 (hal.torch.apply) and hal-patched compiled, taking turns in each round. Reports tokens/s (median over the
-rounds) and the ratio to stock eager with its spread (min-max of the per-round ratios). Then the extra cost per call of
-torch.ops.hal.<op> over hal.ops.<op> on tiny inputs (median and spread of 7 rounds, each side timed as the
+rounds) and the ratio to stock eager with its spread (min-max of the per-round ratios); the title says the OpenMP
+wait policy torch ran with and the machine's load average before and after (hal's kernels share the cores with
+torch's spinning OpenMP threads, and a busy machine moves the ratios: see docs/torch.md). Then the extra cost per
+call of torch.ops.hal.<op> over hal.ops.<op> on tiny inputs (median and spread of 7 rounds, each side timed as the
 best of 50 batches of 20 calls), beside the dispatcher's own cost (the same schema with an empty kernel).
 """
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -119,10 +122,14 @@ def main():
     args = parser.parse_args()
     console = Console()
     rows = []
+    load = [os.getloadavg()[0]]
     for dtype in args.dtypes:
         rows += bench_model(4 if args.quick else 28, getattr(torch, dtype), args.repeats)
+    load.append(os.getloadavg()[0])
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
     table = Table(title=f"prefill {PROMPT} tokens, {NEW_TOKENS} decode steps, torch {torch.__version__}, "
-                        f"transformers {transformers.__version__} (ratio: stock eager time / this time, > 1 is faster)")
+                        f"transformers {transformers.__version__}, OMP_WAIT_POLICY {policy}, load average {load[0]:.1f} -> "
+                        f"{load[1]:.1f} (ratio: stock eager time / this time, > 1 is faster)")
     for col in ("model", "variant", "prefill tok/s", "ratio", "decode tok/s", "ratio "):
         table.add_column(col, justify="left" if col in ("model", "variant") else "right")
     for r in rows:
@@ -140,7 +147,7 @@ def main():
     console.print(table)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"models": rows, "call_overhead": overhead}, f, indent=2)
+            json.dump({"models": rows, "call_overhead": overhead, "omp_wait_policy": policy, "load_average": load}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -57,42 +57,48 @@ def test_gemm_b_layouts(rung, layout, rng):
 
 
 @pytest.fixture
-def dpbf16_spy(monkeypatch):
-    """The calls of gemm_core.dpbf16_gemm (the vdpbf16ps driver), to check that a test reaches it on avx512bf16."""
+def strip_spy(monkeypatch):
+    """The calls of gemm_core.strip_gemm (the register-tiled driver), to check that a test reaches it on avx512bf16."""
     calls = []
-    run = gemm_core.dpbf16_gemm
-    monkeypatch.setattr(gemm_core, "dpbf16_gemm", lambda *args: calls.append(args) or run(*args))
+    run = gemm_core.strip_gemm
+    monkeypatch.setattr(gemm_core, "strip_gemm", lambda *args: calls.append(args) or run(*args))
     return calls
+
+
+# bfloat16 on vdpbf16ps, float32 on FMAs: both take the driver on avx512bf16 only.
+STRIP_DTYPES = {"bfloat16": np.int16, "float32": np.float32}  # a's raw dtype, the key of gemm_core._DP_BLOCKS
 
 
 @pytest.mark.parametrize("activation", [None, "relu", "gelu", "gelu_tanh", "silu"])
 @pytest.mark.parametrize("layout", ["row-major", "transposed"])
-def test_gemm_dpbf16_blocks(rung, dpbf16_spy, monkeypatch, layout, activation, rng):
-    """The vdpbf16ps driver with its blocks shrunk: M 101 in row blocks of 40 (groups of 5 and 6 rows), N 203
-    in column blocks of 128 (a strip of 11 columns last), K 151 in chunks of 64 (the sums kept in the block
-    between chunks; the last chunk odd), a strided; every activation, alpha, beta with c, a float32 out."""
-    monkeypatch.setattr(gemm_core, "_DP_MC", 40)
-    monkeypatch.setattr(gemm_core, "_DP_NC", 128)
-    monkeypatch.setattr(gemm_core, "_DP_KC", 64)
+@pytest.mark.parametrize("dtype", STRIP_DTYPES)
+def test_gemm_strip_blocks(rung, strip_spy, monkeypatch, dtype, layout, activation, rng):
+    """The register-tiled driver with its blocks shrunk: M 101 in row blocks of up to 40 (3 of 33-34 rows: groups
+    of 5 and 6 rows), N 203 in column blocks of 128 (a strip of 11 columns last), K 151 in chunks of 64 (the
+    sums kept in the block between chunks; the last chunk odd, W.T packed by blocks of 16 steps of k), a
+    strided; every activation, alpha, beta with c, a float32 out."""
+    monkeypatch.setitem(gemm_core._DP_BLOCKS, np.dtype(STRIP_DTYPES[dtype]), (40, 128, 64))
     m, k, n = 101, 151, 203
-    b = random(rng, (n, k), "bfloat16").T if layout == "transposed" else random(rng, (k, n), "bfloat16")
-    _check(ops.gemm, {"a": strided(random(rng, (m, k), "bfloat16")), "b": b, "bias": random(rng, (n,), "bfloat16"),
-                      "c": random(rng, (m, n), "bfloat16"), "activation": activation, "alpha": 0.75, "beta": -0.5,
+    b = random(rng, (n, k), dtype).T if layout == "transposed" else random(rng, (k, n), dtype)
+    _check(ops.gemm, {"a": strided(random(rng, (m, k), dtype)), "b": b, "bias": random(rng, (n,), dtype),
+                      "c": random(rng, (m, n), dtype), "activation": activation, "alpha": 0.75, "beta": -0.5,
                       "out_dtype": "float32" if activation is None else None})
-    assert bool(dpbf16_spy) == (rung == "avx512bf16")
+    assert bool(strip_spy) == (rung == "avx512bf16")
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")
 @pytest.mark.parametrize("layout", ["row-major", "transposed"])
-def test_gemm_inf_nan_propagate(rung, layout, rng):
+@pytest.mark.parametrize("dtype", STRIP_DTYPES)
+def test_gemm_inf_nan_propagate(rung, strip_spy, dtype, layout, rng):
     m, k, n = 40, 70, 50
-    a = random(rng, (m, k), "bfloat16")
-    b = random(rng, (n, k), "bfloat16").T if layout == "transposed" else random(rng, (k, n), "bfloat16")
+    a = random(rng, (m, k), dtype)
+    b = random(rng, (n, k), dtype).T if layout == "transposed" else random(rng, (k, n), dtype)
     a[3, 5], a[20, 69] = np.nan, np.inf
     b[0, 7] = -np.inf
-    out = _check(ops.gemm, {"a": a, "b": b, "bias": random(rng, (n,), "bfloat16"), "activation": "relu"})
+    out = _check(ops.gemm, {"a": a, "b": b, "bias": random(rng, (n,), dtype), "activation": "relu"})
     assert np.isnan(out[3].astype(np.float32)).all()  # a NaN reaches its whole row, and no further
     assert not np.isnan(out[[0, 1, 39]].astype(np.float32)).any()
+    assert bool(strip_spy) == (rung == "avx512bf16")
 
 
 @pytest.fixture
@@ -129,6 +135,22 @@ def test_gemm_small_m_inf_nan(rung, small_m_up_to_32, layout, m, k, n, rng):
     out = _check(ops.gemm, {"a": a, "b": b, "activation": "relu", "out_dtype": "float32"})
     assert np.isnan(out[1]).all()
     assert not np.isnan(out[0]).any()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")
+@pytest.mark.parametrize("layout", ["row-major", "transposed"])
+@pytest.mark.parametrize("m", [1, 2, 17, 32, 33])
+def test_gemm_float32_few_rows(rung, strip_spy, layout, m, rng):
+    """float32 from 2 rows on the register-tiled driver (up to 32 rows with row-major b by decode's blocks: K in
+    chunks of 16 rows, an odd last one), one row on OpenBLAS's gemv; a strided, NaN and inf in a."""
+    k, n = SMALL_K, SMALL_N
+    a = strided(random(rng, (m, k), "float32"))
+    b = random(rng, (n, k), "float32").T if layout == "transposed" else random(rng, (k, n), "float32")
+    a[0, k - 1], a[m - 1, 7] = np.nan, np.inf
+    out = _check(ops.gemm, {"a": a, "b": b, "bias": random(rng, (n,), "float32"), "c": random(rng, (m, n), "float32"),
+                            "activation": "silu", "alpha": 0.75, "beta": -0.5})
+    assert np.isnan(out[0]).all()
+    assert bool(strip_spy) == (m > kernels._SMALL_M_FMA32 and rung == "avx512bf16")
 
 
 @pytest.mark.parametrize("activation", [None, "gelu", "silu_and_mul"])

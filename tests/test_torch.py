@@ -1,5 +1,8 @@
 """hal inside PyTorch: torch.ops.hal from the op definitions (opcheck on every conformance sample),
 torch.compile, the inference-only rule, and backend choice through the torch operators."""
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -118,6 +121,35 @@ def test_inference_only(rng):
         torch.testing.assert_close(hal.ops.rms_norm(x, w), ops.rms_norm(x, w)[0])
     with pytest.raises(Exception, match="rms_norm: hal kernels are inference only"):  # dynamo wraps it, message kept
         torch.compile(lambda a, b: ops.rms_norm(a, b)[0], fullgraph=True)(x, w)
+
+
+def _threads():
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in Linux's /proc")
+def test_a_parallel_cpu_kernel_releases_torchs_openmp_workers(rng):
+    """After a torch op its OpenMP workers spin on the cores hal's next parallel kernel needs: that kernel pauses
+    them first (omp_pause_resource_all; libgomp's workers exit), a serial one leaves them for torch's next op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # at least one worker, on any machine
+    try:
+        big = rng.standard_normal((512, 512)).astype(np.float32)  # 1 MiB: the parallel build
+        small = big[:2]  # 4 KiB: the serial build
+        w = rng.standard_normal(512).astype(np.float32)
+        hal.ops.rms_norm(big, w)  # Numba's workers started before counting
+        a = torch.from_numpy(big)
+        for x, released in ((small, False), (big, True)):
+            a @ a  # torch's worker runs, and spins
+            before = _threads()
+            hal.ops.rms_norm(x, w)
+            deadline = time.monotonic() + 5
+            while released and _threads() >= before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert (_threads() < before) == released, (x.shape, before, _threads())
+        torch.testing.assert_close(a @ a, torch.from_numpy(big @ big), rtol=1e-4, atol=1e-3)  # new workers do torch's next op
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Block(torch.nn.Module):

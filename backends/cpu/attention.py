@@ -38,7 +38,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .common import (BFloat, BF16, CPU_FEATURES, F32, FASTMATH, HAS_F16C, HELPER, IR_FLAGS, KERNEL, SERIAL_BYTES, Kernel, exp, exp_lanes,
-                     lanes_below, load, masked, prefetch, prefetch_line, raw_view, sized, store, store_lanes)
+                     lanes_below, load, masked, prefetch, prefetch_line, raw_view, release_openmp, sized, store, store_lanes)
 from .gemm_core import RUNG, _amx_begin, _amx_end, _amx_tiles
 
 # ---------------------------------------------------------------- register-blocked microkernel
@@ -714,6 +714,7 @@ def attention(outs, q, k, v, causal, scale, window, softcap, cu_seqlens_q, cu_se
     tasks, bounds = _attention_tasks(lens_q, lens_k, starts_q, starts_k, q.shape[1], k.shape[1], bool(causal), int(window or 0))
     if tasks is not None:
         kernel = _amx_attention_kernel if RUNG == "amx" and q.dtype == BF16 else _attention_kernel
+        release_openmp()
         kernel(raw_view(q), raw_view(k), raw_view(v), raw_view(out), tasks, bounds, F32(scale), bool(causal), int(window or 0),
                           F32(softcap or 0.0))
 

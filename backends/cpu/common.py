@@ -8,23 +8,29 @@ compile time from the array's dtype, so each op has one kernel body for every mi
 
 Also here: the vectorizable float32 math (`exp`, the activations and `activate(v, code)` with the
 codes of hal.codes), the jit options every module uses (KERNEL, HELPER, FASTMATH), `sized` (a
-kernel's serial build for calls too small to wake the worker threads), widening to float32
+kernel's serial build for calls too small to wake the worker threads; before the parallel one,
+`release_openmp` stops other libraries' OpenMP workers spinning on the cores), widening to float32
 (`as_f32`), cache prefetch hints (`prefetch`, `prefetch_write`, their `_l2` forms, `prefetch_line`),
 the LLVM-IR pieces of the hand-written 16-lane loops (`lanes_below`, `masked`, `load_lanes` /
 `store_lanes`, `lanes_row` / `lanes_loop`, `exp_lanes`), non-temporal stores of large outputs
 (`streams`, `store_fence`), and `Kernel`, the entry of a module's KERNELS table that
 backends/cpu/__init__.py registers.
 
-This module imports only numpy, numba (and its llvmlite), ml_dtypes, math and hal's tables, so it
-can be tested on its own.
+This module imports only numpy, numba (and its llvmlite), ml_dtypes, threadpoolctl, the standard
+library and hal's tables, so it can be tested on its own.
 """
+import ctypes
+import functools
 import math
+import sys
 from types import FunctionType
 from typing import NamedTuple
 
 import llvmlite.binding as llvm
 import ml_dtypes
+import numba
 import numpy as np
+import threadpoolctl
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -53,8 +59,10 @@ def sized(kernel, nbytes, limit=None):
     """The build of `kernel` (an njit(**KERNEL) dispatcher) for a call that touches `nbytes`: the kernel
     itself, or below `limit` (default SERIAL_BYTES) its serial build: the same source compiled without
     parallel=True (prange runs as range, no worker threads wake), cached on disk under its own name
-    (Numba's cache key has no flags, so the two builds must not share a name)."""
+    (Numba's cache key has no flags, so the two builds must not share a name). Before the parallel build
+    the other OpenMP runtimes' workers are released (release_openmp)."""
     if nbytes >= (SERIAL_BYTES if limit is None else limit):
+        release_openmp()
         return kernel
     serial = _serial_builds.get(kernel)
     if serial is None:
@@ -63,6 +71,37 @@ def sized(kernel, nbytes, limit=None):
         twin.__qualname__ = fn.__qualname__ + "_serial"
         serial = _serial_builds[kernel] = njit(**{**KERNEL, "parallel": False})(twin)
     return serial
+
+
+# After each parallel region an OpenMP runtime's workers spin, waiting for the next one (torch's libgomp:
+# 4-8 ms of CPU time after a Linear on the 2-vCPU Zen 4 host), on the cores that a hal kernel started then
+# needs; in a hal-patched torch model every parallel hal kernel of a prefill starts right after a torch op.
+# So before those kernels run (a `sized` kernel's parallel build: the norms, softmax, rope, the gated activations; and
+# prefill attention), every other OpenMP runtime in the process releases its workers with
+# OpenMP 5.0's omp_pause_resource_all(omp_pause_soft): libgomp ends them (its next region starts new ones),
+# LLVM's libomp lets them sleep. A serial build does not: at decode the spinning worker holds the other
+# core, ready for torch's next op, and the calling thread does not need it.
+OMP_PAUSE_SOFT = 1
+
+
+def release_openmp():
+    """Pause the workers of the OpenMP runtimes loaded in this process, unless Numba runs on one itself."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no parallel kernel has run yet: the layer is chosen at the first one
+        layer = None
+    for pause in _openmp_pauses("torch" in sys.modules, layer):
+        pause(OMP_PAUSE_SOFT)
+
+
+@functools.cache
+def _openmp_pauses(torch_loaded, layer):
+    """omp_pause_resource_all of each OpenMP runtime threadpoolctl finds (none if Numba's layer is OpenMP: that
+    would end its own workers at every call); the arguments key the cache (importing torch loads one)."""
+    if layer == "omp":
+        return ()
+    runtimes = (ctypes.CDLL(pool["filepath"]) for pool in threadpoolctl.threadpool_info() if pool["internal_api"] == "openmp")
+    return tuple(pause for pause in (getattr(lib, "omp_pause_resource_all", None) for lib in runtimes) if pause is not None)
 
 
 # ---------------------------------------------------------------- bit casts and dtype conversion

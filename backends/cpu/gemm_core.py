@@ -1,4 +1,5 @@
-"""hal's own GEMM driver for bfloat16 on the CPU: AMX tiles, cache blocking, packing, fused epilogue.
+"""hal's own GEMM drivers on the CPU: AMX tiles, cache blocking, packing, fused epilogue (bfloat16), and a
+register-tiled driver for bfloat16 (vdpbf16ps) and float32 (FMA) on AVX-512.
 
 Both GEMMs of the CPU backend that run bfloat16 with many rows use it: gemm (kernels.py) computes
 T = A B, grouped_gemm (moe.py) T = W X^T per expert, so the big weight W is read in place and only
@@ -19,11 +20,13 @@ of P past its end only feed rows of T that are never stored.
 Rungs, picked once per process (`RUNG`, shown by `hal backends --json` as "gemm"): "amx" (AMX-BF16
 and the OS's permission for the tile state, asked for with arch_prctl), else "avx512bf16" or "fma":
 grouped GEMMs then take moe.py's register-tiled dot-product kernel (vdpbf16ps, or FMAs on operands
-widened in registers). On avx512bf16 a bfloat16 gemm takes the vdpbf16ps driver here (`dpbf16_gemm`:
+widened in registers). On avx512bf16 a bfloat16 gemm takes the vdpbf16ps driver here (`strip_gemm`:
 a 6 x 64 register tile, row-major b unpacked into pairs as it is read, b = W.T packed by a transpose),
 for row-major b at any M and for b = W.T past kernels._SMALL_M rows; on amx row-major b takes it up to
 kernels._SMALL_M_DOT rows. One row with b = W.T takes the dot kernel (vdpbf16ps on W's rows in place)
-on both; on "fma" gemm widens to float32 (BLAS, or kernels.py's FMA kernel for a few rows).
+on both; on "fma" gemm widens to float32 (BLAS, or kernels.py's FMA kernel for a few rows). float32 a
+and b (row-major, or b = W.T) from 2 rows take the same driver on avx512bf16 with FMAs (vfmadd231ps)
+in the same 6 x 64 tile (kernels._SMALL_M_FMA32); other rungs keep OpenBLAS and an epilogue pass.
 HAL_CPU_GEMM=amx|avx512bf16|fma, read at import, forces a lower rung (for
 tests); float16 never takes AMX or vdpbf16ps, since rounding it to bfloat16 would lose three bits.
 """
@@ -186,10 +189,11 @@ _UNPAIR = [ir.Constant(ir.VectorType(ir.IntType(32), 16), [_PAIRED[0].index(j) i
 _NATURAL = [_pairs_of(range(16 * h, 16 * h + 16)) for h in (0, 1)]
 
 
-def _masked_load(builder):
-    """llvm.masked.load of <32 x i16> (pointer, alignment, mask, value of the lanes masked off)."""
+def _masked_load(builder, vector):
+    """llvm.masked.load of a 64-byte vector type (pointer, alignment, mask, value of the lanes masked off)."""
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-        _V32S, [_V32S.as_pointer(), ir.IntType(32), ir.VectorType(ir.IntType(1), 32), _V32S]), "llvm.masked.load.v32i16.p0")
+        vector, [vector.as_pointer(), ir.IntType(32), ir.VectorType(ir.IntType(1), vector.count), vector]),
+        f"llvm.masked.load.v{vector.count}{'f32' if vector.element == ir.FloatType() else 'i16'}.p0")
 
 
 # ---------------------------------------------------------------- packing
@@ -245,7 +249,7 @@ def _pack_rows(typingctx, b, k0, n0, cols, dst, tile_stride):
         k0, n0, cols, dst, tile_stride = (context.cast(builder, v, t, types.int64) for v, t in zip(args[1:], sig.args[1:]))
         shape, strides = cgutils.unpack_tuple(builder, array.shape), cgutils.unpack_tuple(builder, array.strides)
         i32, one = ir.IntType(32), ir.Constant(_I64, 1)
-        masked_load = _masked_load(builder)
+        masked_load = _masked_load(builder, _V32S)
         mask = lanes_below(builder, cols, 32)
         base = builder.add(builder.ptrtoint(array.data, _I64), builder.mul(n0, ir.Constant(_I64, 2)))
         rows = builder.sub(shape[0], k0)
@@ -442,13 +446,14 @@ def amx_gemm(a, b, out, bias, c, alpha, beta, act):
     _amx_gemm_kernel(ap, bp, src, trans, out, bias, c, np.float32(alpha), np.float32(beta), act, mc, whole, blocks, panels)
 
 
-# ---------------------------------------------------------------- vdpbf16ps gemm: any M on avx512bf16, few rows on amx
+# ---------------------------------------------------------------- register-tiled gemm: bfloat16 (vdpbf16ps) and float32 (FMA)
 
-# The microkernel (`_bf16_strip`): a register tile of up to _DP_MR rows of a x _STRIP columns of b in
-# _DP_MR x 4 accumulators of 16 float32 (24 of the 32 zmm registers); per pair of b's rows 4 loads of b
-# and one broadcast pair of a per row feed 24 vdpbf16ps. Zen 4 issues one 512-bit vdpbf16ps a cycle
-# (as two 256-bit halves): with its operands in L1 or L2 the tile ran 0.273-0.280 ns per vdpbf16ps
-# (32 products), 230 GFLOP/s a core; 6 x 64 needs the fewest loads per vdpbf16ps of the tiles that fit.
+# The microkernel (`_strip`): a register tile of up to _DP_MR rows of a x _STRIP columns of b in
+# _DP_MR x 4 accumulators of 16 float32 (24 of the 32 zmm registers); per step of k 4 loads of b and one
+# broadcast of a per row feed 24 vdpbf16ps (bfloat16: a step is a pair of b's rows, unpacked into pairs)
+# or 24 vfmadd231ps (float32: one row of b). Zen 4 issues one 512-bit vdpbf16ps or FMA a cycle (as two
+# 256-bit halves): with its operands in L1 or L2 the bfloat16 tile ran 0.273-0.280 ns per vdpbf16ps
+# (32 products), 230 GFLOP/s a core; 6 x 64 needs the fewest loads per instruction of the tiles that fit.
 _DP_MR, _STRIP = 6, 64
 # Up to _STREAM_M rows (decode) the product is bound by reading b once: its pairs go to vdpbf16ps straight
 # from its rows, with no packing pass. A task: _STREAM_NC columns, b by chunks of _STREAM_KC rows; the first
@@ -460,19 +465,35 @@ _DP_MR, _STRIP = 6, 64
 _STREAM_NC, _STREAM_KC, _STREAM_AHEAD = 1024, 16, 4
 _STREAM_M = 32
 # Past _STREAM_M rows the product is compute-bound (4096 x 4096 per core, M = 32: 8.2 ms with decode's
-# blocks, 8.8 with these; M = 64: 15.0 against 13.5), and a task is a block of _DP_MC rows x _DP_NC
-# columns, by chunks of _DP_KC rows of b: the first group of rows unpacks each strip's pairs into the
-# task's panel (_DP_KC x _DP_NC bfloat16, 512 KB, in L2) and the block's other groups read them there,
-# each group sweeping the panel's strips with its 6 x _DP_KC slice of a (24 KB) in L1. With K <= _DP_KC
-# a group's 6 x _DP_NC tile is final after one pass and takes the epilogue at once, in L1; a longer K
-# keeps the block's sums in memory between chunks. Per core (CPU ms, shared host, torch's oneDNN in the
-# same run), 2048^3: _DP_MC, _DP_NC, _DP_KC = 1024, 256, 512: 82, 1024, 128, 2048: 78, 2048, 128, 2048: 78
-# (torch 80-81); 1024 x 14336 x 4096: 1024, 128, 2048: 554, 1024, 256, 1024: 557, 512, 256, 1024: 566,
-# 1024, 128, 4096: 559 (torch 573). All shapes 0.290-0.295 ns per vdpbf16ps, 5-7% over the tile alone:
-# the first group's unpacking from memory (twice a group's time, 1 group in 170), the epilogue, the
-# tile's start and end.
-_DP_MC, _DP_NC, _DP_KC = 1024, 128, 2048
-_NO_B = np.empty(0, np.int16)  # the flat b of a product whose b is w.T (unused: w's pairs are packed instead)
+# blocks, 8.8 with these; M = 64: 15.0 against 13.5), and a task is a block of MC rows x NC columns, by
+# chunks of KC rows of b: the first group of rows unpacks (or copies) each strip of b into the task's
+# panel (KC x NC, in L2) and the block's other groups read it there, each group sweeping the panel's
+# strips with its 6 x KC slice of a in L1. With K <= KC a group's 6 x NC tile is final after one pass and
+# takes the epilogue at once, in L1; a longer K keeps the block's sums in memory between chunks.
+# bfloat16 (a's slice 24 KB): per core (CPU ms, shared host, torch's oneDNN in the same run), 2048^3:
+# MC, NC, KC = 1024, 256, 512: 82, 1024, 128, 2048: 78, 2048, 128, 2048: 78 (torch 80-81); 1024 x 14336 x
+# 4096: 1024, 128, 2048: 554, 1024, 256, 1024: 557, 512, 256, 1024: 566, 1024, 128, 4096: 559 (torch 573).
+# All shapes 0.290-0.295 ns per vdpbf16ps, 5-7% over the tile alone: the first group's unpacking from
+# memory (twice a group's time, 1 group in 170), the epilogue, the tile's start and end. On two threads
+# 1024, 128, 2048 (32 tasks at 2048^3, each panel of b unpacked by two of them) stayed 3-6% behind torch;
+# a wider task halves the unpacking and a's reloads (a group's slice serves 4 strips), though its panel
+# (1 MB) no longer fits L2 beside the slice. Two threads, wall ms, min / median of 12-16 interleaved
+# rounds on a shared host, 2048^3: 1024, 128, 2048: 45.9 / 50.6 (a busier moment: 85.7 / 94.8), 2048,
+# 128, 2048: 41.4 / 44.2 (82.8 / 89.1), 1024, 256, 2048: 42.5 / 43.7 (82.2 / 87.0), 2048, 256, 2048: 41.8
+# / 43.0 (80.1 / 85.9), torch 43.2 / 44.7 (83.4 / 93.3); 4096^3: 1024, 128, 2048: 678 / 696, 2048, 256,
+# 2048: 648 / 659, torch 715 / 734; 1024 x 14336 x 4096: 597 / 606 against 578 / 599, torch 647 / 675;
+# one thread (CPU ms, min of 4-5), 2048^3 / 1024 x 4096 x 14336 / 1024 x 14336 x 4096: 1024, 128, 2048:
+# 83.8-84.3 / 573 / 576, 2048, 256, 2048: 80.3-81.6 / 567 / 567, torch 83.9-84.1 / 607 / 605.
+# float32 keeps the panel in L2 (KC 1024: 512 KB, a's slice 24 KB). Per core (CPU ms, shared host),
+# MC, NC, KC = 1024, 128, 512 / 1024, 128, 1024 / 1024, 64, 1024 / 2048, 128, 1024 / 512, 128, 1024 /
+# 1024, 192, 512: 1024^3 + silu 21.6 / 21.2 / 21.3 / 21.2 / 21.8 / 22.0, 2048^3 + silu 173.9 / 168.9 /
+# 175.0 / 168.1 / 171.3 / 176.3, 1024 x 4096 x 4096 + silu 340 / 331 / 349 / 334 / 344 / 341: 0.31-0.32 ns
+# per 16-lane FMA with the epilogue, as fast as OpenBLAS's sgemm without one (20.9 / 164 ms at 1024^3 /
+# 2048^3), whose separate epilogue pass the fused tile saves (kernels._SMALL_M_FMA32). Two threads (wall
+# ms, min of 6, shared host), 1024^3 / 2048^3 + gelu_tanh: 1024, 128, 1024: 21.6 / 84.3, 2048, 128, 1024:
+# 21.4 / 83.0, 2048, 256, 1024: 21.6 / 83.1, 2048, 256, 512: 22.3 / 84.1.
+_DP_BLOCKS = {np.dtype(np.int16): (2048, 256, 2048), np.dtype(np.float32): (2048, 128, 1024)}  # (MC, NC, KC) by a's raw dtype
+_TASKS_PER_THREAD = 2  # at least, where M allows: a narrow N (one or two column blocks) is split by rows
 
 
 def _pointers(context, builder, sig, args):
@@ -481,58 +502,79 @@ def _pointers(context, builder, sig, args):
             for t, v in zip(sig.args, args)]
 
 
+# The tile's element formats, by a's (and b's, or w's) raw dtype: k per step of the tile (bfloat16: a pair,
+# its <32 x i16> loads of b's rows unpacked into <16 x i32> pairs for vdpbf16ps; float32: one k, its
+# <16 x float> loads of b used as they are) and the type of a 64-byte load of b.
+_FORMATS = {types.int16: (2, _V32S), types.float32: (1, _V16F)}
+
+
 @intrinsic
-def _bf16_strip(typingctx, a, a_off, lda, rows, b, b_off, ldb, pairs, odd, cols, packed, repeat, acc, acc_off, ldacc, accumulate):
-    """acc[acc_off + i * ldacc + j] (+= if accumulate) sum over p < 2 pairs + odd of a[a_off + i * lda + p]
-    * b[b_off + p * ldb + j] for i < rows (1 .. _DP_MR) and j < _STRIP, float32 from bfloat16 (int16
-    views). b's columns from cols on are read as 0 (masked loads, j < cols only); a's row must hold a 0
-    at 2 pairs + odd when odd (the odd row's pair is (a, 0) against (b, 0)). acc holds _STRIP columns.
-    Per pair of b rows: 4 loads of 64 bytes, 4 word unpacks, one broadcast 32-bit pair of a per row and
-    4 vdpbf16ps per row. The unpacked pairs also go to packed (int32, 64 per pair of rows), which the
-    strip's next groups of rows read instead of b (repeat): b's rows 2 x 4 KB apart (N = 4096) would all
-    fall in the same L1 sets, so a strip of them is read from L2 again (M = 16 took 4x as long)."""
-    sig = types.void(a, a_off, lda, rows, b, b_off, ldb, pairs, odd, cols, packed, repeat, acc, acc_off, ldacc, accumulate)
+def _strip(typingctx, a, a_off, lda, rows, b, b_off, ldb, steps, odd, cols, packed, repeat, acc, acc_off, ldacc, accumulate):
+    """acc[acc_off + i * ldacc + j] (+= if accumulate) sum over p < kstep * steps + odd of a[a_off + i * lda + p]
+    * b[b_off + p * ldb + j] for i < rows (1 .. _DP_MR) and j < _STRIP, in float32, for bfloat16 (int16
+    views, kstep 2) or float32 (kstep 1) a and b. b's columns from cols on are read as 0 (masked loads, j <
+    cols only); bfloat16 only: odd is K's last, odd row, and a's row must hold a 0 after it (the odd row's
+    pair is (a, 0) against (b, 0)). acc holds _STRIP columns. Per step of k: 4 loads of 64 bytes of b
+    (bfloat16: 4 word unpacks of 2 rows into pairs), one broadcast of a per row and 4 vdpbf16ps or FMAs
+    per row. b's vectors also go to packed (int32, _STRIP per k step), which the strip's next groups of
+    rows read instead of b (repeat): b's rows 4-8 KB apart (N = 2048-4096) would all fall in the same L1
+    sets, so a strip of them is read from L2 again (bfloat16 M = 16 took 4x as long)."""
+    sig = types.void(a, a_off, lda, rows, b, b_off, ldb, steps, odd, cols, packed, repeat, acc, acc_off, ldacc, accumulate)
+    kstep, vector = _FORMATS[a.dtype]
+    bf16 = kstep == 2
 
     def codegen(context, builder, sig, args):
-        (pa, a_off, lda, rows, pb, b_off, ldb, pairs, odd, cols, ppk, repeat, pacc, acc_off, ldacc,
+        (pa, a_off, lda, rows, pb, b_off, ldb, steps, odd, cols, ppk, repeat, pacc, acc_off, ldacc,
          accumulate) = _pointers(context, builder, sig, args)
-        i32, one, two = ir.IntType(32), ir.Constant(_I64, 1), ir.Constant(_I64, 2)
-        dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F, _V16I, _V16I]),
-                                             "llvm.x86.avx512bf16.dpbf16ps.512")
-        masked_load = _masked_load(builder)
+        i32, one = ir.IntType(32), ir.Constant(_I64, 1)
+        word = _V16I if bf16 else _V16F  # a 64-byte vector of packed
+        if bf16:
+            dot = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F, _V16I, _V16I]),
+                                                 "llvm.x86.avx512bf16.dpbf16ps.512")
+            mac = lambda total, x, y: builder.call(dot, [total, x, y])
+        else:
+            fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F, [_V16F] * 3), "llvm.fma.v16f32")
+            mac = lambda total, x, y: builder.call(fma, [x, y, total])
+        masked_load = _masked_load(builder, vector)
+        lanes, size = vector.count, 64 // vector.count
         pa, pb, pacc = builder.gep(pa, [a_off]), builder.gep(pb, [b_off]), builder.gep(pacc, [acc_off])
         i8p = ir.IntType(8).as_pointer()
-        masks = [lanes_below(builder, builder.sub(cols, ir.Constant(_I64, 32 * h)), 32) for h in range(2)]  # each 32-column half
-        zero = ir.Constant(_V32S, None)
+        masks = [lanes_below(builder, builder.sub(cols, ir.Constant(_I64, lanes * h)), lanes) for h in range(_STRIP // lanes)]
+        zero = ir.Constant(vector, None)
 
         def b_row(p, masked):
-            """Row p of the strip as two <32 x i16> halves."""
+            """Row p of the strip as 64-byte vectors."""
             row = builder.gep(pb, [builder.mul(p, ldb)])
-            ptrs = [builder.bitcast(builder.gep(row, [ir.Constant(_I64, 32 * h)]), _V32S.as_pointer()) for h in range(2)]
+            ptrs = [builder.bitcast(builder.gep(row, [ir.Constant(_I64, lanes * h)]), vector.as_pointer()) for h in range(len(masks))]
             if masked:
-                return [builder.call(masked_load, [ptrs[h], ir.Constant(i32, 2), masks[h], zero]) for h in range(2)]
+                return [builder.call(masked_load, [ptrs[h], ir.Constant(i32, size), masks[h], zero]) for h in range(len(masks))]
             ahead = builder.bitcast(builder.gep(row, [ir.Constant(_I64, _STREAM_AHEAD * _STRIP)]), i8p)
-            for line in (0, 64):
+            for line in range(0, _STRIP * size, 64):
                 prefetch_line(builder, builder.gep(ahead, [ir.Constant(_I64, line)]), False)
-            return [builder.load(ptrs[h], align=2) for h in range(2)]
+            return [builder.load(ptrs[h], align=size) for h in range(len(masks))]
 
-        def step(accs, n_rows, p, low=None, high=None):
-            """accs += the pair of b rows (low, high) at k = p (2 x 32 columns each, or from packed) times a's pairs at p."""
-            slots = [builder.bitcast(builder.gep(ppk, [builder.add(builder.mul(p, ir.Constant(_I64, 32)), ir.Constant(_I64, 16 * v))]),
-                                     _V16I.as_pointer()) for v in range(4)]
-            if low is None:
+        def step(accs, n_rows, p, b_rows=None):
+            """accs += b's rows at k = p (b_rows: p's, and p + 1's for bfloat16; or None: from packed) times a's at p."""
+            slots = [builder.bitcast(builder.gep(ppk, [builder.add(builder.mul(p, ir.Constant(_I64, _STRIP // kstep)), ir.Constant(_I64, 16 * v))]),
+                                     word.as_pointer()) for v in range(4)]
+            if b_rows is None:
                 words = [builder.load(x, align=4) for x in slots]
             else:
-                words = [builder.bitcast(builder.shuffle_vector(low[h], high[h], _INTERLEAVE[q]), _V16I) for h in range(2) for q in range(2)]
+                words = ([builder.bitcast(builder.shuffle_vector(b_rows[0][h], b_rows[1][h], _INTERLEAVE[q]), _V16I) for h in range(2)
+                          for q in range(2)] if bf16 else b_rows[0])
                 for x, v in zip(words, slots):
                     builder.store(x, v, align=4)
             for i in range(n_rows):
-                pair = builder.load(builder.bitcast(builder.gep(pa, [builder.add(builder.mul(ir.Constant(_I64, i), lda), p)]),
-                                                    i32.as_pointer()), align=2)
-                splat = builder.shuffle_vector(builder.insert_element(ir.Constant(_V16I, None), pair, ir.Constant(i32, 0)),
-                                               ir.Constant(_V16I, None), ir.Constant(_V16I, [0] * 16))
+                element = builder.gep(pa, [builder.add(builder.mul(ir.Constant(_I64, i), lda), p)])
+                scalar = builder.load(builder.bitcast(element, i32.as_pointer()) if bf16 else element, align=size)  # a's pair, or a[i, p]
+                splat = builder.shuffle_vector(builder.insert_element(ir.Constant(word, None), scalar, ir.Constant(i32, 0)),
+                                               ir.Constant(word, None), ir.Constant(_V16I, [0] * 16))
                 for v in range(4):
-                    builder.store(builder.call(dot, [builder.load(accs[i][v]), splat, words[v]]), accs[i][v])
+                    builder.store(mac(builder.load(accs[i][v]), splat, words[v]), accs[i][v])
+
+        def b_rows(p, masked):
+            """step()'s b_rows: row p of the strip (bfloat16: rows p and p + 1)."""
+            return [b_row(p, masked), b_row(builder.add(p, one), masked)] if bf16 else [b_row(p, masked)]
 
         def tile(n_rows):
             out = [[builder.bitcast(builder.gep(pacc, [builder.add(builder.mul(ir.Constant(_I64, i), ldacc), ir.Constant(_I64, 16 * v))]),
@@ -543,32 +585,34 @@ def _bf16_strip(typingctx, a, a_off, lda, rows, b, b_off, ldb, pairs, odd, cols,
                     for i in range(n_rows):
                         for h in range(2):
                             lo, hi = builder.load(out[i][2 * h], align=4), builder.load(out[i][2 * h + 1], align=4)
-                            for q in range(2):
-                                builder.store(builder.shuffle_vector(lo, hi, ir.Constant(_V16I, _PAIRED[q])), accs[i][2 * h + q])
+                            for q in range(2):  # bfloat16's accumulators hold _PAIRED's columns
+                                builder.store(builder.shuffle_vector(lo, hi, ir.Constant(_V16I, _PAIRED[q])) if bf16 else (lo, hi)[q],
+                                              accs[i][2 * h + q])
                 with fresh:
                     for acc in (acc for row in accs[:n_rows] for acc in row):
                         builder.store(ir.Constant(_V16F, None), acc)
             again = builder.trunc(repeat, ir.IntType(1))
             with builder.if_else(again) as (reread, first):
                 with reread:
-                    with cgutils.for_range(builder, builder.add(pairs, odd)) as loop:
-                        step(accs, n_rows, builder.mul(loop.index, two))
+                    with cgutils.for_range(builder, builder.add(steps, odd)) as loop:
+                        step(accs, n_rows, builder.mul(loop.index, ir.Constant(_I64, kstep)))
                 with first:
                     full = builder.icmp_signed(">=", cols, ir.Constant(_I64, _STRIP))
                     with builder.if_else(full) as (whole, tail):
                         for masked, branch in ((False, whole), (True, tail)):
                             with branch:
-                                with cgutils.for_range(builder, pairs) as loop:
-                                    p = builder.mul(loop.index, two)
-                                    step(accs, n_rows, p, b_row(p, masked), b_row(builder.add(p, one), masked))
-                    with builder.if_then(builder.trunc(odd, ir.IntType(1))):  # K's last, odd row against a 0 row
-                        p = builder.mul(pairs, two)
-                        step(accs, n_rows, p, b_row(p, True), [zero, zero])
+                                with cgutils.for_range(builder, steps) as loop:
+                                    p = builder.mul(loop.index, ir.Constant(_I64, kstep))
+                                    step(accs, n_rows, p, b_rows(p, masked))
+                    if bf16:
+                        with builder.if_then(builder.trunc(odd, ir.IntType(1))):  # K's last, odd row against a 0 row
+                            p = builder.mul(steps, ir.Constant(_I64, 2))
+                            step(accs, n_rows, p, [b_row(p, True), [zero, zero]])
             for i in range(n_rows):
                 for h in range(2):
                     lo, hi = builder.load(accs[i][2 * h]), builder.load(accs[i][2 * h + 1])
                     for q in range(2):
-                        builder.store(builder.shuffle_vector(lo, hi, _UNPAIR[q]), out[i][2 * h + q], align=4)
+                        builder.store(builder.shuffle_vector(lo, hi, _UNPAIR[q]) if bf16 else (lo, hi)[q], out[i][2 * h + q], align=4)
 
         done = builder.append_basic_block("strip.done")
         switch = builder.switch(rows, done)
@@ -598,53 +642,58 @@ def _transpose16(builder, rows):
 
 @intrinsic
 def _pack_strip(typingctx, w, n0, cols, k0, kw, packed):
-    """packed = _bf16_strip's pairs of b = w.T (w [N, K] bfloat16, int16 view, K contiguous) for b's rows
-    k0 .. k0 + kw - 1 and columns n0 .. n0 + _STRIP - 1: per pair p 64 int32 at p * _STRIP, column j's pair
-    (w[n0 + j, k0 + 2 p], w[n0 + j, k0 + 2 p + 1]) in _PAIRED's order, 0 from column cols on and past kw (the
-    last block of 32 k is written whole). Per 32 k of 16 columns: 16 masked 64-byte loads of w's rows, a
-    16 x 16 transpose of their pairs, 16 stores."""
+    """packed = _strip's vectors of b = w.T (w [N, K] bfloat16 (int16 view) or float32, K contiguous) for b's
+    rows k0 .. k0 + kw - 1 and columns n0 .. n0 + _STRIP - 1: per step s of k (a pair, or one k) _STRIP int32
+    at s * _STRIP, column j's pair (w[n0 + j, k0 + 2 s], w[n0 + j, k0 + 2 s + 1]) in _PAIRED's order, or its
+    w[n0 + j, k0 + s] in order; 0 from column cols on and past kw (the last block of 16 steps is written
+    whole). Per 16 steps of 16 columns: 16 masked 64-byte loads of w's rows, a 16 x 16 transpose of their
+    32-bit words, 16 stores."""
     sig = types.void(w, n0, cols, k0, kw, packed)
+    vector = _FORMATS[w.dtype][1]
+    bf16 = w.dtype == types.int16
 
     def codegen(context, builder, sig, args):
         wa = context.make_array(sig.args[0])(context, builder, args[0])
         n0, cols, k0, kw = (context.cast(builder, v, t, types.int64) for v, t in zip(args[1:5], sig.args[1:5]))
         dst = builder.ptrtoint(context.make_array(sig.args[5])(context, builder, args[5]).data, _I64)
         row_stride = cgutils.unpack_tuple(builder, wa.strides)[0]
-        base = builder.add(builder.ptrtoint(wa.data, _I64), builder.add(builder.mul(n0, row_stride), builder.mul(k0, ir.Constant(_I64, 2))))
-        masked_load = _masked_load(builder)
-        zero, none = ir.Constant(_V32S, None), ir.Constant(ir.VectorType(ir.IntType(1), 32), None)
-        i32, k32 = ir.IntType(32), ir.Constant(_I64, 32)
-        with cgutils.for_range(builder, builder.udiv(builder.add(kw, ir.Constant(_I64, 31)), k32)) as loop:
+        lanes, size = vector.count, 64 // vector.count
+        base = builder.add(builder.ptrtoint(wa.data, _I64), builder.add(builder.mul(n0, row_stride), builder.mul(k0, ir.Constant(_I64, size))))
+        masked_load = _masked_load(builder, vector)
+        zero, none = ir.Constant(vector, None), ir.Constant(ir.VectorType(ir.IntType(1), lanes), None)
+        i32, block_k = ir.IntType(32), ir.Constant(_I64, lanes)
+        with cgutils.for_range(builder, builder.udiv(builder.add(kw, ir.Constant(_I64, lanes - 1)), block_k)) as loop:
             block = loop.index
-            mask = lanes_below(builder, builder.sub(kw, builder.mul(block, k32)), 32)
+            mask = lanes_below(builder, builder.sub(kw, builder.mul(block, block_k)), lanes)
             offset = builder.mul(block, ir.Constant(_I64, 64))
             for v in range(4):  # the 16 columns of accumulator v of a tile row
                 rows = []
-                for j in (32 * (v // 2) + col for col in _PAIRED[v % 2]):
+                for j in ((32 * (v // 2) + col for col in _PAIRED[v % 2]) if bf16 else range(16 * v, 16 * v + 16)):
                     address = builder.add(builder.add(base, builder.mul(ir.Constant(_I64, j), row_stride)), offset)
-                    lanes = builder.select(builder.icmp_signed("<", ir.Constant(_I64, j), cols), mask, none)
-                    rows.append(builder.bitcast(builder.call(masked_load, [builder.inttoptr(address, _V32S.as_pointer()),
-                                                                           ir.Constant(i32, 2), lanes, zero]), _V16I))
-                for p, pairs in enumerate(_transpose16(builder, rows)):
-                    slot = builder.add(builder.mul(block, ir.Constant(_I64, 16 * _STRIP)), ir.Constant(_I64, p * _STRIP + 16 * v))
+                    active = builder.select(builder.icmp_signed("<", ir.Constant(_I64, j), cols), mask, none)
+                    rows.append(builder.bitcast(builder.call(masked_load, [builder.inttoptr(address, vector.as_pointer()),
+                                                                           ir.Constant(i32, size), active, zero]), _V16I))
+                for s, words in enumerate(_transpose16(builder, rows)):
+                    slot = builder.add(builder.mul(block, ir.Constant(_I64, 16 * _STRIP)), ir.Constant(_I64, s * _STRIP + 16 * v))
                     address = builder.add(dst, builder.mul(slot, ir.Constant(_I64, 4)))
-                    builder.store(pairs, builder.inttoptr(address, _V16I.as_pointer()), align=4)
+                    builder.store(words, builder.inttoptr(address, _V16I.as_pointer()), align=4)
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
-def _dpbf16_kernel(a, b, ld, w, k, out, bias, c, alpha, beta, act, mc, nc, kc, blocks, strips):
-    """out = act(alpha * a b + bias) + beta * c for a [M, K + K % 2] bfloat16 (int16, rows contiguous, zero
-    past K) and b [K, N]: read in place from the flat raw buffer b (element [p, j] at p * ld + j), or with
-    w not None b = w.T (w [N, K], K contiguous; b, ld unused). Parallel over mc x nc blocks of out: per
-    chunk of kc rows of b every _STRIP-column strip goes through the block's rows, in groups of up to
-    _DP_MR, into the task's float32 sums blocks[thread]; its pairs are unpacked (from b, by the first
-    group) or packed (from w) into strips[thread], which the other groups read. In the last chunk each
-    group's tile takes the epilogue while it is in L1."""
+def _strip_kernel(a, b, ld, w, k, out, bias, c, alpha, beta, act, mc, nc, kc, blocks, strips):
+    """out = act(alpha * a b + bias) + beta * c for a [M, K] bfloat16 (int16, rows contiguous, K + K % 2 wide,
+    zero past K) or float32 (rows contiguous) and b [K, N] of a's format: read in place from the flat raw
+    buffer b (element [p, j] at p * ld + j), or with w not None b = w.T (w [N, K], K contiguous; b, ld
+    unused). Parallel over mc x nc blocks of out: per chunk of kc rows of b every _STRIP-column strip goes
+    through the block's rows, in groups of up to _DP_MR, into the task's float32 sums blocks[thread]; its
+    vectors are unpacked or copied (from b, by the first group) or packed (from w) into strips[thread],
+    which the other groups read. In the last chunk each group's tile takes the epilogue while it is in L1."""
     m, n = out.shape
     lda = a.shape[1]
+    kstep = 4 // a.itemsize  # k per step of the tile: a bfloat16 pair, or one float32
     mb = -(-m // mc)
     for task in prange(mb * -(-n // nc)):
         thread = numba.get_thread_id()
@@ -663,28 +712,34 @@ def _dpbf16_kernel(a, b, ld, w, k, out, bias, c, alpha, beta, act, mc, nc, kc, b
                 row = r0 if k > kc else 0
                 for j0 in range(0, width, _STRIP):
                     cols = min(_STRIP, width - j0)
-                    _bf16_strip(a, (m0 + r0) * lda + k0, lda, r1 - r0, b, k0 * ld + n0 + j0, ld, kw // 2, kw % 2, cols,
-                                packed[j0 // _STRIP], g > 0 or w is not None, acc, row * ldacc + j0, ldacc, k0 > 0)
+                    _strip(a, (m0 + r0) * lda + k0, lda, r1 - r0, b, k0 * ld + n0 + j0, ld, kw // kstep, kw % kstep, cols,
+                           packed[j0 // _STRIP], g > 0 or w is not None, acc, row * ldacc + j0, ldacc, k0 > 0)
                 if k0 + kc >= k:
                     epilogue_rows(acc, row, r1 - r0, width, out, m0 + r0, n0, bias, c, alpha, beta, act)
 
 
-def dpbf16_gemm(a, b, ld, out, bias, c, alpha, beta, act):
-    """out = act(alpha * (a @ b) + bias) + beta * c for bfloat16 a [M, K] (raw int16 view, any strides) and b
-    [K, N] given as a flat raw view of a row-major b with leading dimension ld, or as w [N, K] (raw, K
-    contiguous; b = w.T, ld None)."""
+def strip_gemm(a, b, ld, out, bias, c, alpha, beta, act):
+    """out = act(alpha * (a @ b) + bias) + beta * c on the register tile (`_strip`) for bfloat16 (raw int16
+    views) or float32 a [M, K] (any strides) and b [K, N] of the same format, given as a flat view of a
+    row-major b with leading dimension ld, or as w [N, K] (K contiguous; b = w.T, ld None)."""
     m, k = a.shape
-    if k % 2 or a.strides[1] != 2 or a.strides[0] != 2 * k:  # rows contiguous, and a 0 after an odd K
-        ap = np.zeros((m, k + k % 2), np.int16)
+    kstep = 4 // a.itemsize
+    if k % kstep or a.strides[1] != a.itemsize or a.strides[0] != a.itemsize * k:  # rows contiguous, and a 0 after an odd K
+        ap = np.zeros((m, k + k % kstep), a.dtype)
         ap[:, :k] = a
         a = ap
-    w, b = (b, _NO_B) if b.ndim == 2 else (None, b)
-    mc, nc, kc = (m, _STREAM_NC, _STREAM_KC) if m <= _STREAM_M and w is None else (min(m, _DP_MC), _DP_NC, _DP_KC)
+    w, b = (b, np.empty(0, a.dtype)) if b.ndim == 2 else (None, b)
+    if m <= _STREAM_M and w is None:
+        mc, nc, kc = m, _STREAM_NC, _STREAM_KC
+    else:  # row blocks of up to MC rows, more where too few column blocks would leave a thread idle
+        mc, nc, kc = _DP_BLOCKS[a.dtype]
+        row_blocks = max(-(-m // mc), -(-_TASKS_PER_THREAD * numba.get_num_threads() // max(1, -(-out.shape[1] // nc))))
+        mc = -(-m // row_blocks)
     nc = min(nc, -(-out.shape[1] // _STRIP) * _STRIP) or _STRIP
     threads = numba.config.NUMBA_NUM_THREADS
     blocks = _workspace("dp_blocks", (threads, mc if k > kc else _DP_MR, nc), np.float32)
-    strips = _workspace("dp_strips", (threads, nc // _STRIP, -(-kc // 32) * 16 * _STRIP), np.uint32)  # _pack_strip's 32-k blocks
-    _dpbf16_kernel(a, b, ld or 0, w, k, out, bias, c, np.float32(alpha), np.float32(beta), act, mc, nc, kc, blocks, strips)
+    strips = _workspace("dp_strips", (threads, nc // _STRIP, -(-kc // (16 * kstep)) * 16 * _STRIP), np.uint32)  # _pack_strip's blocks of 16 steps
+    _strip_kernel(a, b, ld or 0, w, k, out, bias, c, np.float32(alpha), np.float32(beta), act, mc, nc, kc, blocks, strips)
 
 
 # ---------------------------------------------------------------- one row times W^T: vdpbf16ps dot products

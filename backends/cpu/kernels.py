@@ -738,12 +738,12 @@ def _flat(b):
 # Largest M that takes the small-M kernel (b read once in its own format) instead of widening b
 # to float32 for BLAS. Measured on 2 AVX-512 cores, K x N = 2048 x 3072 / 5632 x 2048: bfloat16
 # M = 1 / 16 took 0.3 / 2 ms against ~8 ms for widen + BLAS; past M ~ 24 BLAS catches up. float32
-# stays on BLAS: OpenBLAS's gemv/gemm is as fast or faster there (M = 1: 0.24 vs 0.6 ms).
+# never takes it: OpenBLAS's gemv/gemm was as fast or faster (M = 1: 0.24 vs 0.6 ms; see _SMALL_M_FMA32).
 # bfloat16 past M = 16 goes to hal's AMX driver where there is one: on a quiet machine, 4096 x 4096, M = 16
 # took 3.9 ms here against 4.4 ms there, M = 32 4.15 against 4.26 ms (torch: 1.7-2.0 ms; M = 1: 1.2 ms
 # here, 1.9 ms for torch).
 _SMALL_M = {np.dtype(np.float32): 0, np.dtype(np.float16): 16, BF16: 16}
-# bfloat16 a with row-major b takes gemm_core.dpbf16_gemm (vdpbf16ps) instead, up to _SMALL_M_DOT rows on
+# bfloat16 a with row-major b takes gemm_core.strip_gemm (vdpbf16ps) instead, up to _SMALL_M_DOT rows on
 # the amx rung (past it AMX, now that it packs B by vectors) and for every M on avx512bf16 (so does b = W.T past
 # _SMALL_M[BF16] rows: measured in docs/hardware.md). Per
 # core (CPU ms, one thread each, shared host; vdpbf16ps / AMX / torch): 4096 x 4096, M = 1: 1.9 / 3.6-5.3 /
@@ -760,6 +760,13 @@ _SMALL_M_DOT = 8
 # 67, torch 12. M = 1 (any K and N, on amx and avx512bf16) takes gemm_core.dot_gemm, x against W's rows on
 # vdpbf16ps: per core 1.2 / 6.3 ms at 4096 x 4096 / 4096 x 14336 against 2.1 / 9.6 on the FMA kernel, torch 2.0 / 8.2.
 _SMALL_M_W = 32
+# float32 a and b (row-major, or b = W.T) past _SMALL_M_FMA32 rows take gemm_core.strip_gemm on FMAs on the
+# avx512bf16 rung (Zen 4), the epilogue fused: per core (CPU ms, one thread each, shared host; FMA driver /
+# OpenBLAS + epilogue pass / torch, silu), 1024^3: 20.7-21.2 / 23.4-24.3 / 22.4-24.2; 2048^3 (gelu_tanh):
+# 161.6-170 / 170.4-171.6 / 191-210; 128 x 4096 x 4096: 49.9 / 51.1 / 50.1; 4096 x 4096, M = 2 / 8 / 32: 6.6 / 8.9 / 17.4
+# against 10.9 / 12.9 / 20.7 (b = W.T: 10.6 / 11.6 / 19.0 against 15.6 / 16.9 / 25.3), but M = 1: 6.3 (W.T 10.6)
+# against 4.4-4.5 for OpenBLAS's gemv. The amx rung (Intel) keeps BLAS: not measured there.
+_SMALL_M_FMA32 = 1
 # Columns of N per task (measured): row-major b reads 2-4 KB runs of each row (shorter ones ran
 # slower), the [M, block] accumulator stays in L2; transposed b needs only a few columns per task.
 _SMALL_M_BLOCK = 1024
@@ -770,19 +777,22 @@ def gemm(outs, a, b, bias, c, *, activation, alpha, beta, out_dtype=None):
     """out = act(alpha * (a @ b) + bias) + beta * c (out_dtype is outs[0].dtype): for a few rows of a a Numba
     kernel that reads b once in its own format (bfloat16 a and row-major b: vdpbf16ps; b = W.T: one row on
     vdpbf16ps, more on AMX, W's rows in place); bfloat16 on hal's own drivers (gemm_core.py: AMX, or vdpbf16ps at
-    any M on avx512bf16); else float32 BLAS and one vectorized epilogue pass."""
+    any M on avx512bf16); float32 a and b from 2 rows on avx512bf16 on the same register-tiled driver with FMAs
+    (row-major b or b = W.T, epilogue fused); else float32 BLAS and one vectorized epilogue pass."""
     (out,) = outs
     act, _ = activation_code(activation)
     m, (k, n) = a.shape[0], b.shape
     # every path's epilogue reads bias and c contiguous: strided ones would compile each epilogue again
     bias, c = (None if t is None else np.ascontiguousarray(t) for t in (bias, c))
     amx = b.dtype == BF16 and gemm_core.RUNG == "amx"
-    dpbf16 = a.dtype == BF16 and gemm_core.RUNG == "avx512bf16"  # every M on vdpbf16ps (gemm_core.dpbf16_gemm)
-    flat = _flat(b) if 0 < m and (m <= _SMALL_M.get(b.dtype, 0) or dpbf16) else None
-    # bfloat16 a and row-major b: vdpbf16ps on b in place, up to _SMALL_M_DOT rows where AMX takes the rest
-    dot = flat is not None and not flat[2] and a.dtype == BF16 and gemm_core.RUNG != "fma" and "avx512bf16" in gemm_core.RUNGS
-    if dot and (m <= _SMALL_M_DOT or not amx):
-        gemm_core.dpbf16_gemm(raw_view(a), flat[0], flat[1], raw_view(out), raw_view(bias), raw_view(c), alpha, beta, act)
+    dpbf16 = a.dtype == BF16 and gemm_core.RUNG == "avx512bf16"  # every M on vdpbf16ps (gemm_core.strip_gemm)
+    fma32 = a.dtype == b.dtype == np.float32 and gemm_core.RUNG == "avx512bf16" and m > _SMALL_M_FMA32  # on FMAs (strip_gemm)
+    flat = _flat(b) if 0 < m and (m <= _SMALL_M.get(b.dtype, 0) or dpbf16 or fma32) else None
+    row_major = flat is not None and not flat[2]
+    # row-major b in place: bfloat16 on vdpbf16ps up to _SMALL_M_DOT rows where AMX takes the rest; float32 on FMAs
+    dot = row_major and a.dtype == BF16 and gemm_core.RUNG != "fma" and "avx512bf16" in gemm_core.RUNGS
+    if dot and (m <= _SMALL_M_DOT or not amx) or row_major and fma32:
+        gemm_core.strip_gemm(raw_view(a), flat[0], flat[1], raw_view(out), raw_view(bias), raw_view(c), alpha, beta, act)
         return
     w = raw_view(b).T  # b = W.T, W [N, K] (nn.Linear weights): AMX reads W's rows in place
     if m == 1 and a.dtype == BF16 and w.strides[1] == 2 and gemm_core.RUNG != "fma" and "avx512bf16" in gemm_core.RUNGS:
@@ -793,8 +803,8 @@ def gemm(outs, a, b, bias, c, *, activation, alpha, beta, out_dtype=None):
         gemm_core.amx_grouped(raw_view(a), w[None], np.zeros(1, np.int64), np.full(1, m, np.int64), 0, False, acc)
         _gemm_epilogue_kernel(acc, raw_view(out), raw_view(bias), raw_view(c), F32(alpha), F32(beta), act)
         return
-    if dpbf16 and m > _SMALL_M[BF16] and w.strides[1] == 2:  # W's rows packed into pairs per strip
-        gemm_core.dpbf16_gemm(raw_view(a), w, None, raw_view(out), raw_view(bias), raw_view(c), alpha, beta, act)
+    if (dpbf16 and m > _SMALL_M[BF16] or fma32) and w.strides[1] == w.itemsize:  # W's rows packed per strip
+        gemm_core.strip_gemm(raw_view(a), w, None, raw_view(out), raw_view(bias), raw_view(c), alpha, beta, act)
         return
     if flat is not None and not dot and m <= _SMALL_M[b.dtype]:
         a32 = np.ascontiguousarray(as_f32(a))
